@@ -1,0 +1,213 @@
+"""A small Llama-family decoder with Meta / llama2.c parameter names.
+
+Names: tok_embeddings, layers[i].attention.{wq,wk,wv,wo}, layers[i].feed_forward.{w1,w2,w3},
+layers[i].attention_norm, layers[i].ffn_norm, norm, output.
+RoPE rotates adjacent pairs (x[2i], x[2i+1]) within each head, as Meta's and llama2.c's checkpoints expect.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 128
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = 1024
+    hidden_dim: Optional[int] = None  # None: llama2.c's rule, 2/3 of 4*dim rounded up to multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float):
+    """cos, sin: [max_seq_len, head_dim/2] for adjacent-pair rotation."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, S, H, D]; cos/sin: [S, D/2]
+    xr = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k, v):
+        # k, v: [B, Hkv, S, D]
+        end = start_pos + k.shape[2]
+        self.k[: k.shape[0], :, start_pos:end] = k
+        self.v[: v.shape[0], :, start_pos:end] = v
+        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, start_pos: int):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        T = k.shape[2]
+        if S == 1:
+            mask = None
+        else:
+            # query i (absolute position start_pos+i) sees keys 0..start_pos+i
+            mask = torch.ones(S, T, dtype=torch.bool).tril(diagonal=T - S)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, start_pos):
+        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, start_pos))
+        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, seed: int = 0):
+        """llama2.c's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02
+                if name.endswith(("wo.weight", "w2.weight")):
+                    std = 0.02 / math.sqrt(2 * self.args.n_layers)
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=torch.float32):
+        """Allocate a KV cache for incremental decoding (forward with start_pos)."""
+        n = max_seq_len or self.args.max_seq_len
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def forward(self, tokens, start_pos: int = 0):
+        """tokens: [B, S] int64 -> logits [B, S, vocab] (fp32)."""
+        B, S = tokens.shape
+        if start_pos + S > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"sequence end {start_pos + S} exceeds max_seq_len={self.rope_cos.shape[0]}"
+            )
+        h = self.tok_embeddings(tokens)
+        cos = self.rope_cos[start_pos : start_pos + S]
+        sin = self.rope_sin[start_pos : start_pos + S]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        return self.output(self.norm(h)).float()

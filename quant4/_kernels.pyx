@@ -1,0 +1,320 @@
+# Cython kernels for quant4: group-wise int4 quantize+pack, unpack, dequantize and matmul.
+#
+# This module knows nothing of torch: it works on typed memoryviews and raw pointers. All checks on
+# shapes, dtypes and values live in quant4/ops.py; the wrappers here assume validated input and never
+# raise inside a parallel region. Compiler directives are set once, in setup.py.
+#
+# Stored layout read and written here (see README "Stored format"):
+#   qweight uint8 [N, Kp/2]: byte i of row n holds k = 2i in the low nibble, k = 2i+1 in the high nibble
+#   scales, zeros [N, G] (G = Kp / group_size), float16 in storage; w = (q - 8) * scale + zero
+# Kp is K rounded up to whole groups; padded nibbles are 0 and meet zero activations.
+#
+# The same source is compiled once per ISA (setup.py: _kernels, _kernels_avx2, _kernels_avx512);
+# quant4/ops.py picks the widest one the CPU supports at import time.
+
+from cython.parallel cimport prange, parallel
+from libc.stdint cimport uint8_t, uint16_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.math cimport rintf, fminf, fmaxf
+
+cdef extern from "_q4util.h" nogil:
+    int q4_openmp_enabled() noexcept
+    int q4_cpu_level() noexcept
+    const char *q4_build_isa() noexcept
+    float q4_half_to_float(uint16_t h) noexcept
+
+
+cdef enum:
+    NB = 16         # weight rows per prefill task: 16 rows x KCMAX floats = 128 KB of scratch (L2)
+    KCMAX = 2048    # prefill k panel; a multiple of every group size, long enough to amortize the
+                    # 16 horizontal sums that end each 4 x 4 tile
+
+
+def openmp_enabled():
+    """True when this build runs its parallel loops with OpenMP."""
+    return bool(q4_openmp_enabled())
+
+
+def cpu_level():
+    """2: CPU runs the AVX-512 build, 1: the AVX2 build, 0: only the baseline build."""
+    return q4_cpu_level()
+
+
+def build_isa():
+    """The instruction set this module was compiled for: 'avx512', 'avx2' or 'generic'."""
+    return q4_build_isa().decode()
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantize + pack
+
+cdef void _minmax_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G,
+                      float* mins, float* maxs) noexcept nogil:
+    cdef Py_ssize_t gi, k, k0, k1
+    cdef float lo, hi
+    for gi in range(G):
+        k0 = gi * group_size
+        k1 = min(k0 + group_size, K)
+        lo = w[k0]
+        hi = w[k0]
+        for k in range(k0 + 1, k1):
+            lo = fminf(lo, w[k])
+            hi = fmaxf(hi, w[k])
+        mins[gi] = lo
+        maxs[gi] = hi
+
+
+def group_minmax(const float[:, ::1] w,          # IN  [N, K]
+                 Py_ssize_t group_size,
+                 float[:, ::1] mins,             # OUT [N, G]
+                 float[:, ::1] maxs,             # OUT [N, G]
+                 int num_threads):
+    """Per (row, group) min and max over the real (unpadded) elements of w."""
+    cdef Py_ssize_t N = w.shape[0], K = w.shape[1], G = mins.shape[1], n
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="static"):
+            _minmax_row(&w[n, 0], K, group_size, G, &mins[n, 0], &maxs[n, 0])
+
+
+cdef void _quantize_row(const float* w, Py_ssize_t K, Py_ssize_t Kp, Py_ssize_t group_size,
+                        const float* mins, const float* scales, uint8_t* q, uint8_t* packed) noexcept nogil:
+    # q: scratch of Kp bytes. First the codes, then pairs packed (low nibble = even k).
+    cdef Py_ssize_t gi, k, k0, k1, i
+    cdef float mn, s, t
+    for gi in range(Kp // group_size):
+        k0 = gi * group_size
+        k1 = min(k0 + group_size, K)
+        mn = mins[gi]
+        s = scales[gi]
+        if s == 0.0:
+            # constant group: every code is 8, so w = (8 - 8) * 0 + zero = zero
+            for k in range(k0, k1):
+                q[k] = 8
+        else:
+            for k in range(k0, k1):
+                # same operations, in the same order, as quant4.reference.quantize (bit-exact codes)
+                t = (w[k] - mn) / s
+                q[k] = <uint8_t>rintf(fminf(fmaxf(t, 0.0), 15.0))
+    for k in range(K, Kp):
+        q[k] = 0
+    for i in range(Kp // 2):
+        packed[i] = q[2 * i] | (q[2 * i + 1] << 4)
+
+
+def quantize_pack(const float[:, ::1] w,        # IN  [N, K]
+                  const float[:, ::1] mins,     # IN  [N, G]  zero - 8*scale, from the stored 16-bit values
+                  const float[:, ::1] scales,   # IN  [N, G]  the stored 16-bit scales as fp32
+                  Py_ssize_t group_size,
+                  uint8_t[:, ::1] qweight,      # OUT [N, Kp/2]
+                  int num_threads):
+    """q = clamp(round((w - min) / scale), 0, 15), packed two per byte (even k in the low nibble)."""
+    cdef Py_ssize_t N = w.shape[0], K = w.shape[1], Kp = qweight.shape[1] * 2, n
+    cdef uint8_t* scratch
+    cdef int failed = 0
+    cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
+    if N == 0:
+        return
+    with nogil, parallel(num_threads=num_threads):
+        scratch = <uint8_t*>malloc(Kp)
+        try:
+            if scratch == NULL:
+                failed_p[0] = 1
+            else:
+                for n in prange(N, schedule="static"):
+                    _quantize_row(&w[n, 0], K, Kp, group_size, &mins[n, 0], &scales[n, 0],
+                                  scratch, &qweight[n, 0])
+        finally:
+            free(scratch)
+    if failed:
+        raise MemoryError(f"cannot allocate {Kp} bytes of per-thread quantization scratch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# unpack / dequantize
+
+def unpack(const uint8_t[:, ::1] qweight,       # IN  [N, Kp/2]
+           uint8_t[:, ::1] q,                   # OUT [N, Kp] codes 0..15
+           int num_threads):
+    cdef Py_ssize_t N = qweight.shape[0], H = qweight.shape[1], n, i
+    cdef const uint8_t* src
+    cdef uint8_t* dst
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="static"):
+            src = &qweight[n, 0]
+            dst = &q[n, 0]
+            for i in range(H):
+                dst[2 * i] = src[i] & 15
+                dst[2 * i + 1] = src[i] >> 4
+
+
+cdef void _dequantize_row(const uint8_t* src, const float* scales, const float* zeros, Py_ssize_t K,
+                          Py_ssize_t group_size, float* dst) noexcept nogil:
+    cdef Py_ssize_t gi, i, i0, i1, half = group_size // 2, G = (K + group_size - 1) // group_size
+    cdef float s, z
+    cdef uint8_t b
+    for gi in range(G):
+        s = scales[gi]
+        z = zeros[gi]
+        i0 = gi * half
+        i1 = min(i0 + half, K // 2)
+        for i in range(i0, i1):
+            b = src[i]
+            dst[2 * i] = <float>(<int>(b & 15) - 8) * s + z
+            dst[2 * i + 1] = <float>(<int>(b >> 4) - 8) * s + z
+    if K % 2:
+        b = src[K // 2]
+        dst[K - 1] = <float>(<int>(b & 15) - 8) * scales[G - 1] + zeros[G - 1]
+
+
+def dequantize(const uint8_t[:, ::1] qweight,   # IN  [N, Kp/2]
+               const float[:, ::1] scales,      # IN  [N, G]
+               const float[:, ::1] zeros,       # IN  [N, G]
+               Py_ssize_t group_size,
+               float[:, ::1] out,               # OUT [N, K] (K <= Kp: padding dropped)
+               int num_threads):
+    cdef Py_ssize_t N = out.shape[0], K = out.shape[1], n
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="static"):
+            _dequantize_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], K, group_size, &out[n, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# matmul: y[M, N] = x[M, K] . w^T (+ bias)
+#
+# Activations are first permuted into the k order of _q4simd.h (evens then odds inside every 32-k block),
+# which is the order 16 packed bytes unpack into.
+# Decode path (M <= small_m): parallel over weight rows. Each row is streamed from memory once; every
+# 16-byte chunk is unpacked and dequantized once (w = q * scale + (zero - 8 * scale)) and multiplied into
+# up to four activation rows (q4_dot1 / q4_dot4).
+# Prefill path (M > small_m): parallel over blocks of NB weight rows. For each k panel of up to KCMAX, the
+# block's rows are dequantized into per-thread scratch (L2-resident) and multiplied by all activation rows
+# in 4 x 4 register tiles (q4_tile4x4), accumulating into the output across panels.
+
+cdef extern from "_q4simd.h" nogil:
+    void q4_permute_x(const float* x, Py_ssize_t Kp, float* xp) noexcept
+    float q4_dot1(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const float* xp,
+                  Py_ssize_t G, Py_ssize_t cpg) noexcept
+    void q4_dot4(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const float* x0,
+                 const float* x1, const float* x2, const float* x3, Py_ssize_t G, Py_ssize_t cpg,
+                 float* out) noexcept
+    void q4_dequant_perm(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
+                         Py_ssize_t c1, Py_ssize_t cpg, float* dst) noexcept
+    void q4_tile4x4(const float* x0, const float* x1, const float* x2, const float* x3,
+                    const float* w0, const float* w1, const float* w2, const float* w3,
+                    Py_ssize_t kc, float* out) noexcept
+
+
+cdef void _decode_row(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const float* xp,
+                      Py_ssize_t M, Py_ssize_t Kp, Py_ssize_t G, Py_ssize_t cpg, const float* bias,
+                      Py_ssize_t n, float* out, Py_ssize_t ldo) noexcept nogil:
+    # out[m * ldo + n] = dot(w, x_m) (+ bias[n]) for all M activation rows, four at a time.
+    cdef float r[4]
+    cdef Py_ssize_t m0, m
+    cdef float b = bias[n] if bias != NULL else 0.0
+    m0 = 0
+    while m0 < M:
+        if M - m0 == 1:
+            out[m0 * ldo + n] = q4_dot1(w, sc, zr, xp + m0 * Kp, G, cpg) + b
+            m0 += 1
+        else:
+            # fewer than four rows left: repeat the last row's pointer, ignore the extra results
+            q4_dot4(w, sc, zr, xp + m0 * Kp, xp + min(m0 + 1, M - 1) * Kp, xp + min(m0 + 2, M - 1) * Kp,
+                    xp + min(m0 + 3, M - 1) * Kp, G, cpg, r)
+            for m in range(min(<Py_ssize_t>4, M - m0)):
+                out[(m0 + m) * ldo + n] = r[m] + b
+            m0 += 4
+
+
+cdef void _prefill_block(const float* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw,
+                         const uint16_t* sc, const uint16_t* zr, Py_ssize_t G, Py_ssize_t cpg,
+                         Py_ssize_t rows, Py_ssize_t kc_max, const float* bias, float* out, Py_ssize_t ldo,
+                         float* wbuf) noexcept nogil:
+    # One block of `rows` <= NB weight rows; out points at column 0 of the block. wbuf: NB * kc_max floats.
+    cdef float t[16]
+    cdef Py_ssize_t k0, kc, r, m0, j0, i, j, mi, ji
+    cdef const float* xr[4]
+    cdef const float* wr[4]
+    k0 = 0
+    while k0 < Kp:
+        kc = min(kc_max, Kp - k0)
+        for r in range(rows):
+            q4_dequant_perm(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32, cpg,
+                            wbuf + r * kc_max)
+        m0 = 0
+        while m0 < M:
+            for i in range(4):
+                xr[i] = xp + min(m0 + i, M - 1) * Kp + k0
+            j0 = 0
+            while j0 < rows:
+                for j in range(4):
+                    wr[j] = wbuf + min(j0 + j, rows - 1) * kc_max
+                q4_tile4x4(xr[0], xr[1], xr[2], xr[3], wr[0], wr[1], wr[2], wr[3], kc, t)
+                for mi in range(min(<Py_ssize_t>4, M - m0)):
+                    for ji in range(min(<Py_ssize_t>4, rows - j0)):
+                        if k0 == 0:
+                            out[(m0 + mi) * ldo + j0 + ji] = t[mi * 4 + ji] + (bias[j0 + ji] if bias != NULL else 0.0)
+                        else:
+                            out[(m0 + mi) * ldo + j0 + ji] += t[mi * 4 + ji]
+                j0 += 4
+            m0 += 4
+        k0 += kc
+
+
+def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
+           const uint8_t[:, ::1] qweight,       # IN  [N, Kp/2]
+           const uint16_t[:, ::1] scales,       # IN  [N, G] float16 bits
+           const uint16_t[:, ::1] zeros,        # IN  [N, G] float16 bits
+           Py_ssize_t group_size,
+           const float[::1] bias,               # IN  [N] or None
+           float[:, ::1] out,                   # OUT [M, N]
+           Py_ssize_t small_m,
+           int num_threads):
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1]
+    cdef Py_ssize_t cpg = group_size // 32, ldo = out.shape[1], n, m, blk, nblk, kc_max
+    cdef const float* bptr = NULL
+    cdef float* xp
+    cdef float* wbuf
+    cdef int failed = 0
+    cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
+    if M == 0 or N == 0:
+        return
+    if bias is not None:
+        bptr = &bias[0]
+    xp = <float*>malloc(M * Kp * sizeof(float))
+    if xp == NULL:
+        raise MemoryError(f"cannot allocate {M * Kp * 4} bytes of activation scratch")
+    try:
+        with nogil:
+            for m in prange(M, num_threads=num_threads, schedule="static"):
+                q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
+            if M <= small_m:
+                for n in prange(N, num_threads=num_threads, schedule="static"):
+                    _decode_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xp, M, Kp, G, cpg, bptr, n,
+                                &out[0, 0], ldo)
+            else:
+                kc_max = min(Kp, <Py_ssize_t>KCMAX)
+                nblk = (N + NB - 1) // NB
+                with parallel(num_threads=num_threads):
+                    wbuf = <float*>malloc(NB * kc_max * sizeof(float))
+                    try:
+                        if wbuf == NULL:
+                            failed_p[0] = 1
+                        else:
+                            for blk in prange(nblk, schedule="static"):
+                                _prefill_block(xp, M, Kp, &qweight[blk * NB, 0], &scales[blk * NB, 0],
+                                               &zeros[blk * NB, 0], G, cpg, min(<Py_ssize_t>NB, N - blk * NB),
+                                               kc_max, (bptr + blk * NB) if bptr != NULL else NULL,
+                                               &out[0, blk * NB], ldo, wbuf)
+                    finally:
+                        free(wbuf)
+    finally:
+        free(xp)
+    if failed:
+        raise MemoryError(f"cannot allocate {NB * kc_max * 4} bytes of per-thread weight scratch")

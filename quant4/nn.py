@@ -1,0 +1,142 @@
+"""Int4Linear: a drop-in inference replacement for nn.Linear holding int4 weights in quant4's stored format."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from quant4 import ops
+from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
+
+
+class Int4Linear(nn.Module):
+    """y = x . w_hat^T + bias, with w_hat group-wise int4 (see quant4.scheme).
+
+    Buffers (the stored format, saved by state_dict): qweight uint8 [out, Kp/2], scales and zeros
+    float16 [out, Kp/group_size], bias float32 [out] when bias=True; metadata travels as extra state.
+    forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input.
+    The kernels read the buffers directly; module.to(dtype) leaves them in their stored dtypes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 32,
+                 num_threads: Optional[int] = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if v > 1 << 31:
+                raise ValueError(f"{name}={v} is too large (limit 2**31)")
+        ops.check_group_size(group_size)
+        if num_threads is not None:
+            ops._threads(num_threads)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.num_threads = num_threads
+        Kp = padded_k(in_features, group_size)
+        G = Kp // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, Kp // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, G, dtype=SCALE_DTYPE))
+        self.register_buffer("zeros", torch.zeros(out_features, G, dtype=SCALE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, *,
+                    num_threads: Optional[int] = None) -> "Int4Linear":
+        """Quantize an nn.Linear (round to nearest, see quant4.scheme)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  group_size=group_size, num_threads=num_threads)
+        qweight, scales, zeros = ops.quantize(linear.weight.detach(), group_size, num_threads=num_threads)
+        mod.qweight.copy_(qweight)
+        mod.scales.copy_(scales)
+        mod.zeros.copy_(zeros)
+        if linear.bias is not None:
+            b = linear.bias.detach().float()
+            if not torch.isfinite(b).all():
+                raise ValueError("bias has non-finite values; quant4 refuses NaN/Inf")
+            mod.bias.copy_(b)
+        return mod
+
+    @classmethod
+    def from_packed(cls, qweight, scales, zeros, *, in_features: int, group_size: int, bias=None,
+                    num_threads: Optional[int] = None) -> "Int4Linear":
+        """Wrap tensors already in quant4's stored format (validated, no copy of qweight)."""
+        N, _, _ = ops.check_packed(qweight, scales, zeros, group_size, in_features)
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.in_features, mod.out_features, mod.group_size = in_features, N, group_size
+        mod.num_threads = num_threads
+        mod.register_buffer("qweight", qweight.contiguous())
+        mod.register_buffer("scales", scales.contiguous())
+        mod.register_buffer("zeros", zeros.contiguous())
+        if bias is not None:
+            if tuple(bias.shape) != (N,):
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={N}")
+            bias = bias.float().contiguous()
+        mod.register_buffer("bias", bias)
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [out_features, in_features] this module multiplies by."""
+        return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                              num_threads=self.num_threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Int4Linear expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input shape {tuple(x.shape)}: last dim must be in_features={self.in_features}")
+        lead = x.shape[:-1]
+        y = ops.matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+                       self.group_size, self.in_features, self.bias, num_threads=self.num_threads)
+        return y.reshape(*lead, self.out_features)
+
+    # -- state ---------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"format_version": FORMAT_VERSION, "in_features": self.in_features,
+                "out_features": self.out_features, "group_size": self.group_size}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict):
+            raise ValueError(f"Int4Linear extra state must be a dict, got {type(state).__name__}")
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported quant4 format_version {version!r} (this quant4 reads {FORMAT_VERSION})")
+        mine = self.get_extra_state()
+        for key in ("in_features", "out_features", "group_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"checkpoint {key}={state.get(key)!r} but this Int4Linear has {key}={mine[key]!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("qweight", "scales", "zeros"):
+            key = prefix + name
+            t = state_dict.get(key)
+            mine = getattr(self, name)
+            if isinstance(t, torch.Tensor) and (t.shape != mine.shape or t.dtype != mine.dtype):
+                error_msgs.append(
+                    f"{key}: checkpoint has {t.dtype} {tuple(t.shape)}, quant4 format v{FORMAT_VERSION} expects "
+                    f"{mine.dtype} {tuple(mine.shape)} (in_features={self.in_features}, "
+                    f"group_size={self.group_size}). If this came from another int4 tool's packed layout, "
+                    f"convert it to quant4's format first.")
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the stored dtypes (uint8 / float16 / float32) through module.to(dtype), .half(), .bfloat16().
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype and new.device == old.device:
+                self._buffers[name] = old
+        return self
+
+    def extra_repr(self) -> str:
+        Kp = padded_k(self.in_features, self.group_size)
+        pad = f", padded_in={Kp}" if Kp != self.in_features else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}{pad}, "
+                f"format=v{FORMAT_VERSION}, kernels={ops.kernel_isa()}")

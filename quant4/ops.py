@@ -1,0 +1,193 @@
+"""Validated torch-facing wrappers around quant4's Cython kernels.
+
+All argument checks live here; the kernels assume valid input. This is the only module that imports the
+compiled extension. At import it picks the widest kernel build this CPU runs (AVX-512, AVX2, baseline);
+QUANT4_ISA=generic|avx2|avx512 overrides the choice.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from quant4 import _kernels as _base
+from quant4.scheme import GROUP_SIZES, padded_k, qparams_from_minmax
+
+_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+_MODULES = {"generic": "quant4._kernels", "avx2": "quant4._kernels_avx2", "avx512": "quant4._kernels_avx512"}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this many activation rows the decode kernel (stream each weight row once) beats the
+# panel-dequantize + register-tiled GEMM kernel.
+SMALL_M = 16
+
+_num_threads: Optional[int] = None
+
+
+def _load_kernels():
+    requested = os.environ.get("QUANT4_ISA", "").strip().lower()
+    level = _base.cpu_level()
+    if requested:
+        if requested not in _LEVELS:
+            raise ValueError(f"QUANT4_ISA={requested!r}: expected one of {sorted(_LEVELS)}")
+        if _LEVELS[requested] > level:
+            raise ValueError(f"QUANT4_ISA={requested!r}: this CPU does not support it")
+        order = [requested]
+    else:
+        order = [name for name, lv in sorted(_LEVELS.items(), key=lambda kv: -kv[1]) if lv <= level]
+    for name in order:
+        try:
+            return importlib.import_module(_MODULES[name])
+        except ImportError:
+            if requested:
+                raise
+    return _base
+
+
+_k = _load_kernels()
+
+
+def kernel_isa() -> str:
+    """The instruction set of the kernel build in use: 'avx512', 'avx2' or 'generic'."""
+    return _k.build_isa()
+
+
+def openmp_enabled() -> bool:
+    """True if the kernels were built with OpenMP (parallel loops)."""
+    return bool(_k.openmp_enabled())
+
+
+def set_num_threads(n: Optional[int]) -> None:
+    """Default thread count for quant4's kernels; None follows torch.get_num_threads()."""
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
+    global _num_threads
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def _threads(num_threads: Optional[int]) -> int:
+    if num_threads is None:
+        return get_num_threads()
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    return num_threads
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+
+def check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    return group_size
+
+
+def _check_tensor(name: str, t, *, ndim: int, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise TypeError(f"{name} must be on the CPU, got device {t.device}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_packed(qweight, scales, zeros, group_size: int, in_features: int):
+    """Check stored tensors against each other and the metadata; return (N, Kp, G)."""
+    check_group_size(group_size)
+    _check_tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
+    _check_tensor("scales", scales, ndim=2, dtypes=(torch.float16,))
+    _check_tensor("zeros", zeros, ndim=2, dtypes=(torch.float16,))
+    Kp = padded_k(in_features, group_size)
+    N, G = qweight.shape[0], Kp // group_size
+    if tuple(qweight.shape) != (N, Kp // 2):
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match in_features={in_features}, "
+                         f"group_size={group_size}: expected ({N}, {Kp // 2})")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (N, G):
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match qweight {tuple(qweight.shape)} "
+                             f"and group_size={group_size}: expected ({N}, {G})")
+    return N, Kp, G
+
+
+def _as_np(t: torch.Tensor):
+    return t.contiguous().numpy()
+
+
+def _half_bits(t: torch.Tensor):
+    return t.contiguous().view(torch.int16).numpy().view("uint16")
+
+
+# ------------------------------------------------------------------------------------------------
+# public ops
+
+def quantize(weight: torch.Tensor, group_size: int, *, num_threads: Optional[int] = None):
+    """weight [N, K] (fp32/bf16/fp16) -> (qweight uint8 [N, Kp/2], scales fp16 [N, G], zeros fp16 [N, G])."""
+    check_group_size(group_size)
+    _check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    N, K = weight.shape
+    if N == 0 or K == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    nt = _threads(num_threads)
+    w = weight.detach().float().contiguous()
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"weight has a non-finite value ({float(w[bad[0], bad[1]])}) at {tuple(bad)}; "
+                         f"quant4 refuses NaN/Inf weights")
+    Kp = padded_k(K, group_size)
+    G = Kp // group_size
+    mins = torch.empty(N, G)
+    maxs = torch.empty(N, G)
+    _k.group_minmax(_as_np(w), group_size, mins.numpy(), maxs.numpy(), nt)
+    scales16, zeros16, m = qparams_from_minmax(mins, maxs)
+    qweight = torch.empty(N, Kp // 2, dtype=torch.uint8)
+    _k.quantize_pack(_as_np(w), _as_np(m), _as_np(scales16.float()), group_size, qweight.numpy(), nt)
+    return qweight, scales16, zeros16
+
+
+def unpack(qweight: torch.Tensor, *, num_threads: Optional[int] = None) -> torch.Tensor:
+    """uint8 [N, Kp/2] -> codes uint8 [N, Kp] (values 0..15)."""
+    _check_tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
+    q = torch.empty(qweight.shape[0], qweight.shape[1] * 2, dtype=torch.uint8)
+    _k.unpack(_as_np(qweight), q.numpy(), _threads(num_threads))
+    return q
+
+
+def dequantize(qweight, scales, zeros, group_size: int, in_features: int, *,
+               num_threads: Optional[int] = None) -> torch.Tensor:
+    """Stored tensors -> fp32 weight [N, in_features]."""
+    N, _, _ = check_packed(qweight, scales, zeros, group_size, in_features)
+    out = torch.empty(N, in_features)
+    _k.dequantize(_as_np(qweight), _as_np(scales.float()), _as_np(zeros.float()), group_size, out.numpy(),
+                  _threads(num_threads))
+    return out
+
+
+def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features: int, bias=None, *,
+           num_threads: Optional[int] = None, small_m: int = SMALL_M) -> torch.Tensor:
+    """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype."""
+    N, Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
+    _check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={in_features}")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={N}")
+    M = x.shape[0]
+    xf = x.float()
+    if Kp != in_features:
+        xf = F.pad(xf, (0, Kp - in_features))
+    xf = xf.contiguous()
+    out = torch.empty(M, N)
+    if M and N:
+        _k.matmul(xf.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size,
+                  None if bias is None else _as_np(bias.float()), out.numpy(), small_m, _threads(num_threads))
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -1,0 +1,74 @@
+"""quantize_model_: swap a model's nn.Linear projections for Int4Linear in place."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from quant4.nn import Int4Linear
+
+log = logging.getLogger("quant4")
+
+PROJECTION_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def is_projection(module: nn.Module, fqn: str) -> bool:
+    """Default filter: an nn.Linear whose attribute name is one of wq wk wv wo w1 w2 w3."""
+    return isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] in PROJECTION_NAMES
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    name: str
+    swapped: bool
+    reason: str
+
+
+def quantize_model_(model: nn.Module, group_size: int = 32,
+                    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
+                    num_threads: Optional[int] = None, verbose: bool = False) -> nn.Module:
+    """Replace selected nn.Linear modules of `model` by Int4Linear, in place; return the model.
+
+    filter_fn(module, fully_qualified_name) -> bool selects modules (default: is_projection). Only
+    nn.Linear modules can be swapped; a selected module of another type raises TypeError.
+    What was swapped, and every nn.Linear left in float with the reason, is logged to the "quant4" logger
+    (printed too with verbose=True) and stored as a list of SwapRecord in model.quant4_report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model_ expects an nn.Module, got {type(model).__name__}")
+    select = filter_fn or is_projection
+    report = []
+    targets = []
+    for fqn, mod in model.named_modules():
+        if not fqn:
+            continue
+        if isinstance(mod, Int4Linear):
+            report.append(SwapRecord(fqn, False, "already Int4Linear"))
+            continue
+        chosen = bool(select(mod, fqn))
+        if chosen and not isinstance(mod, nn.Linear):
+            raise TypeError(f"filter_fn selected {fqn!r}, a {type(mod).__name__}; only nn.Linear can be quantized")
+        if chosen:
+            targets.append(fqn)
+        elif isinstance(mod, nn.Linear):
+            why = "not a projection (wq wk wv wo w1 w2 w3)" if filter_fn is None else "not selected by filter_fn"
+            report.append(SwapRecord(fqn, False, why))
+    for fqn in targets:
+        parent_name, _, attr = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        try:
+            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{fqn}: {exc}") from exc
+        setattr(parent, attr, q)
+        report.append(SwapRecord(fqn, True, f"int4 g{group_size}"))
+    for rec in report:
+        msg = f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}"
+        log.info(msg)
+        if verbose:
+            print(msg)
+    model.quant4_report = report
+    return model
