@@ -195,7 +195,7 @@ def dequantize(const uint8_t[:, ::1] qweight,   # IN  [N, Kp/2]
 # up to four activation rows (q4_dot1 / q4_dot4).
 # Prefill path (M > small_m): parallel over blocks of NB weight rows. For each k panel of up to KCMAX, the
 # block's rows are dequantized into per-thread scratch (L2-resident) and multiplied by all activation rows
-# in 4 x 4 register tiles (q4_tile4x4), accumulating into the output across panels.
+# in register tiles (q4_tile), accumulating into the output across panels.
 
 cdef extern from "_q4simd.h" nogil:
     void q4_permute_x(const float* x, Py_ssize_t Kp, float* xp) noexcept
@@ -206,9 +206,10 @@ cdef extern from "_q4simd.h" nogil:
                  float* out) noexcept
     void q4_dequant_perm(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
                          Py_ssize_t c1, Py_ssize_t cpg, float* dst) noexcept
-    void q4_tile4x4(const float* x0, const float* x1, const float* x2, const float* x3,
-                    const float* w0, const float* w1, const float* w2, const float* w3,
-                    Py_ssize_t kc, float* out) noexcept
+    void q4_tile(const float* const* x, const float* const* w, Py_ssize_t kc, float* out) noexcept
+    enum:
+        Q4_TM   # activation rows per prefill register tile (4 on AVX-512, else 2)
+        Q4_TN   # weight rows per prefill register tile (4)
 
 
 cdef void _decode_row(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const float* xp,
@@ -237,10 +238,11 @@ cdef void _prefill_block(const float* xp, Py_ssize_t M, Py_ssize_t Kp, const uin
                          Py_ssize_t rows, Py_ssize_t kc_max, const float* bias, float* out, Py_ssize_t ldo,
                          float* wbuf) noexcept nogil:
     # One block of `rows` <= NB weight rows; out points at column 0 of the block. wbuf: NB * kc_max floats.
-    cdef float t[16]
-    cdef Py_ssize_t k0, kc, r, m0, j0, i, j, mi, ji
-    cdef const float* xr[4]
-    cdef const float* wr[4]
+    # Tiles that run past M or `rows` repeat the last row's pointer; their extra results are dropped.
+    cdef float t[Q4_TM * Q4_TN]
+    cdef const float* xr[Q4_TM]
+    cdef const float* wr[Q4_TN]
+    cdef Py_ssize_t k0, kc, r, m0, j0, i, j
     k0 = 0
     while k0 < Kp:
         kc = min(kc_max, Kp - k0)
@@ -249,21 +251,21 @@ cdef void _prefill_block(const float* xp, Py_ssize_t M, Py_ssize_t Kp, const uin
                             wbuf + r * kc_max)
         m0 = 0
         while m0 < M:
-            for i in range(4):
+            for i in range(Q4_TM):
                 xr[i] = xp + min(m0 + i, M - 1) * Kp + k0
             j0 = 0
             while j0 < rows:
-                for j in range(4):
+                for j in range(Q4_TN):
                     wr[j] = wbuf + min(j0 + j, rows - 1) * kc_max
-                q4_tile4x4(xr[0], xr[1], xr[2], xr[3], wr[0], wr[1], wr[2], wr[3], kc, t)
-                for mi in range(min(<Py_ssize_t>4, M - m0)):
-                    for ji in range(min(<Py_ssize_t>4, rows - j0)):
+                q4_tile(xr, wr, kc, t)
+                for i in range(min(<Py_ssize_t>Q4_TM, M - m0)):
+                    for j in range(min(<Py_ssize_t>Q4_TN, rows - j0)):
                         if k0 == 0:
-                            out[(m0 + mi) * ldo + j0 + ji] = t[mi * 4 + ji] + (bias[j0 + ji] if bias != NULL else 0.0)
+                            out[(m0 + i) * ldo + j0 + j] = t[i * Q4_TN + j] + (bias[j0 + j] if bias != NULL else 0.0)
                         else:
-                            out[(m0 + mi) * ldo + j0 + ji] += t[mi * 4 + ji]
-                j0 += 4
-            m0 += 4
+                            out[(m0 + i) * ldo + j0 + j] += t[i * Q4_TN + j]
+                j0 += Q4_TN
+            m0 += Q4_TM
         k0 += kc
 
 

@@ -1,10 +1,10 @@
 /* quant4 micro-kernels written with GCC/Clang vector extensions.
  *
- * The Cython kernels in _kernels.pyx own the loops over rows, tiles, threads and scratch; the three
- * innermost loops live here. A 16-float vector type lets the compiler emit one AVX-512 register, two AVX2
- * registers or four SSE registers per value from the same source (each _kernels_<isa> build compiles this
- * header with its own flags), and it keeps accumulators in registers, which GCC's auto-vectorizer did not
- * do reliably for these loops (it chose 4-wide SLP code or kept accumulators on the stack).
+ * The Cython kernels in _kernels.pyx own the loops over rows, tiles, threads and scratch; the innermost
+ * loops live here. Vectors of the build's native width (Q4_VL floats: AVX-512, AVX2 or SSE, chosen by the
+ * flags each _kernels_<isa> build compiles this header with) keep accumulators in registers, which GCC's
+ * auto-vectorizer did not do reliably for these loops (it chose 4-wide SLP code or kept accumulators on
+ * the stack and ran latency-bound).
  *
  * k order inside a 32-k block. A packed byte holds k = 2i (low nibble) and 2i + 1 (high nibble), so 16 bytes
  * unpack naturally into the 16 even k's and the 16 odd k's of a 32-block. Activations are permuted the same
@@ -18,26 +18,66 @@
 #include <string.h>
 #include "_q4util.h"
 
-typedef float q4_f32x16 __attribute__((vector_size(64)));
-typedef int32_t q4_i32x16 __attribute__((vector_size(64)));
-typedef uint8_t q4_u8x16 __attribute__((vector_size(16)));
+/* Native vector width of this build, in floats: 16-float quantities are handled as Q4_NV native vectors
+ * (arrays of vectors with constant indices, which the compiler keeps in registers). */
+#if defined(__AVX512F__)
+#define Q4_VL 16
+#elif defined(__AVX__)
+#define Q4_VL 8
+#else
+#define Q4_VL 4
+#endif
+#define Q4_NV (16 / Q4_VL)
+/* Prefill register tile (activation rows x weight rows): 16 zmm accumulators on AVX-512 (32 registers),
+ * 8 on AVX2/SSE (16 registers) so that accumulators plus operands fit without spills. */
+#if defined(__AVX512F__)
+#define Q4_TM 4
+#define Q4_TN 4
+#else
+#define Q4_TM 2
+#define Q4_TN 4
+#endif
 
-static inline q4_f32x16 q4_load(const float *p) { q4_f32x16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void q4_store(float *p, q4_f32x16 v) { memcpy(p, &v, sizeof v); }
-static inline q4_f32x16 q4_splat(float s) { return (q4_f32x16){0} + s; }
+typedef float q4_vf __attribute__((vector_size(Q4_VL * 4)));
+typedef int32_t q4_vi __attribute__((vector_size(Q4_VL * 4)));
 
-static inline float q4_hsum(q4_f32x16 v) {
+static inline q4_vf q4_load(const float *p) { q4_vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void q4_store(float *p, q4_vf v) { memcpy(p, &v, sizeof v); }
+
+static inline float q4_hsum(q4_vf v) {
     float t = 0.0f;
-    for (int j = 0; j < 16; j++) t += v[j];
+    for (int j = 0; j < Q4_VL; j++) t += v[j];
     return t;
 }
 
-/* 16 packed bytes -> 16 low-nibble codes and 16 high-nibble codes as floats */
-static inline void q4_unpack16(const uint8_t *b, q4_f32x16 *lo, q4_f32x16 *hi) {
-    q4_u8x16 v;
-    memcpy(&v, b, 16);
-    *lo = __builtin_convertvector(__builtin_convertvector(v & 15, q4_i32x16), q4_f32x16);
-    *hi = __builtin_convertvector(__builtin_convertvector(v >> 4, q4_i32x16), q4_f32x16);
+/* Q4_VL bytes -> Q4_VL int32 lanes. GCC lowers __builtin_convertvector(u8 -> i32) to scalar code, so the
+ * one zero-extending load is spelled per ISA; other targets use a plain loop. */
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
+static inline q4_vi q4_widen(const uint8_t *b) {
+#if defined(__AVX512F__)
+    return (q4_vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+#elif defined(__AVX2__)
+    return (q4_vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+#elif defined(__SSE4_1__)
+    int32_t w;
+    memcpy(&w, b, 4);
+    return (q4_vi)_mm_cvtepu8_epi32(_mm_cvtsi32_si128(w));
+#else
+    q4_vi q;
+    for (int j = 0; j < Q4_VL; j++) q[j] = b[j];
+    return q;
+#endif
+}
+
+/* 16 packed bytes -> dequantized even-k and odd-k weights, q * s + zm, as Q4_NV vectors each */
+static inline void q4_unpack16(const uint8_t *b, float s, float zm, q4_vf lo[Q4_NV], q4_vf hi[Q4_NV]) {
+    for (int h = 0; h < Q4_NV; h++) {
+        const q4_vi q = q4_widen(b + h * Q4_VL);   /* widen first: x86 has no byte shifts */
+        lo[h] = __builtin_convertvector(q & 15, q4_vf) * s + zm;
+        hi[h] = __builtin_convertvector(q >> 4, q4_vf) * s + zm;
+    }
 }
 
 /* x [Kp] -> xp [Kp] in the block-permuted k order above (Kp % 32 == 0) */
@@ -50,47 +90,50 @@ static inline void q4_permute_x(const float *x, ptrdiff_t Kp, float *xp) {
 }
 
 /* Decode, one activation row: dot(w_row, x) over G groups of cpg 16-byte chunks.
- * w = q * s + (zero - 8 s) per group, two accumulators (even / odd k) for shorter FMA chains. */
+ * w = q * s + (zero - 8 s) per group; separate even / odd accumulators keep FMA chains short. */
 static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *xp,
                             ptrdiff_t G, ptrdiff_t cpg) {
-    q4_f32x16 ae = {0}, ao = {0};
+    q4_vf ae[Q4_NV] = {{0}}, ao[Q4_NV] = {{0}};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
         const float s = q4_half_to_float(sc[gi]);
         const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            q4_f32x16 lo, hi;
-            q4_unpack16(w + 16 * c, &lo, &hi);
-            ae += q4_load(xp + 32 * c) * (lo * s + zm);
-            ao += q4_load(xp + 32 * c + 16) * (hi * s + zm);
+            q4_vf lo[Q4_NV], hi[Q4_NV];
+            q4_unpack16(w + 16 * c, s, zm, lo, hi);
+            for (int h = 0; h < Q4_NV; h++) {
+                ae[h] += q4_load(xp + 32 * c + h * Q4_VL) * lo[h];
+                ao[h] += q4_load(xp + 32 * c + 16 + h * Q4_VL) * hi[h];
+            }
         }
     }
-    return q4_hsum(ae + ao);
+    q4_vf t = ae[0] + ao[0];
+    for (int h = 1; h < Q4_NV; h++) t += ae[h] + ao[h];
+    return q4_hsum(t);
 }
 
-/* Decode, four activation rows x0..x3 (permuted, may repeat) against one weight row; out[0..3]. */
+/* Decode, four activation rows x[0..3] (permuted; pointers may repeat) against one weight row; out[0..3]. */
 static inline void q4_dot4(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *x0,
                            const float *x1, const float *x2, const float *x3, ptrdiff_t G, ptrdiff_t cpg,
                            float *out) {
-    q4_f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    const float *xs[4] = {x0, x1, x2, x3};
+    q4_vf a[4][Q4_NV] = {{{0}}};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
         const float s = q4_half_to_float(sc[gi]);
         const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            q4_f32x16 lo, hi;
-            q4_unpack16(w + 16 * c, &lo, &hi);
-            lo = lo * s + zm;
-            hi = hi * s + zm;
-            const ptrdiff_t k = 32 * c;
-            a0 += q4_load(x0 + k) * lo + q4_load(x0 + k + 16) * hi;
-            a1 += q4_load(x1 + k) * lo + q4_load(x1 + k + 16) * hi;
-            a2 += q4_load(x2 + k) * lo + q4_load(x2 + k + 16) * hi;
-            a3 += q4_load(x3 + k) * lo + q4_load(x3 + k + 16) * hi;
+            q4_vf lo[Q4_NV], hi[Q4_NV];
+            q4_unpack16(w + 16 * c, s, zm, lo, hi);
+            for (int i = 0; i < 4; i++)
+                for (int h = 0; h < Q4_NV; h++)
+                    a[i][h] += q4_load(xs[i] + 32 * c + h * Q4_VL) * lo[h] +
+                               q4_load(xs[i] + 32 * c + 16 + h * Q4_VL) * hi[h];
         }
     }
-    out[0] = q4_hsum(a0);
-    out[1] = q4_hsum(a1);
-    out[2] = q4_hsum(a2);
-    out[3] = q4_hsum(a3);
+    for (int i = 0; i < 4; i++) {
+        q4_vf t = a[i][0];
+        for (int h = 1; h < Q4_NV; h++) t += a[i][h];
+        out[i] = q4_hsum(t);
+    }
 }
 
 /* Prefill: dequantize chunks [c0, c1) of one weight row into dst (permuted k order, 32 floats a chunk). */
@@ -100,34 +143,30 @@ static inline void q4_dequant_perm(const uint8_t *w, const uint16_t *sc, const u
         const ptrdiff_t gi = c / cpg;
         const float s = q4_half_to_float(sc[gi]);
         const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
-        q4_f32x16 lo, hi;
-        q4_unpack16(w + 16 * c, &lo, &hi);
-        q4_store(dst + 32 * (c - c0), lo * s + zm);
-        q4_store(dst + 32 * (c - c0) + 16, hi * s + zm);
+        q4_vf lo[Q4_NV], hi[Q4_NV];
+        q4_unpack16(w + 16 * c, s, zm, lo, hi);
+        for (int h = 0; h < Q4_NV; h++) {
+            q4_store(dst + 32 * (c - c0) + h * Q4_VL, lo[h]);
+            q4_store(dst + 32 * (c - c0) + 16 + h * Q4_VL, hi[h]);
+        }
     }
 }
 
-/* Prefill register tile: out[i][j] = dot(x_i, w_j) over kc (multiple of 16) for 4 activation rows x_i and
- * 4 dequantized weight rows w_j; 16 vector accumulators, each k step is 8 loads and 16 FMAs. */
-static inline void q4_tile4x4(const float *x0, const float *x1, const float *x2, const float *x3,
-                              const float *w0, const float *w1, const float *w2, const float *w3,
-                              ptrdiff_t kc, float out[4][4]) {
-    q4_f32x16 c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0}, c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
-    q4_f32x16 c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0}, c30 = {0}, c31 = {0}, c32 = {0}, c33 = {0};
-    for (ptrdiff_t k = 0; k < kc; k += 16) {
-        const q4_f32x16 b0 = q4_load(w0 + k), b1 = q4_load(w1 + k), b2 = q4_load(w2 + k), b3 = q4_load(w3 + k);
-        q4_f32x16 a = q4_load(x0 + k);
-        c00 += a * b0; c01 += a * b1; c02 += a * b2; c03 += a * b3;
-        a = q4_load(x1 + k);
-        c10 += a * b0; c11 += a * b1; c12 += a * b2; c13 += a * b3;
-        a = q4_load(x2 + k);
-        c20 += a * b0; c21 += a * b1; c22 += a * b2; c23 += a * b3;
-        a = q4_load(x3 + k);
-        c30 += a * b0; c31 += a * b1; c32 += a * b2; c33 += a * b3;
+/* Prefill register tile: out[i * Q4_TN + j] = dot(x[i], w[j]) over kc floats (kc % 32 == 0) for Q4_TM
+ * activation rows and Q4_TN dequantized weight rows; each k step is TM + TN loads and TM * TN FMAs. */
+static inline void q4_tile(const float *const *x, const float *const *w, ptrdiff_t kc, float *out) {
+    q4_vf c[Q4_TM][Q4_TN];
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) c[i][j] = (q4_vf){0};
+    for (ptrdiff_t k = 0; k < kc; k += Q4_VL) {
+        q4_vf b[Q4_TN];
+        for (int j = 0; j < Q4_TN; j++) b[j] = q4_load(w[j] + k);
+        for (int i = 0; i < Q4_TM; i++) {
+            const q4_vf a = q4_load(x[i] + k);
+            for (int j = 0; j < Q4_TN; j++) c[i][j] += a * b[j];
+        }
     }
-    out[0][0] = q4_hsum(c00); out[0][1] = q4_hsum(c01); out[0][2] = q4_hsum(c02); out[0][3] = q4_hsum(c03);
-    out[1][0] = q4_hsum(c10); out[1][1] = q4_hsum(c11); out[1][2] = q4_hsum(c12); out[1][3] = q4_hsum(c13);
-    out[2][0] = q4_hsum(c20); out[2][1] = q4_hsum(c21); out[2][2] = q4_hsum(c22); out[2][3] = q4_hsum(c23);
-    out[3][0] = q4_hsum(c30); out[3][1] = q4_hsum(c31); out[3][2] = q4_hsum(c32); out[3][3] = q4_hsum(c33);
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum(c[i][j]);
 }
 #endif
