@@ -10,12 +10,28 @@ from quant4 import ops
 from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
 
 
+class _Int4LinearFn(torch.autograd.Function):
+    """Int4 matmul with a gradient for the input (weights are frozen): grad_x = grad_y . w_hat."""
+
+    @staticmethod
+    def forward(ctx, x2d, mod):
+        ctx.mod = mod
+        return ops.matmul(x2d, mod.qweight, mod.scales, mod.zeros, mod.group_size, mod.in_features, mod.bias,
+                          num_threads=mod.num_threads)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.mod.dequantize()
+        return (grad_y.float() @ w).to(grad_y.dtype), None
+
+
 class Int4Linear(nn.Module):
     """y = x . w_hat^T + bias, with w_hat group-wise int4 (see quant4.scheme).
 
     Buffers (the stored format, saved by state_dict): qweight uint8 [out, Kp/2], scales and zeros
     float16 [out, Kp/group_size], bias float32 [out] when bias=True; metadata travels as extra state.
-    forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input.
+    forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input;
+    gradients flow to the input (not to the frozen int4 weights).
     The kernels read the buffers directly; module.to(dtype) leaves them in their stored dtypes.
     """
 
@@ -88,8 +104,12 @@ class Int4Linear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input shape {tuple(x.shape)}: last dim must be in_features={self.in_features}")
         lead = x.shape[:-1]
-        y = ops.matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
-                       self.group_size, self.in_features, self.bias, num_threads=self.num_threads)
+        x2d = x.reshape(-1, self.in_features)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _Int4LinearFn.apply(x2d, self)
+        else:
+            y = ops.matmul(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                           self.bias, num_threads=self.num_threads)
         return y.reshape(*lead, self.out_features)
 
     # -- state ---------------------------------------------------------------------------------

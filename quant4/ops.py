@@ -182,12 +182,12 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
         if bias.shape[0] != N:
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={N}")
     M = x.shape[0]
-    xf = x.float()
+    xf = x.detach().float()
     if Kp != in_features:
         xf = F.pad(xf, (0, Kp - in_features))
     xf = xf.contiguous()
     out = torch.empty(M, N)
     if M and N:
         _k.matmul(xf.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size,
-                  None if bias is None else _as_np(bias.float()), out.numpy(), small_m, _threads(num_threads))
+                  None if bias is None else _as_np(bias.detach().float()), out.numpy(), small_m, _threads(num_threads))
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -1,0 +1,187 @@
+"""Kernels against the pure-torch reference: codes bit-exact, floats within stated bounds."""
+import importlib
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import quant4
+from quant4 import ops, reference
+from quant4.scheme import GROUP_SIZES, padded_k
+from helpers import assert_matmul_close
+
+SHAPES_K = [64, 172, 288, 768, 1376]
+SHAPES_N = [1, 7, 64, 172, 288, 512]
+SHAPES_M = [1, 3, 4, 5, 17, 64]
+
+
+def _rand_weight(N, K):
+    # mixed scales per row so that groups have very different ranges
+    return torch.randn(N, K) * torch.logspace(-3, 0, N)[:, None]
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("K", SHAPES_K)
+def test_quantize_pack_bit_exact(K, g):
+    for N in (1, 7, 64):
+        w = _rand_weight(N, K)
+        qweight, scales, zeros = quant4.quantize(w, g)
+        q_ref, s_ref, z_ref = reference.quantize(w, g)
+        assert torch.equal(scales, s_ref) and torch.equal(zeros, z_ref)
+        assert torch.equal(qweight, reference.pack(q_ref))
+        assert torch.equal(quant4.unpack(qweight), q_ref)
+        assert torch.equal(reference.unpack(qweight), q_ref)
+        assert qweight.shape == (N, padded_k(K, g) // 2)
+        assert int(q_ref.max()) <= 15
+        assert (q_ref[:, K:] == 0).all()  # padding nibbles are 0
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_dequantize_error_within_half_step(g):
+    w = _rand_weight(64, 1376)
+    qweight, scales, zeros = quant4.quantize(w, g)
+    d = quant4.dequantize(qweight, scales, zeros, g, 1376)
+    assert torch.allclose(d, reference.dequantize(qweight, scales, zeros, g, 1376), rtol=1e-6, atol=1e-7)
+    s = scales.float().repeat_interleave(g, 1)[:, :1376]
+    z = zeros.float().repeat_interleave(g, 1)[:, :1376]
+    # half a step, plus what rounding zero to float16 can shift the grid by (2**-11 relative)
+    bound = 0.5 * s * (1 + 1e-3) + z.abs() * 2.0**-11 + 1e-7
+    assert ((w - d).abs() <= bound).all()
+
+
+def test_constant_and_zero_groups_are_exact():
+    w = torch.zeros(4, 128)
+    w[1] = 0.5
+    w[2, :64] = -3.25
+    w[2, 64:] = 7.0
+    w[3, :32] = 1.0   # one constant group next to a varying one
+    w[3, 32:] = torch.linspace(-1, 1, 96)
+    for g in (32, 64):
+        qweight, scales, zeros = quant4.quantize(w, g)
+        d = quant4.dequantize(qweight, scales, zeros, g, 128)
+        assert torch.equal(d[:3], w[:3])
+        if g == 32:
+            assert torch.equal(d[3, :32], w[3, :32])
+        assert not torch.isnan(d).any()
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("K", SHAPES_K)
+def test_matmul_matches_reference(K, g):
+    for N in SHAPES_N:
+        qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+        bias = torch.randn(N) if N % 2 else None
+        for M in SHAPES_M:
+            x = torch.randn(M, K)
+            y = quant4.matmul(x, qweight, scales, zeros, g, K, bias)
+            assert y.shape == (M, N) and y.dtype == torch.float32
+            assert_matmul_close(y, x, qweight, scales, zeros, g, bias)
+
+
+@pytest.mark.parametrize("small_m", [0, 4, 1000])
+def test_decode_and_prefill_paths_agree(small_m):
+    # every M through both the decode path and the tiled prefill path
+    qweight, scales, zeros = quant4.quantize(_rand_weight(77, 4200), 64)
+    for M in (1, 2, 3, 5, 9, 33):
+        x = torch.randn(M, 4200)
+        y = ops.matmul(x, qweight, scales, zeros, 64, 4200, small_m=small_m)
+        assert_matmul_close(y, x, qweight, scales, zeros, 64)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
+def test_matmul_half_inputs(dtype, rel):
+    qweight, scales, zeros = quant4.quantize(_rand_weight(64, 288), 32)
+    x = torch.randn(5, 288).to(dtype)
+    y = quant4.matmul(x, qweight, scales, zeros, 32, 288)
+    assert y.dtype == dtype
+    # fp32 accumulation, one rounding of the result to x's dtype
+    assert_matmul_close(y, x, qweight, scales, zeros, 32, rel=rel)
+
+
+def _torch_int4_op(x, qweight, scales, zeros, g):
+    q = reference.unpack(qweight).to(torch.int32).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(x.dtype).contiguous()  # [K/g, N, 2]
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, g, sz)
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("M", [1, 4, 17])
+def test_matches_torch_int4_op(g, M):
+    """PyTorch's CPU int4 op, fed the same codes/scales/zeros, is an independent oracle (N % 16 == 0, K % g == 0)."""
+    N, K = 96, 1024
+    qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+    x = torch.randn(M, K)
+    y = quant4.matmul(x, qweight, scales, zeros, g, K)
+    y_ref = _torch_int4_op(x, qweight, scales, zeros, g)
+    mag = x.abs() @ reference.dequantize(qweight, scales, zeros, g, K).abs().t()
+    assert ((y - y_ref).abs() <= 1e-5 * mag + 1e-6).all()
+    # bf16: torch rounds scales, zeros and each dequantized weight to bf16; bound 2**-7 of the magnitude
+    xb = x.bfloat16()
+    yb = quant4.matmul(xb, qweight, scales, zeros, g, K).float()
+    yb_ref = _torch_int4_op(xb, qweight, scales, zeros, g).float()
+    assert ((yb - yb_ref).abs() <= 2**-7 * mag + 1e-3).all()
+
+
+def test_threads_bitwise_identical():
+    qweight, scales, zeros = quant4.quantize(_rand_weight(300, 1376), 32)
+    for M in (1, 3, 40):
+        x = torch.randn(M, 1376)
+        ys = [quant4.matmul(x, qweight, scales, zeros, 32, 1376, num_threads=t) for t in (1, 2, 3)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+    w = _rand_weight(300, 1376)
+    packs = [quant4.quantize(w, 32, num_threads=t) for t in (1, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(*packs))
+
+
+def _available_builds():
+    names = []
+    for isa, mod in (("generic", "quant4._kernels"), ("avx2", "quant4._kernels_avx2"),
+                     ("avx512", "quant4._kernels_avx512")):
+        level = {"generic": 0, "avx2": 1, "avx512": 2}[isa]
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if m.cpu_level() >= level:
+            names.append(m)
+    return names
+
+
+@pytest.mark.parametrize("build", _available_builds(), ids=lambda m: m.build_isa())
+def test_every_isa_build_matches_reference(build):
+    N, K, g = 45, 288, 32
+    qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+    for M in (1, 3, 20):
+        x = torch.randn(M, K)
+        out = torch.empty(M, N)
+        build.matmul(x.numpy(), qweight.numpy(), scales.view(torch.int16).numpy().view("uint16"),
+                     zeros.view(torch.int16).numpy().view("uint16"), g, None, out.numpy(), 16, 2)
+        assert_matmul_close(out, x, qweight, scales, zeros, g)
+
+
+@given(M=st.integers(1, 40), N=st.integers(1, 70), K=st.integers(1, 600), g=st.sampled_from(GROUP_SIZES),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(M, N, K, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen)
+    x = torch.randn(M, K, generator=gen)
+    qweight, scales, zeros = quant4.quantize(w, g)
+    q_ref, _, _ = reference.quantize(w, g)
+    assert torch.equal(quant4.unpack(qweight), q_ref)
+    assert_matmul_close(quant4.matmul(x, qweight, scales, zeros, g, K), x, qweight, scales, zeros, g)
+
+
+@pytest.mark.skipif(os.environ.get("QUANT4_SKIP_OPENMP_TEST") == "1", reason="QUANT4_SKIP_OPENMP_TEST=1")
+def test_openmp_enabled():
+    assert quant4.openmp_enabled(), "quant4 was built without OpenMP: kernels run on one thread"
+
+
+def test_kernel_isa_is_best_available():
+    level = importlib.import_module("quant4._kernels").cpu_level()
+    expected = {0: "generic", 1: "avx2", 2: "avx512"}[level]
+    if os.environ.get("QUANT4_ISA"):
+        expected = os.environ["QUANT4_ISA"]
+    assert quant4.kernel_isa() == expected
