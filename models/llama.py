@@ -74,8 +74,8 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float):
     """cos, sin: [max_seq_len, head_dim/2] for adjacent-pair rotation."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), freqs)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -173,9 +173,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self):
+        """(Re)compute the RoPE tables on the CPU, e.g. after building the model on the meta device."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin
 
     def init_weights(self, seed: int = 0):
         """llama2.c's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""

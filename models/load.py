@@ -1,0 +1,210 @@
+"""Load any supported checkpoint into a Transformer (float or int4) without a second float copy.
+
+Kinds, detected from the path:
+  directory with config.json      Hugging Face Llama (safetensors)
+  *.bin                           llama2.c (legacy, v1 fp32, v2 int8)
+  *.pt / *.pth                    PyTorch state dict in Meta / llama2.c names (torch.load(weights_only=True,
+                                  mmap=True)); model args embedded ("model_args"/"params"/"config") or in a
+                                  params.json beside the file
+  *.safetensors                   quant4 quantized file (quant4.serialization) or quant4 float file
+                                  (metadata "format": "quant4-float", as shipped for the embedded model)
+The model is built on the meta device and the checkpoint's tensors are assigned into it (assign=True), so
+peak memory stays near the checkpoint's size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from models.llama import ModelArgs, Transformer
+from models.llama2c import CheckpointError, read_llama2c
+from models.tokenizer import Tokenizer
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "tiny"
+EMBEDDED_MODEL = EMBEDDED_DIR / "model.safetensors"
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    args: ModelArgs
+    kind: str
+    path: Path
+    tokenizer_path: Optional[Path] = None
+    quantized: dict = field(default_factory=dict)   # layer name -> {in_features, out_features, group_size}
+
+
+# ------------------------------------------------------------------------------------------------
+# readers that produce (ModelArgs, float state_dict)
+
+def _strip_prefixes(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^(_orig_mod\.|module\.)+", "", k)
+        out[k] = v
+    return out
+
+
+def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
+    try:
+        emb = sd["tok_embeddings.weight"]
+        n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+        hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+        n_heads = int(params.get("n_heads") or 0)
+        if n_heads <= 0:
+            raise CheckpointError(f"{path}: n_heads unknown (no params.json or embedded model args)")
+        head_dim = emb.shape[1] // n_heads
+        n_kv = params.get("n_kv_heads") or sd["layers.0.attention.wk.weight"].shape[0] // head_dim
+        return ModelArgs(dim=emb.shape[1], n_layers=n_layers, n_heads=n_heads, n_kv_heads=int(n_kv),
+                         vocab_size=emb.shape[0], hidden_dim=hidden, norm_eps=float(params.get("norm_eps", 1e-5)),
+                         rope_theta=float(params.get("rope_theta", 10000.0)),
+                         max_seq_len=int(params.get("max_seq_len", 2048)),
+                         tie_embeddings="output.weight" not in sd)
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a Llama state dict in Meta names ({exc})") from None
+
+
+def read_torch_checkpoint(path) -> tuple[ModelArgs, dict]:
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types; report them uniformly
+        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    params = {}
+    if isinstance(obj.get("model"), dict):
+        params = obj.get("model_args") or obj.get("params") or obj.get("config") or {}
+        obj = obj["model"]
+    sidecar = path.parent / "params.json"
+    if not params and sidecar.exists():
+        params = json.loads(sidecar.read_text())
+    sd = {k: v for k, v in _strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}
+    sd.pop("freqs_cis", None), sd.pop("freqs_cos", None), sd.pop("freqs_sin", None)
+    return _infer_args(sd, params if isinstance(params, dict) else {}, path), sd
+
+
+def read_float_safetensors(path) -> tuple[ModelArgs, dict]:
+    from safetensors.torch import load_file
+
+    from quant4.serialization import read_header
+
+    meta = read_header(path)
+    if meta.get("format") != "quant4-float":
+        raise CheckpointError(f"{path}: safetensors file is neither a quant4 quantized nor a quant4 float model")
+    try:
+        args = ModelArgs.from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: bad model config in metadata ({exc})") from None
+    return args, load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+
+def build_model(args: ModelArgs, sd: dict, path, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Transformer on the meta device, then the checkpoint's tensors assigned into it."""
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    with torch.device("meta"):
+        model = Transformer(args)
+    if args.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+        sd["output.weight"] = sd.get("tok_embeddings.weight")
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit the model it describes: {exc}") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.reset_rope()
+    return model.eval()
+
+
+def _detect(path: Path) -> str:
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "hf"
+        raise CheckpointError(f"{path}: directory without config.json")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".bin":
+        return "llama2c"
+    if suffix in (".pt", ".pth"):
+        return "torch"
+    if suffix == ".safetensors":
+        from quant4.serialization import read_header
+
+        return "quant4" if "quant4" in read_header(path) else "float-safetensors"
+    raise CheckpointError(f"{path}: unknown checkpoint kind (expected a directory, .bin, .pt/.pth or .safetensors)")
+
+
+def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None,
+               num_threads: Optional[int] = None) -> Loaded:
+    """Load a checkpoint (default: the embedded model) -> Loaded(model, args, kind, path, tokenizer_path, ...)."""
+    path = Path(path) if path is not None else EMBEDDED_MODEL
+    kind = _detect(path)
+    quantized = {}
+    tok_guess = None
+    if kind == "quant4":
+        from quant4.serialization import FormatError, load_quantized_, read_quantized
+
+        meta, tensors = read_quantized(path)
+        info = meta["model"]
+        if info.get("type") != "llama":
+            raise FormatError(f"{path}: model type {info.get('type')!r} is not 'llama'")
+        try:
+            args = ModelArgs.from_dict(info["config"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FormatError(f"{path}: bad model config ({exc})") from None
+        with torch.device("meta"):
+            model = Transformer(args)
+        load_quantized_(model, meta, tensors, num_threads=num_threads)
+        if args.tie_embeddings and not hasattr(model.output, "qweight"):
+            model.output.weight = model.tok_embeddings.weight
+        model.reset_rope()
+        model.eval()
+        quantized = meta["layers"]
+        if meta.get("tokenizer"):
+            tok_guess = path.parent / meta["tokenizer"]
+    else:
+        if kind == "hf":
+            from models.hf import read_hf
+
+            args, sd = read_hf(path)
+            tok_guess = path / "tokenizer.model"
+        elif kind == "llama2c":
+            args, sd = read_llama2c(path)
+        elif kind == "torch":
+            args, sd = read_torch_checkpoint(path)
+            tok_guess = path.parent / "tokenizer.model"
+        else:
+            args, sd = read_float_safetensors(path)
+            tok_guess = path.parent / "tokenizer.model"
+        model = build_model(args, sd, path, dtype)
+    tok_path = Path(tokenizer) if tokenizer is not None else tok_guess
+    if tok_path is not None and not tok_path.exists():
+        if tokenizer is not None:
+            raise FileNotFoundError(f"tokenizer file not found: {tok_path}")
+        tok_path = None
+    return Loaded(model, args, kind, path, tok_path, quantized)
+
+
+def relative_tokenizer_ref(tokenizer_path, out_file) -> Optional[str]:
+    if tokenizer_path is None:
+        return None
+    return os.path.relpath(Path(tokenizer_path).resolve(), Path(out_file).resolve().parent)
+
+
+def load_tokenizer(loaded: Loaded) -> Tokenizer:
+    if loaded.tokenizer_path is None:
+        raise FileNotFoundError(f"no tokenizer found for {loaded.path}; pass --tokenizer path/to/tokenizer.model")
+    return Tokenizer(loaded.tokenizer_path)

@@ -1,0 +1,33 @@
+"""SentencePiece tokenizer wrapper (tok512.model, the Llama 2 tokenizer, the embedded model's)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except Exception as exc:  # sentencepiece raises OSError/RuntimeError with little context
+            raise ValueError(f"{path}: not a SentencePiece model ({exc})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, prev_id: int, token_id: int) -> str:
+        """Text of one token for streaming: SentencePiece drops the leading space at the start of a text."""
+        text = self.sp.decode([prev_id, token_id]) if prev_id >= 0 else self.sp.decode([token_id])
+        return text[len(self.sp.decode([prev_id])):] if prev_id >= 0 else text

@@ -1,0 +1,206 @@
+"""quant4's quantized-model file: one safetensors file (no pickle) with JSON metadata in its header.
+
+Tensors: the model's state_dict without Int4Linear extra state, so each quantized layer <name> contributes
+<name>.qweight (uint8 [N, Kp/2]), <name>.scales and <name>.zeros (float16 [N, G]) and <name>.bias if any,
+in the stored format of quant4.scheme. Tensors that alias another (tied embeddings) are stored once.
+Header metadata key "quant4" holds JSON:
+    {"format": "quant4", "format_version": 1,
+     "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g}, ...},
+     "tied": {"<name>": "<name it aliases>"},
+     "model": {...},            free-form description of the architecture (e.g. type and config)
+     "tokenizer": "<path relative to the file>" or null}
+Readers refuse other formats and versions, and layers whose tensors disagree with the metadata.
+Writes are atomic: a temporary file in the same directory, fsync, rename.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from quant4 import ops
+from quant4.nn import Int4Linear
+from quant4.scheme import FORMAT_VERSION
+
+FILE_FORMAT = "quant4"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
+
+
+class FormatError(ValueError):
+    """A quant4 file is malformed or of an unknown version; the message names the file and the problem."""
+
+
+def atomic_write(path, write_fn, *, overwrite: bool = False) -> Path:
+    """Call write_fn(tmp_path) and move the result to `path` atomically.
+
+    Refuses to replace an existing file unless overwrite=True. On any failure the temporary file is removed
+    and an existing `path` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (scripts: --force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def quantized_tensors(model: nn.Module):
+    """(tensors, layers, tied) for save_quantized: plain contiguous CPU tensors, aliases recorded once."""
+    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size}
+              for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    tensors, tied, seen = {}, {}, {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key.endswith("_extra_state"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {key} is a {type(t).__name__}, not a tensor")
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous()
+    return tensors, layers, tied
+
+
+def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optional[str] = None,
+                   overwrite: bool = False) -> Path:
+    """Write `model` (with Int4Linear layers) to `path` in quant4's file format."""
+    from safetensors.torch import save_file
+
+    tensors, layers, tied = quantized_tensors(model)
+    meta = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION, "layers": layers, "tied": tied,
+            "model": model_info, "tokenizer": tokenizer}
+    header = {"quant4": json.dumps(meta)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite=overwrite)
+
+
+def read_header(path) -> dict:
+    """The safetensors header metadata of `path` (validated to be quant4-readable safetensors)."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"{path}: too short for a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: safetensors __metadata__ is not an object")
+    return meta
+
+
+def read_quantized(path) -> tuple[dict, dict]:
+    """Read and validate a quant4 file -> (metadata, tensors). Tensors are loaded from a memory map."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    raw = read_header(path).get("quant4")
+    if raw is None:
+        raise FormatError(f"{path}: not a quant4 file (no 'quant4' metadata in the safetensors header)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: quant4 metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
+        raise FormatError(f"{path}: quant4 metadata has format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{path}: unknown quant4 format_version {meta.get('format_version')!r} "
+                          f"(this quant4 reads {FORMAT_VERSION})")
+    for key, typ in (("layers", dict), ("tied", dict), ("model", dict)):
+        if not isinstance(meta.get(key), typ):
+            raise FormatError(f"{path}: quant4 metadata field {key!r} is missing or not a {typ.__name__}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise FormatError(f"{path}: cannot read tensors ({exc})") from None
+    for name, info in meta["layers"].items():
+        if not isinstance(info, dict):
+            raise FormatError(f"{path}: layer {name!r} metadata is not an object")
+        for k in ("qweight", "scales", "zeros"):
+            if f"{name}.{k}" not in tensors:
+                raise FormatError(f"{path}: layer {name!r} has no tensor {name}.{k}")
+        try:
+            N, _, _ = ops.check_packed(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
+                                       tensors[f"{name}.zeros"], info.get("group_size"),
+                                       _positive_int(info.get("in_features")))
+        except (ValueError, TypeError) as exc:
+            raise FormatError(f"{path}: layer {name!r}: {exc}") from None
+        if N != info.get("out_features"):
+            raise FormatError(f"{path}: layer {name!r}: out_features={info.get('out_features')!r} but qweight has {N} rows")
+    for key, target in meta["tied"].items():
+        if target not in tensors:
+            raise FormatError(f"{path}: tied tensor {key!r} points at missing {target!r}")
+    return meta, tensors
+
+
+def _positive_int(v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"in_features must be a positive int, got {v!r}")
+    return v
+
+
+def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> nn.Module:
+    """Put the file's tensors into `model` (which may live on the meta device), in place.
+
+    Layers listed in meta["layers"] become Int4Linear modules wrapping the stored tensors (no float copy);
+    every other parameter and buffer is assigned from the file. Missing or unexpected tensors raise.
+    """
+    taken = set()
+    for name, info in meta["layers"].items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            raise FormatError(f"quantized layer {name!r} does not exist in the model") from None
+        if not hasattr(parent, attr):
+            raise FormatError(f"quantized layer {name!r} does not exist in the model")
+        keys = [f"{name}.{k}" for k in ("qweight", "scales", "zeros", "bias")]
+        mod = Int4Linear.from_packed(tensors[keys[0]], tensors[keys[1]], tensors[keys[2]],
+                                     in_features=info["in_features"], group_size=info["group_size"],
+                                     bias=tensors.get(keys[3]), num_threads=num_threads)
+        setattr(parent, attr, mod)
+        taken.update(k for k in keys if k in tensors)
+    rest = {k: v for k, v in tensors.items() if k not in taken}
+    for key, target in meta["tied"].items():
+        rest[key] = tensors[target]
+    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")} - taken
+    missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise FormatError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(rest, strict=False, assign=True)
+    return model
