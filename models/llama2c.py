@@ -94,6 +94,7 @@ def read_llama2c(path) -> tuple[ModelArgs, dict]:
         params = struct.unpack_from("<7i", head, 8)
         shared = bool(head[36])
         args = _args_from_header(path, *params)
+        args.tie_embeddings = shared
         if version == 1:
             return args, _read_fp32(path, args, "v1", shared, HEADER_BYTES, size)
         if version == 2:
@@ -104,6 +105,7 @@ def read_llama2c(path) -> tuple[ModelArgs, dict]:
     shared = params[5] > 0
     params[5] = abs(params[5])
     args = _args_from_header(path, *params)
+    args.tie_embeddings = shared
     return args, _read_fp32(path, args, "v0", shared, 28, size)
 
 

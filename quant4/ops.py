@@ -71,11 +71,19 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else torch.get_num_threads()
 
 
-def _threads(num_threads: Optional[int]) -> int:
+# Below this much work per thread (multiply-adds or weights), waking another thread costs more than it saves.
+MIN_WORK_PER_THREAD = 1 << 18
+
+
+def _threads(num_threads: Optional[int], work: Optional[int] = None) -> int:
+    """Thread count for one kernel call: the explicit or default count, capped so each thread gets
+    at least MIN_WORK_PER_THREAD of work (results do not depend on the thread count)."""
     if num_threads is None:
-        return get_num_threads()
-    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        num_threads = get_num_threads()
+    elif not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    if work is not None:
+        num_threads = max(1, min(num_threads, work // MIN_WORK_PER_THREAD))
     return num_threads
 
 
@@ -135,7 +143,7 @@ def quantize(weight: torch.Tensor, group_size: int, *, num_threads: Optional[int
     N, K = weight.shape
     if N == 0 or K == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
-    nt = _threads(num_threads)
+    nt = _threads(num_threads, N * K)
     w = weight.detach().float().contiguous()
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
@@ -166,7 +174,7 @@ def dequantize(qweight, scales, zeros, group_size: int, in_features: int, *,
     N, _, _ = check_packed(qweight, scales, zeros, group_size, in_features)
     out = torch.empty(N, in_features)
     _k.dequantize(_as_np(qweight), _as_np(scales.float()), _as_np(zeros.float()), group_size, out.numpy(),
-                  _threads(num_threads))
+                  _threads(num_threads, N * in_features))
     return out
 
 
@@ -189,5 +197,6 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
     out = torch.empty(M, N)
     if M and N:
         _k.matmul(xf.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size,
-                  None if bias is None else _as_np(bias.detach().float()), out.numpy(), small_m, _threads(num_threads))
+                  None if bias is None else _as_np(bias.detach().float()), out.numpy(), small_m,
+                  _threads(num_threads, M * N * Kp))
     return out if x.dtype == torch.float32 else out.to(x.dtype)

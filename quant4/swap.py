@@ -19,6 +19,20 @@ def is_projection(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and fqn.rsplit(".", 1)[-1] in PROJECTION_NAMES
 
 
+def projection_filter(include=(), exclude=()) -> Callable[[nn.Module, str], bool]:
+    """A filter_fn selecting the projections plus the nn.Linear layers named in `include` (attribute names
+    such as "output"), minus those named in `exclude`."""
+    include, exclude = set(include), set(exclude)
+
+    def select(module: nn.Module, fqn: str) -> bool:
+        attr = fqn.rsplit(".", 1)[-1]
+        if attr in exclude or fqn in exclude:
+            return False
+        return is_projection(module, fqn) or (isinstance(module, nn.Linear) and (attr in include or fqn in include))
+
+    return select
+
+
 @dataclass(frozen=True)
 class SwapRecord:
     name: str

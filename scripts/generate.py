@@ -1,0 +1,100 @@
+"""Generate text from a float or int4 checkpoint, streaming it, with prefill/decode tokens/s and peak memory.
+
+    python scripts/generate.py                         # the embedded TinyStories model, quantized to int4
+    python scripts/generate.py --checkpoint ../shared/models/stories260K/stories260K.bin \
+        --tokenizer ../shared/models/stories260K/tok512.model --quantize
+    python scripts/generate.py --compare               # float and int4 side by side
+
+Checkpoints: anything models.load reads (quant4 int4 files, llama2.c .bin, .pt/.pth, Hugging Face
+directories, quant4 float files). --quantize converts a float model to int4 in memory first; it is the
+default for the embedded model (use --no-quantize for float).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from _common import add_layer_args, add_thread_arg, apply_threads, peak_rss_mb
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint (default: the embedded model)")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: next to the checkpoint)")
+    ap.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None,
+                    help="quantize a float checkpoint to int4 before generating (default: on for the embedded model)")
+    ap.add_argument("--compare", action="store_true", help="run float and int4 one after the other")
+    ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    add_layer_args(ap)
+    add_thread_arg(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max-new-tokens must be >= 1")
+
+    from models.generate import generate
+    from models.load import load_model, load_tokenizer
+    from quant4 import kernel_isa, projection_filter, quantize_model_
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    tok = load_tokenizer(loaded)
+    if tok.vocab_size != loaded.args.vocab_size:
+        raise SystemExit(f"tokenizer {loaded.tokenizer_path} has {tok.vocab_size} pieces, "
+                         f"the model {loaded.args.vocab_size}")
+    quantize = args.quantize if args.quantize is not None else args.checkpoint is None
+    print(f"loaded {loaded.path} ({loaded.kind}, {sum(p.numel() for p in loaded.model.parameters()):,} float "
+          f"params) in {time.perf_counter() - t0:.2f} s; kernels: {kernel_isa()}", file=sys.stderr)
+
+    runs = []
+    if args.compare:
+        if loaded.kind == "quant4":
+            raise SystemExit("--compare needs a float checkpoint")
+        runs = [("float", False), (f"int4 g{args.group_size}", True)]
+    else:
+        label = f"int4 g{loaded.quantized and next(iter(loaded.quantized.values()))['group_size']}" \
+            if loaded.kind == "quant4" else (f"int4 g{args.group_size}" if quantize else "float")
+        runs = [(label, quantize and loaded.kind != "quant4")]
+    prompt_ids = tok.encode(args.prompt)
+    texts = []
+    for label, do_quantize in runs:
+        model = loaded.model
+        if do_quantize:
+            t1 = time.perf_counter()
+            quantize_model_(model, args.group_size, projection_filter(args.include, args.exclude))
+            n = sum(r.swapped for r in model.quant4_report)
+            print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
+        print(f"--- {label} ---")
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        new_ids = []
+        shown = [0]
+
+        def on_token(t):
+            new_ids.append(t)
+            text = tok.decode(prompt_ids[1:] + new_ids)[len(args.prompt):]
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+
+        ids, st = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           stop_ids=(tok.bos_id, tok.eos_id), on_token=on_token)
+        print()
+        print(f"[{label}] prefill {st.prompt_tokens} tokens at {st.prefill_tok_s:.1f} tok/s, "
+              f"decode {st.new_tokens} tokens at {st.decode_tok_s:.1f} tok/s, peak RSS {peak_rss_mb():.0f} MB")
+        texts.append(ids)
+    if args.compare and len(texts) == 2:
+        a, b = texts
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"float and int4 agree on the first {same} of {min(len(a), len(b))} generated tokens")
+
+
+if __name__ == "__main__":
+    main()
