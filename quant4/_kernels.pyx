@@ -49,34 +49,67 @@ def build_isa():
 # ----------------------------------------------------------------------------------------------------
 # quantize + pack
 
-cdef void _minmax_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G,
-                      float* mins, float* maxs) noexcept nogil:
-    cdef Py_ssize_t gi, k, k0, k1
-    cdef float lo, hi
+cdef enum:
+    LANES = 16      # explicit lanes for the min/max scan (vectorizes without reassociating floats)
+
+
+cdef int _minmax_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G,
+                     float* mins, float* maxs) noexcept nogil:
+    # Per group min / max over the real elements; returns 1 if the row holds a NaN or an infinity
+    # (w - w is NaN exactly for those), without a separate pass over the weights.
+    cdef float lo[LANES]
+    cdef float hi[LANES]
+    cdef float bad[LANES]
+    cdef Py_ssize_t gi, k, k0, k1, j, kv
+    cdef float a, b
+    for j in range(LANES):
+        bad[j] = 0.0
     for gi in range(G):
         k0 = gi * group_size
         k1 = min(k0 + group_size, K)
-        lo = w[k0]
-        hi = w[k0]
-        for k in range(k0 + 1, k1):
-            lo = fminf(lo, w[k])
-            hi = fmaxf(hi, w[k])
-        mins[gi] = lo
-        maxs[gi] = hi
+        kv = k0 + ((k1 - k0) // LANES) * LANES
+        a = w[k0]
+        b = w[k0]
+        if kv > k0:
+            for j in range(LANES):
+                lo[j] = w[k0 + j]
+                hi[j] = w[k0 + j]
+            k = k0 + LANES
+            while k < kv:
+                for j in range(LANES):
+                    lo[j] = fminf(lo[j], w[k + j])
+                    hi[j] = fmaxf(hi[j], w[k + j])
+                    bad[j] = bad[j] + (w[k + j] - w[k + j])
+                k += LANES
+            for j in range(LANES):
+                a = fminf(a, lo[j])
+                b = fmaxf(b, hi[j])
+                bad[j] = bad[j] + (w[k0 + j] - w[k0 + j])
+        for k in range(kv, k1):
+            a = fminf(a, w[k])
+            b = fmaxf(b, w[k])
+            bad[0] = bad[0] + (w[k] - w[k])
+        mins[gi] = a
+        maxs[gi] = b
+    for j in range(LANES):
+        if bad[j] != 0.0:   # NaN != 0 is true
+            return 1
+    return 0
 
 
 def group_minmax(const float[:, ::1] w,          # IN  [N, K]
                  Py_ssize_t group_size,
                  float[:, ::1] mins,             # OUT [N, G]
                  float[:, ::1] maxs,             # OUT [N, G]
+                 uint8_t[::1] nonfinite,         # OUT [N] 1 where the row holds NaN/Inf
                  int num_threads):
-    """Per (row, group) min and max over the real (unpadded) elements of w."""
+    """Per (row, group) min and max over the real (unpadded) elements of w, and a non-finite flag per row."""
     cdef Py_ssize_t N = w.shape[0], K = w.shape[1], G = mins.shape[1], n
     if N == 0:
         return
     with nogil:
         for n in prange(N, num_threads=num_threads, schedule="static"):
-            _minmax_row(&w[n, 0], K, group_size, G, &mins[n, 0], &maxs[n, 0])
+            nonfinite[n] = _minmax_row(&w[n, 0], K, group_size, G, &mins[n, 0], &maxs[n, 0])
 
 
 cdef void _quantize_row(const float* w, Py_ssize_t K, Py_ssize_t Kp, Py_ssize_t group_size,

@@ -145,15 +145,17 @@ def quantize(weight: torch.Tensor, group_size: int, *, num_threads: Optional[int
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
     nt = _threads(num_threads, N * K)
     w = weight.detach().float().contiguous()
-    if not torch.isfinite(w).all():
-        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
-        raise ValueError(f"weight has a non-finite value ({float(w[bad[0], bad[1]])}) at {tuple(bad)}; "
-                         f"quant4 refuses NaN/Inf weights")
     Kp = padded_k(K, group_size)
     G = Kp // group_size
     mins = torch.empty(N, G)
     maxs = torch.empty(N, G)
-    _k.group_minmax(_as_np(w), group_size, mins.numpy(), maxs.numpy(), nt)
+    nonfinite = torch.empty(N, dtype=torch.uint8)
+    _k.group_minmax(_as_np(w), group_size, mins.numpy(), maxs.numpy(), nonfinite.numpy(), nt)
+    if nonfinite.any():
+        row = int(nonfinite.nonzero()[0])
+        col = int((~torch.isfinite(w[row])).nonzero()[0])
+        raise ValueError(f"weight has a non-finite value ({float(w[row, col])}) at {(row, col)}; "
+                         f"quant4 refuses NaN/Inf weights")
     scales16, zeros16, m = qparams_from_minmax(mins, maxs)
     qweight = torch.empty(N, Kp // 2, dtype=torch.uint8)
     _k.quantize_pack(_as_np(w), _as_np(m), _as_np(scales16.float()), group_size, qweight.numpy(), nt)
