@@ -43,6 +43,20 @@ ISA_FLAGS = {
     "_kernels_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                         "-mf16c", "-mprefer-vector-width=512"],
 }
+# Added when the compiler accepts them; the code using them checks the CPU at run time.
+OPTIONAL_FLAGS = {"_kernels_avx512": ["-mavx512bf16"]}
+
+
+def compiler_accepts(compiler, flag):
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "flag.c")
+        with open(src, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        try:
+            compiler.compile([src], output_dir=tmp, extra_postargs=[flag])
+            return True
+        except Exception:
+            return False
 
 
 def openmp_flag(compiler):
@@ -86,7 +100,9 @@ class BuildExt(build_ext):
                 opt = ["-O1", "-g", "-fno-omit-frame-pointer"] if (DEBUG or SANITIZE) else ["-O3"]
                 san = [f"-fsanitize={SANITIZE}"] if SANITIZE else []
                 native = ["-march=native"] if os.environ.get("QUANT4_NATIVE") == "1" else []
-                ext.extra_compile_args = opt + san + native + ext.extra_compile_args + omp
+                extra = [f for f in OPTIONAL_FLAGS.get(ext.name.split(".")[-1], [])
+                         if compiler_accepts(self.compiler, f)]
+                ext.extra_compile_args = opt + san + native + ext.extra_compile_args + extra + omp
                 ext.extra_link_args = san + omp
         super().build_extensions()
 

@@ -240,6 +240,11 @@ cdef extern from "_q4simd.h" nogil:
     void q4_dequant_perm(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
                          Py_ssize_t c1, Py_ssize_t cpg, float* dst) noexcept
     void q4_tile(const float* const* x, const float* const* w, Py_ssize_t kc, float* out) noexcept
+    int q4_bf16_available() noexcept
+    void q4_permute_x_bf16(const uint16_t* x, Py_ssize_t Kp, uint16_t* xp) noexcept
+    void q4_dequant_perm_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
+                              Py_ssize_t c1, Py_ssize_t cpg, uint16_t* dst) noexcept
+    void q4_tile_bf16(const uint16_t* const* x, const uint16_t* const* w, Py_ssize_t kc, float* out) noexcept
     enum:
         Q4_TM   # activation rows per prefill register tile (4 on AVX-512, else 2)
         Q4_TN   # weight rows per prefill register tile (4)
@@ -266,31 +271,41 @@ cdef void _decode_row(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, 
             m0 += 4
 
 
-cdef void _prefill_block(const float* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw,
+cdef void _prefill_block(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw,
                          const uint16_t* sc, const uint16_t* zr, Py_ssize_t G, Py_ssize_t cpg,
                          Py_ssize_t rows, Py_ssize_t kc_max, const float* bias, float* out, Py_ssize_t ldo,
-                         float* wbuf) noexcept nogil:
-    # One block of `rows` <= NB weight rows; out points at column 0 of the block. wbuf: NB * kc_max floats.
+                         void* wbuf, bint bf16) noexcept nogil:
+    # One block of `rows` <= NB weight rows; out points at column 0 of the block. xp / wbuf hold fp32, or
+    # bf16 bits when bf16 is set; wbuf: NB * kc_max elements.
     # Tiles that run past M or `rows` repeat the last row's pointer; their extra results are dropped.
     cdef float t[Q4_TM * Q4_TN]
-    cdef const float* xr[Q4_TM]
-    cdef const float* wr[Q4_TN]
-    cdef Py_ssize_t k0, kc, r, m0, j0, i, j
+    cdef const void* xr[Q4_TM]
+    cdef const void* wr[Q4_TN]
+    cdef Py_ssize_t k0, kc, r, m0, j0, i, j, esize = 2 if bf16 else 4
+    cdef const char* xb = <const char*>xp
+    cdef char* wb = <char*>wbuf
     k0 = 0
     while k0 < Kp:
         kc = min(kc_max, Kp - k0)
         for r in range(rows):
-            q4_dequant_perm(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32, cpg,
-                            wbuf + r * kc_max)
+            if bf16:
+                q4_dequant_perm_bf16(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32,
+                                     cpg, <uint16_t*>(wb + r * kc_max * esize))
+            else:
+                q4_dequant_perm(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32, cpg,
+                                <float*>(wb + r * kc_max * esize))
         m0 = 0
         while m0 < M:
             for i in range(Q4_TM):
-                xr[i] = xp + min(m0 + i, M - 1) * Kp + k0
+                xr[i] = xb + (min(m0 + i, M - 1) * Kp + k0) * esize
             j0 = 0
             while j0 < rows:
                 for j in range(Q4_TN):
-                    wr[j] = wbuf + min(j0 + j, rows - 1) * kc_max
-                q4_tile(xr, wr, kc, t)
+                    wr[j] = wb + min(j0 + j, rows - 1) * kc_max * esize
+                if bf16:
+                    q4_tile_bf16(<const uint16_t* const*>xr, <const uint16_t* const*>wr, kc, t)
+                else:
+                    q4_tile(<const float* const*>xr, <const float* const*>wr, kc, t)
                 for i in range(min(<Py_ssize_t>Q4_TM, M - m0)):
                     for j in range(min(<Py_ssize_t>Q4_TN, rows - j0)):
                         if k0 == 0:
@@ -300,6 +315,30 @@ cdef void _prefill_block(const float* xp, Py_ssize_t M, Py_ssize_t Kp, const uin
                 j0 += Q4_TN
             m0 += Q4_TM
         k0 += kc
+
+
+cdef int _prefill(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw, const uint16_t* sc,
+                  const uint16_t* zr, Py_ssize_t N, Py_ssize_t G, Py_ssize_t cpg, const float* bias, float* out,
+                  Py_ssize_t ldo, bint bf16, int num_threads) noexcept nogil:
+    # Parallel over blocks of NB weight rows, per-thread weight scratch. Returns -1 if scratch allocation failed.
+    cdef Py_ssize_t kc_max = min(Kp, <Py_ssize_t>KCMAX), nblk = (N + NB - 1) // NB, blk
+    cdef size_t esize = 2 if bf16 else 4
+    cdef void* wbuf
+    cdef int failed = 0
+    cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
+    with parallel(num_threads=num_threads):
+        wbuf = malloc(NB * kc_max * esize)
+        try:
+            if wbuf == NULL:
+                failed_p[0] = 1
+            else:
+                for blk in prange(nblk, schedule="static"):
+                    _prefill_block(xp, M, Kp, qw + blk * NB * (Kp // 2), sc + blk * NB * G, zr + blk * NB * G,
+                                   G, cpg, min(<Py_ssize_t>NB, N - blk * NB), kc_max,
+                                   (bias + blk * NB) if bias != NULL else NULL, out + blk * NB, ldo, wbuf, bf16)
+        finally:
+            free(wbuf)
+    return -1 if failed else 0
 
 
 def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
@@ -312,12 +351,10 @@ def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
            Py_ssize_t small_m,
            int num_threads):
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1]
-    cdef Py_ssize_t cpg = group_size // 32, ldo = out.shape[1], n, m, blk, nblk, kc_max
+    cdef Py_ssize_t cpg = group_size // 32, ldo = out.shape[1], n, m
     cdef const float* bptr = NULL
     cdef float* xp
-    cdef float* wbuf
     cdef int failed = 0
-    cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
     if M == 0 or N == 0:
         return
     if bias is not None:
@@ -334,22 +371,48 @@ def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
                     _decode_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xp, M, Kp, G, cpg, bptr, n,
                                 &out[0, 0], ldo)
             else:
-                kc_max = min(Kp, <Py_ssize_t>KCMAX)
-                nblk = (N + NB - 1) // NB
-                with parallel(num_threads=num_threads):
-                    wbuf = <float*>malloc(NB * kc_max * sizeof(float))
-                    try:
-                        if wbuf == NULL:
-                            failed_p[0] = 1
-                        else:
-                            for blk in prange(nblk, schedule="static"):
-                                _prefill_block(xp, M, Kp, &qweight[blk * NB, 0], &scales[blk * NB, 0],
-                                               &zeros[blk * NB, 0], G, cpg, min(<Py_ssize_t>NB, N - blk * NB),
-                                               kc_max, (bptr + blk * NB) if bptr != NULL else NULL,
-                                               &out[0, blk * NB], ldo, wbuf)
-                    finally:
-                        free(wbuf)
+                failed = _prefill(xp, M, Kp, &qweight[0, 0], &scales[0, 0], &zeros[0, 0], N, G, cpg, bptr,
+                                  &out[0, 0], ldo, False, num_threads)
     finally:
         free(xp)
     if failed:
-        raise MemoryError(f"cannot allocate {NB * kc_max * 4} bytes of per-thread weight scratch")
+        raise MemoryError(f"cannot allocate {NB * KCMAX * 4} bytes of per-thread weight scratch")
+
+
+def bf16_available():
+    """True if this build has the AVX512-BF16 prefill kernel and the CPU runs it."""
+    return bool(q4_bf16_available())
+
+
+def matmul_bf16(const uint16_t[:, ::1] x,       # IN  [M, Kp] bfloat16 bits (zero beyond K)
+                const uint8_t[:, ::1] qweight,  # IN  [N, Kp/2]
+                const uint16_t[:, ::1] scales,  # IN  [N, G] float16 bits
+                const uint16_t[:, ::1] zeros,   # IN  [N, G] float16 bits
+                Py_ssize_t group_size,
+                const float[::1] bias,          # IN  [N] or None
+                float[:, ::1] out,              # OUT [M, N]
+                int num_threads):
+    """Prefill with bf16 activations and bf16-rounded weights, fp32 accumulation (needs bf16_available())."""
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1], m
+    cdef const float* bptr = NULL
+    cdef uint16_t* xp
+    cdef int failed = 0
+    if M == 0 or N == 0:
+        return
+    if not q4_bf16_available():
+        raise RuntimeError("the bf16 kernel is not available in this build / on this CPU")
+    if bias is not None:
+        bptr = &bias[0]
+    xp = <uint16_t*>malloc(M * Kp * sizeof(uint16_t))
+    if xp == NULL:
+        raise MemoryError(f"cannot allocate {M * Kp * 2} bytes of activation scratch")
+    try:
+        with nogil:
+            for m in prange(M, num_threads=num_threads, schedule="static"):
+                q4_permute_x_bf16(&x[m, 0], Kp, xp + m * Kp)
+            failed = _prefill(xp, M, Kp, &qweight[0, 0], &scales[0, 0], &zeros[0, 0], N, G, group_size // 32,
+                              bptr, &out[0, 0], out.shape[1], True, num_threads)
+    finally:
+        free(xp)
+    if failed:
+        raise MemoryError(f"cannot allocate {NB * KCMAX * 2} bytes of per-thread weight scratch")

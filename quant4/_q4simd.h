@@ -169,4 +169,66 @@ static inline void q4_tile(const float *const *x, const float *const *w, ptrdiff
     for (int i = 0; i < Q4_TM; i++)
         for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum(c[i][j]);
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * bf16 prefill (AVX512-BF16 builds only): for bfloat16 activations with M > small_m, weights are
+ * dequantized to bfloat16 (round to nearest even) and multiplied with vdpbf16ps, which does 32
+ * multiply-adds per instruction into fp32 accumulators: twice the fp32 FMA rate. Precision is that of
+ * bf16 inputs (PyTorch's int4 op also dequantizes to bf16 for bf16 activations). Same permuted k order:
+ * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
+ * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
+#if defined(__AVX512BF16__)
+#define Q4_HAVE_BF16 1
+static inline int q4_bf16_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+}
+static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
+    for (ptrdiff_t c = 0; c < Kp; c += 32)
+        for (int j = 0; j < 16; j++) {
+            xp[c + j] = x[c + 2 * j];
+            xp[c + 16 + j] = x[c + 2 * j + 1];
+        }
+}
+static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
+                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const ptrdiff_t gi = c / cpg;
+        const float s = q4_half_to_float(sc[gi]);
+        const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
+        q4_vf lo[Q4_NV], hi[Q4_NV];
+        q4_unpack16(w + 16 * c, s, zm, lo, hi);
+        __m512bh packed = _mm512_cvtne2ps_pbh((__m512)hi[0], (__m512)lo[0]);   /* [lo 0..15 | hi 0..15] */
+        memcpy(dst + 32 * (c - c0), &packed, 64);
+    }
+}
+static inline void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+    __m512 c[Q4_TM][Q4_TN];
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < kc; k += 32) {
+        __m512bh b[Q4_TN];
+        for (int j = 0; j < Q4_TN; j++) b[j] = (__m512bh)_mm512_loadu_si512((const void *)(w[j] + k));
+        for (int i = 0; i < Q4_TM; i++) {
+            const __m512bh a = (__m512bh)_mm512_loadu_si512((const void *)(x[i] + k));
+            for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
+        }
+    }
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum((q4_vf)c[i][j]);
+}
+#else
+#define Q4_HAVE_BF16 0
+static inline int q4_bf16_available(void) { return 0; }
+static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
+    (void)x; (void)Kp; (void)xp;
+}
+static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
+                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
+    (void)w; (void)sc; (void)zr; (void)c0; (void)c1; (void)cpg; (void)dst;
+}
+static inline void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+    (void)x; (void)w; (void)kc; (void)out;
+}
 #endif
+#endif /* QUANT4_Q4SIMD_H */

@@ -47,6 +47,14 @@ def _load_kernels():
 
 
 _k = _load_kernels()
+# bf16 activations in prefill use the AVX512-BF16 kernel when this build and CPU have it
+# (QUANT4_DISABLE_BF16=1 turns it off: bf16 inputs then take the fp32 kernel).
+_BF16 = hasattr(_k, "bf16_available") and _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
+
+
+def bf16_kernel_enabled() -> bool:
+    """True if bf16 activations with M > SMALL_M run on the AVX512-BF16 dot-product kernel."""
+    return _BF16
 
 
 def kernel_isa() -> str:
@@ -130,6 +138,7 @@ def _as_np(t: torch.Tensor):
 
 
 def _half_bits(t: torch.Tensor):
+    """float16 / bfloat16 tensor -> numpy uint16 view of its bits."""
     return t.contiguous().view(torch.int16).numpy().view("uint16")
 
 
@@ -192,13 +201,20 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
         if bias.shape[0] != N:
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={N}")
     M = x.shape[0]
-    xf = x.detach().float()
-    if Kp != in_features:
-        xf = F.pad(xf, (0, Kp - in_features))
-    xf = xf.contiguous()
     out = torch.empty(M, N)
-    if M and N:
-        _k.matmul(xf.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size,
-                  None if bias is None else _as_np(bias.detach().float()), out.numpy(), small_m,
-                  _threads(num_threads, M * N * Kp))
+    if M == 0 or N == 0:
+        return out.to(x.dtype)
+    nt = _threads(num_threads, M * N * Kp)
+    b = None if bias is None else _as_np(bias.detach().float())
+    use_bf16 = x.dtype == torch.bfloat16 and M > small_m and _BF16
+    xk = x.detach() if use_bf16 else x.detach().float()
+    if Kp != in_features:
+        xk = F.pad(xk, (0, Kp - in_features))
+    xk = xk.contiguous()
+    if use_bf16:
+        _k.matmul_bf16(_half_bits(xk), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size, b,
+                       out.numpy(), nt)
+    else:
+        _k.matmul(xk.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size, b,
+                  out.numpy(), small_m, nt)
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -92,12 +92,27 @@ def test_decode_and_prefill_paths_agree(small_m):
 
 @pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
 def test_matmul_half_inputs(dtype, rel):
+    # M = 5: decode kernel; 17, 64: prefill (bf16 inputs take the AVX512-BF16 kernel where available, which
+    # also rounds the dequantized weights to bf16: within the same 2**-7 bound)
     qweight, scales, zeros = quant4.quantize(_rand_weight(64, 288), 32)
-    x = torch.randn(5, 288).to(dtype)
-    y = quant4.matmul(x, qweight, scales, zeros, 32, 288)
-    assert y.dtype == dtype
-    # fp32 accumulation, one rounding of the result to x's dtype
-    assert_matmul_close(y, x, qweight, scales, zeros, 32, rel=rel)
+    for M in (5, 17, 64):
+        x = torch.randn(M, 288).to(dtype)
+        y = quant4.matmul(x, qweight, scales, zeros, 32, 288)
+        assert y.dtype == dtype
+        # fp32 accumulation, one rounding of the result to x's dtype
+        assert_matmul_close(y, x, qweight, scales, zeros, 32, rel=rel)
+
+
+@pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
+def test_bf16_kernel_matches_fp32_kernel():
+    qweight, scales, zeros = quant4.quantize(_rand_weight(77, 1376), 32)
+    x = torch.randn(40, 1376).bfloat16()
+    y_bf16 = quant4.matmul(x, qweight, scales, zeros, 32, 1376).float()
+    y_fp32 = quant4.matmul(x.float(), qweight, scales, zeros, 32, 1376)
+    mag = x.float().abs() @ quant4.dequantize(qweight, scales, zeros, 32, 1376).abs().t()
+    assert ((y_bf16 - y_fp32).abs() <= 2**-7 * mag).all()
+    ys = [quant4.matmul(x, qweight, scales, zeros, 32, 1376, num_threads=t) for t in (1, 2)]
+    assert torch.equal(ys[0], ys[1])
 
 
 def _torch_int4_op(x, qweight, scales, zeros, g):
