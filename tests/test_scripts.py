@@ -1,0 +1,64 @@
+"""scripts/quantize.py and scripts/generate.py end to end, in-process."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from models.llama import ModelArgs, Transformer
+from models.llama2c import write_llama2c
+from models.load import EMBEDDED_MODEL, load_model
+from quant4 import Int4Linear, quantize_model_
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _checkpoint(tmp_path):
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, hidden_dim=172,
+                              max_seq_len=64))
+    m.init_weights(3)
+    path = tmp_path / "m.bin"
+    write_llama2c(path, m.args, {k: v.detach() for k, v in m.state_dict().items()}, version=1)
+    return path, m
+
+
+def test_quantize_script(tmp_path, capsys):
+    ckpt, m = _checkpoint(tmp_path)
+    out = tmp_path / "q.safetensors"
+    quantize = _script("quantize")
+    quantize.main(["--checkpoint", str(ckpt), "--out", str(out), "--group-size", "32", "--include", "output"])
+    text = capsys.readouterr().out
+    assert "SQNR" in text and "size:" in text and "layers.1.feed_forward.w2" in text
+    loaded = load_model(out)
+    assert isinstance(loaded.model.output, Int4Linear) and len(loaded.quantized) == 15
+    ref = quantize_model_(m.eval(), 32, filter_fn=lambda mod, n: isinstance(mod, torch.nn.Linear))
+    tokens = torch.tensor([[1, 4, 9, 16, 25]])
+    assert torch.equal(loaded.model(tokens), ref(tokens))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        quantize.main(["--checkpoint", str(ckpt), "--out", str(out)])
+    assert out.read_bytes() == before
+    quantize.main(["--checkpoint", str(ckpt), "--out", str(out), "--force", "--exclude", "w2"])
+    assert len(load_model(out).quantized) == 12
+    assert not list(tmp_path.glob(".q.safetensors.*"))  # no temporary files left behind
+
+
+def test_generate_script_on_embedded_model(capsys):
+    if not EMBEDDED_MODEL.exists():
+        pytest.fail(f"embedded model missing: {EMBEDDED_MODEL}")
+    _script("generate").main(["--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert out.startswith("--- int4 g32 ---\nOnce upon a time")
+    assert "decode 8 tokens at" in out and "tok/s" in out and "peak RSS" in out
+    _script("generate").main(["--max-new-tokens", "8", "--compare", "--temperature", "0.8", "--top-k", "20",
+                              "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "--- float ---" in out and "--- int4 g32 ---" in out and "agree on the first" in out
