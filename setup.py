@@ -44,7 +44,7 @@ ISA_FLAGS = {
                         "-mf16c", "-mprefer-vector-width=512"],
 }
 # Added when the compiler accepts them; the code using them checks the CPU at run time.
-OPTIONAL_FLAGS = {"_kernels_avx512": ["-mavx512bf16"]}
+OPTIONAL_FLAGS = {"_kernels_avx512": ["-mavx512bf16", "-mavx512vnni"]}
 
 
 def compiler_accepts(compiler, flag):

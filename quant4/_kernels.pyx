@@ -13,7 +13,7 @@
 # quant4/ops.py picks the widest one the CPU supports at import time.
 
 from cython.parallel cimport prange, parallel
-from libc.stdint cimport uint8_t, uint16_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport rintf, fminf, fmaxf
@@ -245,6 +245,11 @@ cdef extern from "_q4simd.h" nogil:
     void q4_dequant_perm_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
                               Py_ssize_t c1, Py_ssize_t cpg, uint16_t* dst) noexcept
     void q4_tile_bf16(const uint16_t* const* x, const uint16_t* const* w, Py_ssize_t kc, float* out) noexcept
+    int q4_vnni_available() noexcept
+    void q4_quantize_x_int8(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
+                            float* xs) noexcept
+    float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
+                       const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg) noexcept
     enum:
         Q4_TM   # activation rows per prefill register tile (4 on AVX-512, else 2)
         Q4_TN   # weight rows per prefill register tile (4)
@@ -416,3 +421,52 @@ def matmul_bf16(const uint16_t[:, ::1] x,       # IN  [M, Kp] bfloat16 bits (zer
         free(xp)
     if failed:
         raise MemoryError(f"cannot allocate {NB * KCMAX * 2} bytes of per-thread weight scratch")
+
+
+def int8_available():
+    """True if this build has the AVX512-VNNI int8-activation decode kernel and the CPU runs it."""
+    return bool(q4_vnni_available())
+
+
+def matmul_int8(const float[:, ::1] x,          # IN  [M, Kp] (zero beyond K)
+                const uint8_t[:, ::1] qweight,  # IN  [N, Kp/2]
+                const uint16_t[:, ::1] scales,  # IN  [N, G] float16 bits
+                const uint16_t[:, ::1] zeros,   # IN  [N, G] float16 bits
+                Py_ssize_t group_size,
+                const float[::1] bias,          # IN  [N] or None
+                float[:, ::1] out,              # OUT [M, N]
+                int num_threads):
+    """Decode with activations dynamically quantized to int8 per 32-k block (needs int8_available())."""
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1]
+    cdef Py_ssize_t cpg = group_size // 32, nb = Kp // 32, n, m
+    cdef float* xp
+    cdef float* d
+    cdef float* xs
+    cdef int8_t* xq
+    cdef const float* bptr = NULL
+    if M == 0 or N == 0:
+        return
+    if not q4_vnni_available():
+        raise RuntimeError("the int8-activation kernel is not available in this build / on this CPU")
+    if bias is not None:
+        bptr = &bias[0]
+    xp = <float*>malloc(M * (Kp + nb + G) * sizeof(float))
+    xq = <int8_t*>malloc(M * Kp)
+    if xp == NULL or xq == NULL:
+        free(xp)
+        free(xq)
+        raise MemoryError(f"cannot allocate {M * (Kp * 5 + (nb + G) * 4)} bytes of activation scratch")
+    d = xp + M * Kp
+    xs = d + M * nb
+    try:
+        with nogil:
+            for m in range(M):
+                q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
+                q4_quantize_x_int8(xp + m * Kp, Kp, cpg, xq + m * Kp, d + m * nb, xs + m * G)
+            for n in prange(N, num_threads=num_threads, schedule="static"):
+                for m in range(M):
+                    out[m, n] = q4_dot1_int8(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xq + m * Kp,
+                                             d + m * nb, xs + m * G, G, cpg) + (bptr[n] if bptr != NULL else 0.0)
+    finally:
+        free(xp)
+        free(xq)

@@ -32,11 +32,13 @@ class Int4Linear(nn.Module):
     float16 [out, Kp/group_size], bias float32 [out] when bias=True; metadata travels as extra state.
     forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input;
     gradients flow to the input (not to the frozen int4 weights).
+    activation="int8" (a runtime choice, not saved) quantizes activations to int8 per 32-input block in
+    decode on AVX512-VNNI CPUs: faster, slightly less exact; see quant4.ops.matmul.
     The kernels read the buffers directly; module.to(dtype) leaves them in their stored dtypes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 32,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, activation: str = "float"):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -48,6 +50,7 @@ class Int4Linear(nn.Module):
             ops._threads(num_threads)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.num_threads = num_threads
+        self.activation = ops.check_activation(activation)
         Kp = padded_k(in_features, group_size)
         G = Kp // group_size
         self.register_buffer("qweight", torch.zeros(out_features, Kp // 2, dtype=torch.uint8))
@@ -57,12 +60,12 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32, *,
-                    num_threads: Optional[int] = None) -> "Int4Linear":
+                    num_threads: Optional[int] = None, activation: str = "float") -> "Int4Linear":
         """Quantize an nn.Linear (round to nearest, see quant4.scheme)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  group_size=group_size, num_threads=num_threads)
+                  group_size=group_size, num_threads=num_threads, activation=activation)
         qweight, scales, zeros = ops.quantize(linear.weight.detach(), group_size, num_threads=num_threads)
         mod.qweight.copy_(qweight)
         mod.scales.copy_(scales)
@@ -76,13 +79,14 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_packed(cls, qweight, scales, zeros, *, in_features: int, group_size: int, bias=None,
-                    num_threads: Optional[int] = None) -> "Int4Linear":
+                    num_threads: Optional[int] = None, activation: str = "float") -> "Int4Linear":
         """Wrap tensors already in quant4's stored format (validated, no copy of qweight)."""
         N, _, _ = ops.check_packed(qweight, scales, zeros, group_size, in_features)
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.in_features, mod.out_features, mod.group_size = in_features, N, group_size
         mod.num_threads = num_threads
+        mod.activation = ops.check_activation(activation)
         mod.register_buffer("qweight", qweight.contiguous())
         mod.register_buffer("scales", scales.contiguous())
         mod.register_buffer("zeros", zeros.contiguous())
@@ -109,7 +113,7 @@ class Int4Linear(nn.Module):
             y = _Int4LinearFn.apply(x2d, self)
         else:
             y = ops.matmul(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
-                           self.bias, num_threads=self.num_threads)
+                           self.bias, num_threads=self.num_threads, activation=self.activation)
         return y.reshape(*lead, self.out_features)
 
     # -- state ---------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         Kp = padded_k(self.in_features, self.group_size)
         pad = f", padded_in={Kp}" if Kp != self.in_features else ""
+        act = ", activation=int8" if self.activation == "int8" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}{pad}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}{pad}{act}, "
                 f"format=v{FORMAT_VERSION}, kernels={ops.kernel_isa()}")

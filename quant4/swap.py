@@ -42,9 +42,11 @@ class SwapRecord:
 
 def quantize_model_(model: nn.Module, group_size: int = 32,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
-                    num_threads: Optional[int] = None, verbose: bool = False) -> nn.Module:
+                    num_threads: Optional[int] = None, activation: str = "float",
+                    verbose: bool = False) -> nn.Module:
     """Replace selected nn.Linear modules of `model` by Int4Linear, in place; return the model.
 
+    activation="int8" opts the new layers into int8-activation decode (see Int4Linear).
     filter_fn(module, fully_qualified_name) -> bool selects modules (default: is_projection). Only
     nn.Linear modules can be swapped; a selected module of another type raises TypeError.
     What was swapped, and every nn.Linear left in float with the reason, is logged to the "quant4" logger
@@ -74,7 +76,7 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
         try:
-            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads)
+            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{fqn}: {exc}") from exc
         setattr(parent, attr, q)

@@ -128,6 +128,24 @@ def bench_quantize(gen, threads):
     return w.numel() / t / 1e6
 
 
+def bench_interleave(gen, threads):
+    """Oversubscription check: torch (its own OpenMP pool) and quant4 (the system libgomp) alternating.
+    A ratio near 1.0 means neither pool's spinning threads slow the other down."""
+    torch.set_num_threads(threads)
+    qw, s, z = random_packed(4096, 4096, 32, gen)
+    w = torch.randn(4096, 4096, generator=gen)
+    x = torch.randn(1, 4096, generator=gen)
+
+    def loop(fn, n=40):
+        return lambda: [fn() for _ in range(n)]
+
+    t_q = median_time(loop(lambda: ops.matmul(x, qw, s, z, 32, 4096, num_threads=threads)), 5)
+    t_t = median_time(loop(lambda: F.linear(x, w)), 5)
+    t_mix = median_time(loop(lambda: (F.linear(x, w), ops.matmul(x, qw, s, z, 32, 4096, num_threads=threads))), 5)
+    return {"threads": threads, "quant4_ms": t_q / 40 * 1e3, "torch_ms": t_t / 40 * 1e3,
+            "interleaved_ms": t_mix / 40 * 1e3, "ratio": t_mix / (t_q + t_t)}
+
+
 class TorchInt4Linear(nn.Module):
     """PyTorch's CPU int4 op as a module (bf16 activations), for the end-to-end comparison only."""
 
@@ -274,6 +292,10 @@ def main(argv=None):
                 res["matmul"] += bench_shape(N, K, g, t, args.m, gen)
     res["quantize_Mw_s"] = bench_quantize(gen, max(args.threads))
     print(f"quantize+pack: {res['quantize_Mw_s']:.0f} M weights/s ({max(args.threads)} threads)")
+    res["interleave"] = [bench_interleave(gen, t) for t in args.threads]
+    for r in res["interleave"]:
+        print(f"interleaved torch F.linear + quant4 matmul, {r['threads']} thread(s): {r['interleaved_ms']:.3f} ms "
+              f"vs {r['torch_ms']:.3f} + {r['quant4_ms']:.3f} ms alone (ratio {r['ratio']:.2f})")
     res["bytes_per_weight"] = {}
     for g in args.group_sizes:
         q = Int4Linear(4096, 4096, group_size=g)

@@ -202,6 +202,9 @@ def test_llama2c_bad_files(tmp_path):
     bad.write_bytes(data[:20])
     with pytest.raises(CheckpointError, match="too short"):
         read_llama2c(bad)
+    bad.write_bytes(b"GGUF" + data[4:])   # wrong magic: read as a legacy header, which is absurd
+    with pytest.raises(CheckpointError, match="out of range"):
+        read_llama2c(bad)
     bad.write_bytes(data[:4] + struct.pack("<i", 9) + data[8:])
     with pytest.raises(CheckpointError, match="unknown llama2.c version 9"):
         read_llama2c(bad)
