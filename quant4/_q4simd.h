@@ -71,13 +71,38 @@ static inline q4_vi q4_widen(const uint8_t *b) {
 #endif
 }
 
+/* A group's dequantization: w = q * s + zm for q in 0..15 (zm = zero - 8 s). On AVX-512 it is a 16-entry
+ * table of floats, looked up with vpermps (which reads only the low 4 bits of each index): per 16 codes that is
+ * one lookup instead of a convert and an FMA. Elsewhere it is the pair (s, zm). */
+#if defined(__AVX512F__)
+typedef __m512 q4_lut;
+static inline q4_lut q4_group_lut(float s, float zm) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(zm));
+}
+/* 16 packed bytes -> dequantized even-k and odd-k weights as Q4_NV (= 1) vectors each */
+static inline void q4_unpack16(const uint8_t *b, q4_lut lut, q4_vf lo[Q4_NV], q4_vf hi[Q4_NV]) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    lo[0] = (q4_vf)_mm512_permutexvar_ps(v, lut);
+    hi[0] = (q4_vf)_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+}
+#else
+typedef struct { float s, zm; } q4_lut;
+static inline q4_lut q4_group_lut(float s, float zm) { q4_lut l = {s, zm}; return l; }
 /* 16 packed bytes -> dequantized even-k and odd-k weights, q * s + zm, as Q4_NV vectors each */
-static inline void q4_unpack16(const uint8_t *b, float s, float zm, q4_vf lo[Q4_NV], q4_vf hi[Q4_NV]) {
+static inline void q4_unpack16(const uint8_t *b, q4_lut lut, q4_vf lo[Q4_NV], q4_vf hi[Q4_NV]) {
     for (int h = 0; h < Q4_NV; h++) {
         const q4_vi q = q4_widen(b + h * Q4_VL);   /* widen first: x86 has no byte shifts */
-        lo[h] = __builtin_convertvector(q & 15, q4_vf) * s + zm;
-        hi[h] = __builtin_convertvector(q >> 4, q4_vf) * s + zm;
+        lo[h] = __builtin_convertvector(q & 15, q4_vf) * lut.s + lut.zm;
+        hi[h] = __builtin_convertvector(q >> 4, q4_vf) * lut.s + lut.zm;
     }
+}
+#endif
+
+/* The table of group gi of a row: scale and zero from their float16 bits. */
+static inline q4_lut q4_row_group(const uint16_t *sc, const uint16_t *zr, ptrdiff_t gi) {
+    const float s = q4_half_to_float(sc[gi]);
+    return q4_group_lut(s, q4_half_to_float(zr[gi]) - 8.0f * s);
 }
 
 /* x [Kp] -> xp [Kp] in the block-permuted k order above (Kp % 32 == 0) */
@@ -89,49 +114,63 @@ static inline void q4_permute_x(const float *x, ptrdiff_t Kp, float *xp) {
         }
 }
 
-/* Decode, one activation row: dot(w_row, x) over G groups of cpg 16-byte chunks.
- * w = q * s + (zero - 8 s) per group; separate even / odd accumulators keep FMA chains short. */
+/* Decode, one activation row: dot(w_row, x) over G groups of cpg 16-byte chunks. Two chunks per step into
+ * four accumulators: the FMA latency chains, not the loads, limited the one-chunk loop. */
 static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *xp,
                             ptrdiff_t G, ptrdiff_t cpg) {
-    q4_vf ae[Q4_NV] = {{0}}, ao[Q4_NV] = {{0}};
-    for (ptrdiff_t gi = 0; gi < G; gi++) {
-        const float s = q4_half_to_float(sc[gi]);
-        const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
-        for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            q4_vf lo[Q4_NV], hi[Q4_NV];
-            q4_unpack16(w + 16 * c, s, zm, lo, hi);
-            for (int h = 0; h < Q4_NV; h++) {
-                ae[h] += q4_load(xp + 32 * c + h * Q4_VL) * lo[h];
-                ao[h] += q4_load(xp + 32 * c + 16 + h * Q4_VL) * hi[h];
-            }
+    q4_vf a0[Q4_NV] = {{0}}, a1[Q4_NV] = {{0}}, a2[Q4_NV] = {{0}}, a3[Q4_NV] = {{0}};
+    const ptrdiff_t nc = G * cpg;
+    ptrdiff_t c = 0;
+    for (; c + 2 <= nc; c += 2) {
+        /* cpg >= 2: chunks c and c+1 (c even) share a group */
+        const q4_lut l0 = q4_row_group(sc, zr, c / cpg);
+        const q4_lut l1 = cpg == 1 ? q4_row_group(sc, zr, c + 1) : l0;
+        q4_vf lo0[Q4_NV], hi0[Q4_NV], lo1[Q4_NV], hi1[Q4_NV];
+        q4_unpack16(w + 16 * c, l0, lo0, hi0);
+        q4_unpack16(w + 16 * c + 16, l1, lo1, hi1);
+        for (int h = 0; h < Q4_NV; h++) {
+            a0[h] += q4_load(xp + 32 * c + h * Q4_VL) * lo0[h];
+            a1[h] += q4_load(xp + 32 * c + 16 + h * Q4_VL) * hi0[h];
+            a2[h] += q4_load(xp + 32 * c + 32 + h * Q4_VL) * lo1[h];
+            a3[h] += q4_load(xp + 32 * c + 48 + h * Q4_VL) * hi1[h];
         }
     }
-    q4_vf t = ae[0] + ao[0];
-    for (int h = 1; h < Q4_NV; h++) t += ae[h] + ao[h];
+    if (c < nc) {
+        const q4_lut l0 = q4_row_group(sc, zr, c / cpg);
+        q4_vf lo0[Q4_NV], hi0[Q4_NV];
+        q4_unpack16(w + 16 * c, l0, lo0, hi0);
+        for (int h = 0; h < Q4_NV; h++) {
+            a0[h] += q4_load(xp + 32 * c + h * Q4_VL) * lo0[h];
+            a1[h] += q4_load(xp + 32 * c + 16 + h * Q4_VL) * hi0[h];
+        }
+    }
+    q4_vf t = (a0[0] + a1[0]) + (a2[0] + a3[0]);
+    for (int h = 1; h < Q4_NV; h++) t += (a0[h] + a1[h]) + (a2[h] + a3[h]);
     return q4_hsum(t);
 }
 
-/* Decode, four activation rows x[0..3] (permuted; pointers may repeat) against one weight row; out[0..3]. */
+/* Decode, four activation rows x[0..3] (permuted; pointers may repeat) against one weight row; out[0..3].
+ * Separate accumulators for even and odd k keep each FMA chain one deep per chunk. */
 static inline void q4_dot4(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *x0,
                            const float *x1, const float *x2, const float *x3, ptrdiff_t G, ptrdiff_t cpg,
                            float *out) {
     const float *xs[4] = {x0, x1, x2, x3};
-    q4_vf a[4][Q4_NV] = {{{0}}};
+    q4_vf ae[4][Q4_NV] = {{{0}}}, ao[4][Q4_NV] = {{{0}}};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
-        const float s = q4_half_to_float(sc[gi]);
-        const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
+        const q4_lut lut = q4_row_group(sc, zr, gi);
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
             q4_vf lo[Q4_NV], hi[Q4_NV];
-            q4_unpack16(w + 16 * c, s, zm, lo, hi);
+            q4_unpack16(w + 16 * c, lut, lo, hi);
             for (int i = 0; i < 4; i++)
-                for (int h = 0; h < Q4_NV; h++)
-                    a[i][h] += q4_load(xs[i] + 32 * c + h * Q4_VL) * lo[h] +
-                               q4_load(xs[i] + 32 * c + 16 + h * Q4_VL) * hi[h];
+                for (int h = 0; h < Q4_NV; h++) {
+                    ae[i][h] += q4_load(xs[i] + 32 * c + h * Q4_VL) * lo[h];
+                    ao[i][h] += q4_load(xs[i] + 32 * c + 16 + h * Q4_VL) * hi[h];
+                }
         }
     }
     for (int i = 0; i < 4; i++) {
-        q4_vf t = a[i][0];
-        for (int h = 1; h < Q4_NV; h++) t += a[i][h];
+        q4_vf t = ae[i][0] + ao[i][0];
+        for (int h = 1; h < Q4_NV; h++) t += ae[i][h] + ao[i][h];
         out[i] = q4_hsum(t);
     }
 }
@@ -140,11 +179,9 @@ static inline void q4_dot4(const uint8_t *w, const uint16_t *sc, const uint16_t 
 static inline void q4_dequant_perm(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
                                    ptrdiff_t c1, ptrdiff_t cpg, float *dst) {
     for (ptrdiff_t c = c0; c < c1; c++) {
-        const ptrdiff_t gi = c / cpg;
-        const float s = q4_half_to_float(sc[gi]);
-        const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
+        const q4_lut lut = q4_row_group(sc, zr, c / cpg);
         q4_vf lo[Q4_NV], hi[Q4_NV];
-        q4_unpack16(w + 16 * c, s, zm, lo, hi);
+        q4_unpack16(w + 16 * c, lut, lo, hi);
         for (int h = 0; h < Q4_NV; h++) {
             q4_store(dst + 32 * (c - c0) + h * Q4_VL, lo[h]);
             q4_store(dst + 32 * (c - c0) + 16 + h * Q4_VL, hi[h]);
@@ -193,11 +230,9 @@ static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *
 static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
                                         ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
     for (ptrdiff_t c = c0; c < c1; c++) {
-        const ptrdiff_t gi = c / cpg;
-        const float s = q4_half_to_float(sc[gi]);
-        const float zm = q4_half_to_float(zr[gi]) - 8.0f * s;
+        const q4_lut lut = q4_row_group(sc, zr, c / cpg);
         q4_vf lo[Q4_NV], hi[Q4_NV];
-        q4_unpack16(w + 16 * c, s, zm, lo, hi);
+        q4_unpack16(w + 16 * c, lut, lo, hi);
         __m512bh packed = _mm512_cvtne2ps_pbh((__m512)hi[0], (__m512)lo[0]);   /* [lo 0..15 | hi 0..15] */
         memcpy(dst + 32 * (c - c0), &packed, 64);
     }
