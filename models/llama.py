@@ -193,9 +193,10 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=torch.float32):
-        """Allocate a KV cache for incremental decoding (forward with start_pos)."""
+    def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None):
+        """Allocate a KV cache for incremental decoding (forward with start_pos); dtype: the embedding's."""
         n = max_seq_len or self.args.max_seq_len
+        dtype = dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype)
 

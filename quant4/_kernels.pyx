@@ -9,6 +9,10 @@
 #   scales, zeros [N, G] (G = Kp / group_size), float16 in storage; w = (q - 8) * scale + zero
 # Kp is K rounded up to whole groups; padded nibbles are 0 and meet zero activations.
 #
+# Parallel loops over weight rows / row blocks use dynamic scheduling in chunks: every output element is
+# computed by one thread in a fixed order, so results do not depend on the schedule, and a thread that the
+# OS preempts (a busy machine, a second OpenMP runtime) does not leave the others waiting at the barrier.
+#
 # The same source is compiled once per ISA (setup.py: _kernels, _kernels_avx2, _kernels_avx512);
 # quant4/ops.py picks the widest one the CPU supports at import time.
 
@@ -108,7 +112,7 @@ def group_minmax(const float[:, ::1] w,          # IN  [N, K]
     if N == 0:
         return
     with nogil:
-        for n in prange(N, num_threads=num_threads, schedule="static"):
+        for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=64):
             nonfinite[n] = _minmax_row(&w[n, 0], K, group_size, G, &mins[n, 0], &maxs[n, 0])
 
 
@@ -156,7 +160,7 @@ def quantize_pack(const float[:, ::1] w,        # IN  [N, K]
             if scratch == NULL:
                 failed_p[0] = 1
             else:
-                for n in prange(N, schedule="static"):
+                for n in prange(N, schedule="dynamic", chunksize=64):
                     _quantize_row(&w[n, 0], K, Kp, group_size, &mins[n, 0], &scales[n, 0],
                                   scratch, &qweight[n, 0])
         finally:
@@ -337,7 +341,7 @@ cdef int _prefill(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw
             if wbuf == NULL:
                 failed_p[0] = 1
             else:
-                for blk in prange(nblk, schedule="static"):
+                for blk in prange(nblk, schedule="dynamic", chunksize=1):
                     _prefill_block(xp, M, Kp, qw + blk * NB * (Kp // 2), sc + blk * NB * G, zr + blk * NB * G,
                                    G, cpg, min(<Py_ssize_t>NB, N - blk * NB), kc_max,
                                    (bias + blk * NB) if bias != NULL else NULL, out + blk * NB, ldo, wbuf, bf16)
@@ -372,7 +376,7 @@ def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
             for m in prange(M, num_threads=num_threads, schedule="static"):
                 q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
             if M <= small_m:
-                for n in prange(N, num_threads=num_threads, schedule="static"):
+                for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=32):
                     _decode_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xp, M, Kp, G, cpg, bptr, n,
                                 &out[0, 0], ldo)
             else:
@@ -463,7 +467,7 @@ def matmul_int8(const float[:, ::1] x,          # IN  [M, Kp] (zero beyond K)
             for m in range(M):
                 q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
                 q4_quantize_x_int8(xp + m * Kp, Kp, cpg, xq + m * Kp, d + m * nb, xs + m * G)
-            for n in prange(N, num_threads=num_threads, schedule="static"):
+            for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=32):
                 for m in range(M):
                     out[m, n] = q4_dot1_int8(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xq + m * Kp,
                                              d + m * nb, xs + m * G, G, cpg) + (bptr[n] if bptr != NULL else 0.0)
