@@ -149,30 +149,44 @@ static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t
     return q4_hsum(t);
 }
 
-/* Decode, four activation rows x[0..3] (permuted; pointers may repeat) against one weight row; out[0..3].
- * Separate accumulators for even and odd k keep each FMA chain one deep per chunk. */
-static inline void q4_dot4(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *x0,
-                           const float *x1, const float *x2, const float *x3, ptrdiff_t G, ptrdiff_t cpg,
-                           float *out) {
-    const float *xs[4] = {x0, x1, x2, x3};
-    q4_vf ae[4][Q4_NV] = {{{0}}}, ao[4][Q4_NV] = {{{0}}};
+/* Decode, up to four activation rows against Q4_DR weight rows at once: out[r * 4 + i] = dot(w_r, x_i).
+ * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
+ * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
+ * Pointers may repeat (rows past the end); their results are ignored by the caller. */
+#if defined(__AVX512F__)
+#define Q4_DR 4
+#else
+#define Q4_DR 2
+#endif
+static inline void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+                           const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
+    q4_vf a[Q4_DR][4][Q4_NV];
+    for (int r = 0; r < Q4_DR; r++)
+        for (int i = 0; i < 4; i++)
+            for (int h = 0; h < Q4_NV; h++) a[r][i][h] = (q4_vf){0};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
-        const q4_lut lut = q4_row_group(sc, zr, gi);
+        q4_lut lut[Q4_DR];
+        for (int r = 0; r < Q4_DR; r++) lut[r] = q4_row_group(sc[r], zr[r], gi);
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
-            q4_vf lo[Q4_NV], hi[Q4_NV];
-            q4_unpack16(w + 16 * c, lut, lo, hi);
+            q4_vf lo[Q4_DR][Q4_NV], hi[Q4_DR][Q4_NV];
+            for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut[r], lo[r], hi[r]);
             for (int i = 0; i < 4; i++)
                 for (int h = 0; h < Q4_NV; h++) {
-                    ae[i][h] += q4_load(xs[i] + 32 * c + h * Q4_VL) * lo[h];
-                    ao[i][h] += q4_load(xs[i] + 32 * c + 16 + h * Q4_VL) * hi[h];
+                    const q4_vf xe = q4_load(x[i] + 32 * c + h * Q4_VL);
+                    const q4_vf xo = q4_load(x[i] + 32 * c + 16 + h * Q4_VL);
+                    for (int r = 0; r < Q4_DR; r++) {   /* two statements: two FMAs, not mul+fma+add */
+                        a[r][i][h] += xe * lo[r][h];
+                        a[r][i][h] += xo * hi[r][h];
+                    }
                 }
         }
     }
-    for (int i = 0; i < 4; i++) {
-        q4_vf t = ae[i][0] + ao[i][0];
-        for (int h = 1; h < Q4_NV; h++) t += ae[i][h] + ao[i][h];
-        out[i] = q4_hsum(t);
-    }
+    for (int r = 0; r < Q4_DR; r++)
+        for (int i = 0; i < 4; i++) {
+            q4_vf t = a[r][i][0];
+            for (int h = 1; h < Q4_NV; h++) t += a[r][i][h];
+            out[r * 4 + i] = q4_hsum(t);
+        }
 }
 
 /* Prefill: dequantize chunks [c0, c1) of one weight row into dst (permuted k order, 32 floats a chunk). */
