@@ -312,16 +312,28 @@ static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t c
         if (b % cpg == 0) xs[b / cpg] = 0.0f;
         xs[b / cpg] += sum;
     }
-}
-/* scale[g] * d[b] for the blocks b in [b0, b0 + n) (n <= 16) -> f[0..n) */
-static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_t b0, ptrdiff_t n, ptrdiff_t cpg,
-                                    float *f) {
-    if (cpg == 1 && n == 16) {
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + b0)));
-        _mm512_storeu_ps(f, _mm512_mul_ps(s, _mm512_loadu_ps(d + b0)));
-        return;
+    /* pairs of blocks (b, b+1) -> [evens b | evens b+1 | odds b | odds b+1], the order in which 32 packed
+     * bytes (two weight blocks) unpack; a lone last block keeps [evens | odds] */
+    for (ptrdiff_t b = 0; b + 2 <= Kp / 32; b += 2) {
+        int8_t t[64];
+        memcpy(t, xq + 32 * b + 16, 16);        /* odds b */
+        memcpy(t + 16, xq + 32 * b + 32, 16);   /* evens b+1 */
+        memcpy(xq + 32 * b + 16, t + 16, 16);
+        memcpy(xq + 32 * b + 32, t, 16);
     }
-    for (ptrdiff_t j = 0; j < n; j++) f[j] = q4_half_to_float(sc[(b0 + j) / cpg]) * d[b0 + j];
+}
+/* scale[g(b)] * d[b] for the blocks b in [b0, b0 + n) (n <= 16, cpg a power of two) -> f[0..16).
+ * Masked loads never read past the row's G scales or the nblocks factors. */
+static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_t b0, ptrdiff_t n, ptrdiff_t cpg,
+                                    ptrdiff_t G, float *f) {
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
+    const ptrdiff_t g0 = b0 >> sh;
+    const ptrdiff_t ng = (G - g0) < 16 ? (G - g0) : 16;
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << ng) - 1u), sc + g0));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 sb = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(b0 & (cpg - 1)))), sh), s);
+    const __m512 dv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0);
+    _mm512_storeu_ps(f, _mm512_mul_ps(sb, dv));
 }
 /* sum_g (zero_g - 8 scale_g) * xs_g over one row's G groups */
 static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
@@ -342,36 +354,55 @@ static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const f
 static inline float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const ptrdiff_t nblocks = G * cpg;
     float f[16];
     for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
         const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16;
-        q4_block_factors(sc, d, b0, n, cpg, f);
+        q4_block_factors(sc, d, b0, n, cpg, G, f);
+        const __m512 fv = _mm512_loadu_ps(f);
         ptrdiff_t j = 0;
-        for (; j + 2 <= n; j += 2) {   /* two blocks per step: independent accumulators */
-            const ptrdiff_t c = b0 + j;
-            const __m128i b0v = _mm_loadu_si128((const __m128i *)(w + 16 * c));
-            const __m128i b1v = _mm_loadu_si128((const __m128i *)(w + 16 * c + 16));
-            const __m256i q0 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b0v, mask)),
-                                                       _mm_and_si128(_mm_srli_epi16(b0v, 4), mask), 1);
-            const __m256i q1 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b1v, mask)),
-                                                       _mm_and_si128(_mm_srli_epi16(b1v, 4), mask), 1);
-            const __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0,
-                                                   _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            const __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q1,
-                                                   _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(f[j]), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(f[j + 1]), acc1);
+        /* two blocks (32 bytes, 64 weights) per step: the low nibbles of both blocks, then the high ones,
+         * each one vpdpbusd against the matching 32 activations; lanes 0-3 belong to the first block */
+        for (; j + 4 <= n; j += 4) {
+            const __m512 fp = _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv);
+            for (int p = 0; p < 2; p++) {
+                const ptrdiff_t c = b0 + j + 2 * p;
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+                const __m256i lo = _mm256_and_si256(v, mask);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                                  _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+                dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+                const __m256 fac = p ? _mm512_extractf32x8_ps(fp, 1) : _mm512_castps512_ps256(fp);
+                if (p)
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc1);
+                else
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
+            }
         }
-        if (j < n) {
+        for (; j + 2 <= n; j += 2) {
+            const ptrdiff_t c = b0 + j;
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+            const __m256i lo = _mm256_and_si256(v, mask);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                              _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+            dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+            const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])),
+                                                    _mm_set1_ps(f[j + 1]), 1);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
+        }
+        if (j < n) {   /* the lone last block: [evens | odds] */
             const ptrdiff_t c = b0 + j;
             const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * c));
-            const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, mask)),
-                                                      _mm_and_si128(_mm_srli_epi16(bv, 4), mask), 1);
+            const __m128i m = _mm_set1_epi8(15);
+            const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
+                                                      _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
             const __m256i dd = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
                                                    _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc1);
         }
     }
     float t[8];

@@ -222,3 +222,28 @@ def test_int8_activation_decode(g):
     assert torch.equal(quant4.matmul(x0, qweight, scales, zeros, g, K, activation="int8"), torch.zeros(1, 90))
     with pytest.raises(ValueError, match="activation"):
         quant4.matmul(x0, qweight, scales, zeros, g, K, activation="fp8")
+
+
+def _int8_activation_reference(x, qweight, scales, zeros, g, K):
+    """The int8-activation scheme in plain torch: x rounded to int8 per 32-input block (scale absmax/127),
+    integer dot with the codes per block, then scale * d per block plus the exact-float zero term."""
+    Kp = qweight.shape[1] * 2
+    xp = torch.nn.functional.pad(x, (0, Kp - K)).view(-1, 32)
+    d = xp.abs().amax(1) / 127
+    xq = torch.round(xp * torch.where(d > 0, 1 / d, torch.zeros_like(d))[:, None])
+    q = reference.unpack(qweight).float()
+    N = q.shape[0]
+    dots = (q.view(N, -1, 32) * xq[None]).sum(-1)
+    y = (scales.float().repeat_interleave(g // 32, 1) * d[None] * dots).sum(1)
+    return y + ((zeros.float() - 8 * scales.float()) * xp.view(-1, g).sum(1)[None]).sum(1)
+
+
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no AVX512-VNNI kernel on this CPU/build")
+@pytest.mark.parametrize("K", [96, 160, 1376, 4128])
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_int8_activation_matches_its_definition(K, g):
+    qweight, scales, zeros = quant4.quantize(_rand_weight(40, K), g)
+    x = torch.randn(1, K)
+    y = quant4.matmul(x, qweight, scales, zeros, g, K, activation="int8")[0]
+    y_ref = _int8_activation_reference(x[0], qweight, scales, zeros, g, K)
+    assert ((y - y_ref).abs() <= 1e-5 * y_ref.abs().max() + 1e-6).all()
