@@ -51,3 +51,24 @@ def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
         count += len(targets)
     return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def perplexity_decode(model, ids: torch.Tensor, window: int = 512) -> float:
+    """Same protocol as perplexity(), but one token per forward through the KV cache (the decode path:
+    M = 1 matmuls), e.g. to measure what a decode-only option such as int8 activations costs."""
+    window = min(window, model.args.max_seq_len)
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = ids[s:s + window]
+        if len(chunk) < 2:
+            break
+        model.setup_cache(1, len(chunk))
+        try:
+            for i in range(len(chunk) - 1):
+                logits = model(chunk[None, i:i + 1], i)[0, -1].float()
+                nll += F.cross_entropy(logits[None], chunk[i + 1:i + 2], reduction="sum").item()
+                count += 1
+        finally:
+            model.clear_cache()
+    return math.exp(nll / count)

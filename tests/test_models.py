@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from models.evaluate import encode_blocks, heldout_text, perplexity
+from models.evaluate import encode_blocks, heldout_text, perplexity, perplexity_decode
 from models.generate import generate, sample
 from models.hf import permute, read_hf, unpermute, write_hf
 from models.llama import ModelArgs, Transformer
@@ -227,6 +227,7 @@ def test_perplexity_matches_direct_computation():
     logp += torch.log_softmax(m(ids[None, 128:])[0, :-1], -1).gather(1, ids[129:, None]).sum()
     expected = torch.exp(-logp / (63 + 63 + 21)).item()
     assert abs(perplexity(m, ids, window=64) - expected) < 1e-4 * expected
+    assert abs(perplexity_decode(m, ids, window=64) - expected) < 1e-4 * expected
 
 
 def test_sampling():

@@ -1,0 +1,141 @@
+"""Quality of int4 variants against the float model: perplexity, KL divergence, top-1 agreement, size.
+
+    python scripts/eval.py                                           # the embedded model
+    python scripts/eval.py --checkpoint ../shared/models/stories260K/stories260K.bin \
+        --tokenizer ../shared/models/stories260K/tok512.model --group-sizes 32 64 128
+
+Text: --text (default: the held-out first 300,000 bytes of ../shared/data/tinystories_val_head.txt), split
+at blank lines with a BOS before each block, the first --tokens tokens, non-overlapping windows of
+--window tokens, every token after a window's first scored (models/evaluate.py). For each variant:
+perplexity, mean KL(float || variant) of the next-token distributions, top-1 agreement with float, and
+the bytes of the model's weights. --int8-activations adds, per group size, the same int4 model decoding
+one token at a time with int8 activations (the decode-only option), scored against the float model
+decoding the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO, add_thread_arg, apply_threads
+
+import torch
+import torch.nn.functional as F
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.dim() == 0 or t.is_meta:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def score(model, ids, window, ref_logprobs=None, decode=False):
+    """-> (perplexity, mean KL vs reference, top-1 agreement, per-window log-probs)."""
+    from models.evaluate import window_logprobs
+
+    if decode:
+        windows = []
+        for s in range(0, len(ids) - 1, window):
+            chunk = ids[s:s + window]
+            model.setup_cache(1, len(chunk))
+            rows = [model(chunk[None, i:i + 1], i)[0, -1].float() for i in range(len(chunk) - 1)]
+            model.clear_cache()
+            windows.append((torch.stack(rows), chunk[1:]))
+    else:
+        windows = list(window_logprobs(model, ids, window))
+    nll, kl, agree, count, logps = 0.0, 0.0, 0, 0, []
+    for w, (logits, targets) in enumerate(windows):
+        lp = torch.log_softmax(logits, -1)
+        logps.append(lp)
+        nll -= lp.gather(1, targets[:, None]).sum().item()
+        if ref_logprobs is not None:
+            ref = ref_logprobs[w]
+            kl += F.kl_div(lp, ref, log_target=True, reduction="sum").item()
+            agree += (lp.argmax(-1) == ref.argmax(-1)).sum().item()
+        count += len(targets)
+    return math.exp(nll / count), kl / count, agree / count, logps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="float checkpoint (default: the embedded model)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--int8-activations", action="store_true")
+    ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
+    ap.add_argument("--json", default=None, help="write the results here")
+    add_thread_arg(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+
+    from models.evaluate import encode_blocks, heldout_text
+    from models.load import load_model, load_tokenizer
+    from quant4 import Int4Linear, quantize_model_
+
+    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    if loaded.kind == "quant4":
+        raise SystemExit("give the float checkpoint; int4 variants are made from it")
+    tok = load_tokenizer(loaded)
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8", errors="ignore")
+    else:
+        text = heldout_text(REPO.parent / "shared" / "data")
+    ids = encode_blocks(tok, text, args.tokens)
+    t0 = time.perf_counter()
+    base = loaded.model
+    ppl, _, _, ref = score(base, ids, args.window)
+    rows = [{"variant": "float", "group_size": None, "ppl": ppl, "kl": 0.0, "top1": 1.0,
+             "bytes": weight_bytes(base)}]
+    dec_ids = ids[: args.decode_tokens]
+    ref_dec = None
+    for g in args.group_sizes:
+        model = quantize_model_(copy.deepcopy(base), g)
+        p, kl, top1, _ = score(model, ids, args.window, ref)
+        q_bytes = weight_bytes(model)
+        rows.append({"variant": f"int4 RTN g{g}", "group_size": g, "ppl": p, "kl": kl, "top1": top1,
+                     "bytes": q_bytes})
+        if args.int8_activations:
+            if ref_dec is None:
+                ref_dec = score(base, dec_ids, args.window, decode=True)
+                rows.append({"variant": f"float, decode, {len(dec_ids)} tokens", "group_size": None,
+                             "ppl": ref_dec[0], "kl": 0.0, "top1": 1.0, "bytes": rows[0]["bytes"]})
+            pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
+            rows.append({"variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd, "kl": kld,
+                         "top1": t1d, "bytes": q_bytes})
+            for mod in model.modules():
+                if isinstance(mod, Int4Linear):
+                    mod.activation = "int8"
+            pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
+            rows.append({"variant": f"int4 RTN g{g}, decode, int8 activations", "group_size": g, "ppl": pd,
+                         "kl": kld, "top1": t1d, "bytes": q_bytes})
+    print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"| variant | perplexity | vs float | KL | top-1 agreement | weights |")
+    print(f"|---|---|---|---|---|---|")
+    for r in rows:
+        basis = rows[0]["ppl"] if "decode" not in r["variant"] else ref_dec[0]
+        print(f"| {r['variant']} | {r['ppl']:.3f} | {100 * (r['ppl'] / basis - 1):+.1f}% | {r['kl']:.4f} | "
+              f"{100 * r['top1']:.1f}% | {r['bytes'] / 1e6:.2f} MB |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(loaded.path), "tokens": len(ids),
+                                               "window": args.window, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
