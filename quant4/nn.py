@@ -16,8 +16,7 @@ class _Int4LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, mod):
         ctx.mod = mod
-        return ops.matmul(x2d, mod.qweight, mod.scales, mod.zeros, mod.group_size, mod.in_features, mod.bias,
-                          num_threads=mod.num_threads)
+        return ops.matmul_prepared(x2d, mod._prepared(), num_threads=mod.num_threads, activation=mod.activation)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -112,9 +111,17 @@ class Int4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             y = _Int4LinearFn.apply(x2d, self)
         else:
-            y = ops.matmul(x2d, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
-                           self.bias, num_threads=self.num_threads, activation=self.activation)
+            y = ops.matmul_prepared(x2d, self._prepared(), num_threads=self.num_threads, activation=self.activation)
         return y.reshape(*lead, self.out_features)
+
+    def _prepared(self) -> ops.Prepared:
+        # validated kernel views of the buffers, rebuilt whenever a buffer is replaced (load_state_dict with
+        # assign, module.to(...), direct assignment); in-place writes keep the same storage and stay valid
+        p = self.__dict__.get("_prep")
+        if p is None or not p.matches(self.qweight, self.scales, self.zeros, self.bias):
+            p = ops.Prepared(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, self.bias)
+            self.__dict__["_prep"] = p
+        return p
 
     # -- state ---------------------------------------------------------------------------------
     def get_extra_state(self):

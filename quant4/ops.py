@@ -205,6 +205,29 @@ def check_activation(activation) -> str:
     return activation
 
 
+class Prepared:
+    """Validated stored tensors with the kernel's views of them, made once per weight (Int4Linear caches
+    one): a forward call then only checks its input."""
+
+    __slots__ = ("tensors", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features")
+
+    def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None):
+        self.N, self.Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
+        if bias is not None:
+            _check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+            if bias.shape[0] != self.N:
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={self.N}")
+        self.tensors = (qweight, scales, zeros, bias)
+        self.qweight = _as_np(qweight)
+        self.scales, self.zeros = _half_bits(scales), _half_bits(zeros)
+        self.bias = None if bias is None else _as_np(bias.detach().float())
+        self.group_size, self.in_features = group_size, in_features
+
+    def matches(self, qweight, scales, zeros, bias) -> bool:
+        t = self.tensors
+        return t[0] is qweight and t[1] is scales and t[2] is zeros and t[3] is bias
+
+
 def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features: int, bias=None, *,
            num_threads: Optional[int] = None, small_m: int = SMALL_M, activation: str = "float") -> torch.Tensor:
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
@@ -212,33 +235,31 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
     activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for decode
     (M <= small_m) on CPUs with AVX512-VNNI: faster, slightly less exact (see README); otherwise ignored.
     """
+    return matmul_prepared(x, Prepared(qweight, scales, zeros, group_size, in_features, bias),
+                           num_threads=num_threads, small_m=small_m, activation=activation)
+
+
+def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] = None, small_m: int = SMALL_M,
+                    activation: str = "float") -> torch.Tensor:
+    """matmul() for a Prepared weight."""
     check_activation(activation)
-    N, Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
     _check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if x.shape[1] != in_features:
-        raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={in_features}")
-    if bias is not None:
-        _check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={N}")
-    M = x.shape[0]
+    if x.shape[1] != w.in_features:
+        raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={w.in_features}")
+    M, N, Kp, g = x.shape[0], w.N, w.Kp, w.group_size
     out = torch.empty(M, N)
     if M == 0 or N == 0:
         return out.to(x.dtype)
     nt = _threads(num_threads, M * N * Kp)
-    b = None if bias is None else _as_np(bias.detach().float())
     use_bf16 = x.dtype == torch.bfloat16 and M > small_m and _BF16
     xk = x.detach() if use_bf16 else x.detach().float()
-    if Kp != in_features:
-        xk = F.pad(xk, (0, Kp - in_features))
+    if Kp != w.in_features:
+        xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
     if activation == "int8" and _INT8 and M <= small_m:
-        _k.matmul_int8(xk.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size, b,
-                       out.numpy(), nt)
+        _k.matmul_int8(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     elif use_bf16:
-        _k.matmul_bf16(_half_bits(xk), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size, b,
-                       out.numpy(), nt)
+        _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     else:
-        _k.matmul(xk.numpy(), _as_np(qweight), _half_bits(scales), _half_bits(zeros), group_size, b,
-                  out.numpy(), small_m, nt)
+        _k.matmul(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), small_m, nt)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
