@@ -32,6 +32,7 @@ cdef extern from "_q4util.h" nogil:
 
 
 cdef enum:
+    L1_ACTIVATIONS = 6144   # fp32 activations (24 KB) that still leave L1 (32 KB) room for weights
     NB = 16         # weight rows per prefill task: 16 rows x KCMAX floats = 128 KB of scratch (L2)
     KCMAX = 2048    # prefill k panel; a multiple of every group size, long enough to amortize the
                     # 16 horizontal sums that end each 4 x 4 tile
@@ -242,6 +243,8 @@ cdef extern from "_q4simd.h" nogil:
                   Py_ssize_t G, Py_ssize_t cpg) noexcept
     void q4_dot4(const uint8_t* const* w, const uint16_t* const* sc, const uint16_t* const* zr,
                  const float* const* x, Py_ssize_t G, Py_ssize_t cpg, float* out) noexcept
+    void q4_dot1xr(const uint8_t* const* w, const uint16_t* const* sc, const uint16_t* const* zr,
+                   const float* xp, Py_ssize_t G, Py_ssize_t cpg, float* out) noexcept
     enum:
         Q4_DR   # weight rows per multi-row decode pass (4 on AVX-512, else 2)
     void q4_dequant_perm(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
@@ -266,24 +269,30 @@ cdef void _decode_rows(const uint8_t* qw, Py_ssize_t ldq, const uint16_t* sc, co
                        const float* xp, Py_ssize_t M, Py_ssize_t Kp, Py_ssize_t G, Py_ssize_t cpg,
                        const float* bias, Py_ssize_t n0, Py_ssize_t N, float* out, Py_ssize_t ldo) noexcept nogil:
     # Weight rows n0 .. n0 + Q4_DR - 1 (those < N) against all M activation rows:
-    # out[m * ldo + n] = dot(w_n, x_m) (+ bias[n]). M = 1 uses q4_dot1 per row; otherwise four activation
-    # rows at a time (the last group repeats its last row) against Q4_DR weight rows.
+    # out[m * ldo + n] = dot(w_n, x_m) (+ bias[n]). M = 1: q4_dot1 per row, or q4_dot1xr when the activation
+    # row does not fit L1; otherwise four activation rows at a
+    # time (the last group repeats its last row) against the Q4_DR weight rows.
     cdef float r[Q4_DR * 4]
     cdef const uint8_t* wr[Q4_DR]
     cdef const uint16_t* sr[Q4_DR]
     cdef const uint16_t* zp[Q4_DR]
     cdef const float* xr[4]
     cdef Py_ssize_t m0, i, j, n, rows = min(<Py_ssize_t>Q4_DR, N - n0)
-    if M == 1:
-        for j in range(rows):
-            n = n0 + j
-            out[n] = q4_dot1(qw + n * ldq, sc + n * G, zr + n * G, xp, G, cpg) + (bias[n] if bias != NULL else 0.0)
-        return
     for j in range(Q4_DR):
         n = n0 + min(j, rows - 1)
         wr[j] = qw + n * ldq
         sr[j] = sc + n * G
         zp[j] = zr + n * G
+    if M == 1:
+        if Kp <= L1_ACTIVATIONS or rows == 1:
+            # the activation row stays in L1: one weight row at a time (measured faster)
+            for j in range(rows):
+                out[n0 + j] = q4_dot1(wr[j], sr[j], zp[j], xp, G, cpg) + (bias[n0 + j] if bias != NULL else 0.0)
+        else:
+            q4_dot1xr(wr, sr, zp, xp, G, cpg, r)
+            for j in range(rows):
+                out[n0 + j] = r[j] + (bias[n0 + j] if bias != NULL else 0.0)
+        return
     m0 = 0
     while m0 < M:
         for i in range(4):

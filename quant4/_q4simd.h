@@ -149,15 +149,48 @@ static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t
     return q4_hsum(t);
 }
 
-/* Decode, up to four activation rows against Q4_DR weight rows at once: out[r * 4 + i] = dot(w_r, x_i).
- * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
- * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
- * Pointers may repeat (rows past the end); their results are ignored by the caller. */
+/* weight rows per multi-row decode pass (accumulators + operands must fit the register file) */
 #if defined(__AVX512F__)
 #define Q4_DR 4
 #else
 #define Q4_DR 2
 #endif
+
+/* Decode, one activation row against Q4_DR weight rows: out[r] = dot(w_r, x). Each activation chunk is loaded
+ * once for Q4_DR rows; with one row per pass a long row (K = 11008: 44 KB of activations, more than L1) was
+ * re-streamed from L2 for every weight row. Pointers may repeat (rows past the end). */
+static inline void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+                             const float *xp, ptrdiff_t G, ptrdiff_t cpg, float *out) {
+    q4_vf ae[Q4_DR][Q4_NV], ao[Q4_DR][Q4_NV];
+    for (int r = 0; r < Q4_DR; r++)
+        for (int h = 0; h < Q4_NV; h++) ae[r][h] = ao[r][h] = (q4_vf){0};
+    for (ptrdiff_t gi = 0; gi < G; gi++) {
+        q4_lut lut[Q4_DR];
+        for (int r = 0; r < Q4_DR; r++) lut[r] = q4_row_group(sc[r], zr[r], gi);
+        for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
+            q4_vf lo[Q4_DR][Q4_NV], hi[Q4_DR][Q4_NV];
+            for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut[r], lo[r], hi[r]);
+            for (int h = 0; h < Q4_NV; h++) {
+                const q4_vf xe = q4_load(xp + 32 * c + h * Q4_VL);
+                const q4_vf xo = q4_load(xp + 32 * c + 16 + h * Q4_VL);
+                for (int r = 0; r < Q4_DR; r++) {
+                    ae[r][h] += xe * lo[r][h];
+                    ao[r][h] += xo * hi[r][h];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < Q4_DR; r++) {
+        q4_vf t = ae[r][0] + ao[r][0];
+        for (int h = 1; h < Q4_NV; h++) t += ae[r][h] + ao[r][h];
+        out[r] = q4_hsum(t);
+    }
+}
+
+/* Decode, up to four activation rows against Q4_DR weight rows at once: out[r * 4 + i] = dot(w_r, x_i).
+ * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
+ * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
+ * Pointers may repeat (rows past the end); their results are ignored by the caller. */
 static inline void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
                            const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
     q4_vf a[Q4_DR][4][Q4_NV];

@@ -232,8 +232,9 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
            num_threads: Optional[int] = None, small_m: int = SMALL_M, activation: str = "float") -> torch.Tensor:
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
 
-    activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for decode
-    (M <= small_m) on CPUs with AVX512-VNNI: faster, slightly less exact (see README); otherwise ignored.
+    activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for single-row decode
+    (M = 1) on CPUs with AVX512-VNNI: faster, slightly less exact (see README); otherwise ignored (for
+    M = 2..4 the fp32 multi-row kernel is faster).
     """
     return matmul_prepared(x, Prepared(qweight, scales, zeros, group_size, in_features, bias),
                            num_threads=num_threads, small_m=small_m, activation=activation)
@@ -256,7 +257,7 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     if Kp != w.in_features:
         xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
-    if activation == "int8" and _INT8 and M <= small_m:
+    if activation == "int8" and _INT8 and M == 1:
         _k.matmul_int8(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     elif use_bf16:
         _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)

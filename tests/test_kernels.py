@@ -205,17 +205,21 @@ def test_kernel_isa_is_best_available():
 @pytest.mark.skipif(not ops.int8_kernel_available(), reason="no AVX512-VNNI kernel on this CPU/build")
 @pytest.mark.parametrize("g", GROUP_SIZES)
 def test_int8_activation_decode(g):
-    """Opt-in int8 activations: per-32-block rounding keeps the output within 35 dB SQNR of the exact kernel."""
+    """Opt-in int8 activations (M = 1 only; M > 1 keeps the exact kernel): per-32-block rounding keeps the
+    output within 35 dB SQNR of the exact kernel."""
     from helpers import sqnr_db
 
     K = 1376  # padded to whole groups, so the activation blocks include padding
     qweight, scales, zeros = quant4.quantize(_rand_weight(90, K), g)
-    for M in (1, 3, 16):
+    for M in (1, 3):
         x = torch.randn(M, K)
         bias = torch.randn(90)
         y8 = quant4.matmul(x, qweight, scales, zeros, g, K, bias, activation="int8")
         y = quant4.matmul(x, qweight, scales, zeros, g, K, bias)
-        assert sqnr_db(y, y8) > 35
+        if M == 1:
+            assert 35 < sqnr_db(y, y8) < 80   # rounded, but not the exact path
+        else:
+            assert torch.equal(y8, y)
         ys = [quant4.matmul(x, qweight, scales, zeros, g, K, bias, activation="int8", num_threads=t) for t in (1, 2)]
         assert torch.equal(ys[0], ys[1])
     x0 = torch.zeros(1, K)   # all-zero activation blocks: scale 0, no 0/0
