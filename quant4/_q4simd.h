@@ -38,6 +38,10 @@
 #define Q4_TN 4
 #endif
 
+/* Row-level micro-kernels are kept out of line: each call covers a whole weight row or k panel, and inlining
+ * them all into one OpenMP region made GCC's register allocation worse (M = 4 decode 1.7 -> 2.6 ms). */
+#define Q4_KERNEL static __attribute__((noinline))
+
 typedef float q4_vf __attribute__((vector_size(Q4_VL * 4)));
 typedef int32_t q4_vi __attribute__((vector_size(Q4_VL * 4)));
 
@@ -116,7 +120,7 @@ static inline void q4_permute_x(const float *x, ptrdiff_t Kp, float *xp) {
 
 /* Decode, one activation row: dot(w_row, x) over G groups of cpg 16-byte chunks. Two chunks per step into
  * four accumulators: the FMA latency chains, not the loads, limited the one-chunk loop. */
-static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *xp,
+Q4_KERNEL float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const float *xp,
                             ptrdiff_t G, ptrdiff_t cpg) {
     q4_vf a0[Q4_NV] = {{0}}, a1[Q4_NV] = {{0}}, a2[Q4_NV] = {{0}}, a3[Q4_NV] = {{0}};
     const ptrdiff_t nc = G * cpg;
@@ -159,7 +163,7 @@ static inline float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t
 /* Decode, one activation row against Q4_DR weight rows: out[r] = dot(w_r, x). Each activation chunk is loaded
  * once for Q4_DR rows; with one row per pass a long row (K = 11008: 44 KB of activations, more than L1) was
  * re-streamed from L2 for every weight row. Pointers may repeat (rows past the end). */
-static inline void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+Q4_KERNEL void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
                              const float *xp, ptrdiff_t G, ptrdiff_t cpg, float *out) {
     q4_vf ae[Q4_DR][Q4_NV], ao[Q4_DR][Q4_NV];
     for (int r = 0; r < Q4_DR; r++)
@@ -191,7 +195,7 @@ static inline void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc,
  * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
  * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
  * Pointers may repeat (rows past the end); their results are ignored by the caller. */
-static inline void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
                            const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
     q4_vf a[Q4_DR][4][Q4_NV];
     for (int r = 0; r < Q4_DR; r++)
@@ -238,7 +242,7 @@ static inline void q4_dequant_perm(const uint8_t *w, const uint16_t *sc, const u
 
 /* Prefill register tile: out[i * Q4_TN + j] = dot(x[i], w[j]) over kc floats (kc % 32 == 0) for Q4_TM
  * activation rows and Q4_TN dequantized weight rows; each k step is TM + TN loads and TM * TN FMAs. */
-static inline void q4_tile(const float *const *x, const float *const *w, ptrdiff_t kc, float *out) {
+Q4_KERNEL void q4_tile(const float *const *x, const float *const *w, ptrdiff_t kc, float *out) {
     q4_vf c[Q4_TM][Q4_TN];
     for (int i = 0; i < Q4_TM; i++)
         for (int j = 0; j < Q4_TN; j++) c[i][j] = (q4_vf){0};
@@ -284,7 +288,7 @@ static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, co
         memcpy(dst + 32 * (c - c0), &packed, 64);
     }
 }
-static inline void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
     __m512 c[Q4_TM][Q4_TN];
     for (int i = 0; i < Q4_TM; i++)
         for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_setzero_ps();
@@ -309,7 +313,7 @@ static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, co
                                         ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
     (void)w; (void)sc; (void)zr; (void)c0; (void)c1; (void)cpg; (void)dst;
 }
-static inline void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
     (void)x; (void)w; (void)kc; (void)out;
 }
 #endif
@@ -384,7 +388,7 @@ static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const f
     }
     return t;
 }
-static inline float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
+Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const __m256i mask = _mm256_set1_epi8(15);
@@ -449,7 +453,7 @@ static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t c
                                       float *xs) {
     (void)xp; (void)Kp; (void)cpg; (void)xq; (void)d; (void)xs;
 }
-static inline float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
+Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     (void)w; (void)sc; (void)zr; (void)xq; (void)d; (void)xs; (void)G; (void)cpg;
     return 0.0f;
