@@ -26,8 +26,3 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
-
-    def piece(self, prev_id: int, token_id: int) -> str:
-        """Text of one token for streaming: SentencePiece drops the leading space at the start of a text."""
-        text = self.sp.decode([prev_id, token_id]) if prev_id >= 0 else self.sp.decode([token_id])
-        return text[len(self.sp.decode([prev_id])):] if prev_id >= 0 else text

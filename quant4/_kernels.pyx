@@ -241,6 +241,8 @@ cdef extern from "_q4simd.h" nogil:
     void q4_permute_x(const float* x, Py_ssize_t Kp, float* xp) noexcept
     float q4_dot1(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const float* xp,
                   Py_ssize_t G, Py_ssize_t cpg) noexcept
+    void q4_dot2(const uint8_t* const* w, const uint16_t* const* sc, const uint16_t* const* zr,
+                 const float* const* x, Py_ssize_t G, Py_ssize_t cpg, float* out) noexcept
     void q4_dot4(const uint8_t* const* w, const uint16_t* const* sc, const uint16_t* const* zr,
                  const float* const* x, Py_ssize_t G, Py_ssize_t cpg, float* out) noexcept
     void q4_dot1xr(const uint8_t* const* w, const uint16_t* const* sc, const uint16_t* const* zr,
@@ -297,7 +299,10 @@ cdef void _decode_rows(const uint8_t* qw, Py_ssize_t ldq, const uint16_t* sc, co
     while m0 < M:
         for i in range(4):
             xr[i] = xp + min(m0 + i, M - 1) * Kp
-        q4_dot4(wr, sr, zp, xr, G, cpg, r)
+        if M - m0 <= 2:
+            q4_dot2(wr, sr, zp, xr, G, cpg, r)
+        else:
+            q4_dot4(wr, sr, zp, xr, G, cpg, r)
         for j in range(rows):
             for i in range(min(<Py_ssize_t>4, M - m0)):
                 out[(m0 + i) * ldo + n0 + j] = r[j * 4 + i] + (bias[n0 + j] if bias != NULL else 0.0)

@@ -191,15 +191,12 @@ Q4_KERNEL void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc, con
     }
 }
 
-/* Decode, up to four activation rows against Q4_DR weight rows at once: out[r * 4 + i] = dot(w_r, x_i).
- * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
- * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
- * Pointers may repeat (rows past the end); their results are ignored by the caller. */
-Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
-                           const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
+/* nx (2 or 4, a constant after inlining) activation rows against Q4_DR weight rows */
+static inline void q4_dotm(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+                           const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out, const int nx) {
     q4_vf a[Q4_DR][4][Q4_NV];
     for (int r = 0; r < Q4_DR; r++)
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < nx; i++)
             for (int h = 0; h < Q4_NV; h++) a[r][i][h] = (q4_vf){0};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
         q4_lut lut[Q4_DR];
@@ -207,7 +204,7 @@ Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
             q4_vf lo[Q4_DR][Q4_NV], hi[Q4_DR][Q4_NV];
             for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut[r], lo[r], hi[r]);
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < nx; i++)
                 for (int h = 0; h < Q4_NV; h++) {
                     const q4_vf xe = q4_load(x[i] + 32 * c + h * Q4_VL);
                     const q4_vf xo = q4_load(x[i] + 32 * c + 16 + h * Q4_VL);
@@ -219,11 +216,23 @@ Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const
         }
     }
     for (int r = 0; r < Q4_DR; r++)
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < nx; i++) {
             q4_vf t = a[r][i][0];
             for (int h = 1; h < Q4_NV; h++) t += a[r][i][h];
             out[r * 4 + i] = q4_hsum(t);
         }
+}
+/* Decode, two or four activation rows against Q4_DR weight rows at once: out[r * 4 + i] = dot(w_r, x_i).
+ * Each activation chunk loaded is used by Q4_DR weight rows: with one row per pass the activations were
+ * re-streamed from L2 for every weight row (64 KB per row at M = 4, K = 4096) and bounded the speed.
+ * Pointers may repeat (rows past the end); their results are ignored by the caller. */
+Q4_KERNEL void q4_dot2(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+                       const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
+    q4_dotm(w, sc, zr, x, G, cpg, out, 2);
+}
+Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const uint16_t *const *zr,
+                       const float *const *x, ptrdiff_t G, ptrdiff_t cpg, float *out) {
+    q4_dotm(w, sc, zr, x, G, cpg, out, 4);
 }
 
 /* Prefill: dequantize chunks [c0, c1) of one weight row into dst (permuted k order, 32 floats a chunk). */
