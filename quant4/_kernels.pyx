@@ -29,6 +29,7 @@ cdef extern from "_q4util.h" nogil:
     int q4_cpu_level() noexcept
     const char *q4_build_isa() noexcept
     float q4_half_to_float(uint16_t h) noexcept
+    float q4_round_half(float f) noexcept
 
 
 cdef enum:
@@ -137,7 +138,9 @@ cdef void _quantize_row(const float* w, Py_ssize_t K, Py_ssize_t Kp, Py_ssize_t 
             for k in range(k0, k1):
                 # same operations, in the same order, as quant4.reference.quantize (bit-exact codes)
                 t = (w[k] - mn) / s
-                q[k] = <uint8_t>rintf(fminf(fmaxf(t, 0.0), 15.0))
+                t = <float>0.0 if t < <float>0.0 else t   # clamp by ternaries: they vectorize, fminf does not
+                t = <float>15.0 if t > <float>15.0 else t
+                q[k] = <uint8_t>rintf(t)
     for k in range(K, Kp):
         q[k] = 0
     for i in range(Kp // 2):
@@ -170,6 +173,87 @@ def quantize_pack(const float[:, ::1] w,        # IN  [N, K]
             free(scratch)
     if failed:
         raise MemoryError(f"cannot allocate {Kp} bytes of per-thread quantization scratch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# error-minimizing scale and zero (calibration-free)
+
+cdef enum:
+    MAXC = 64       # candidates per group in the scale/zero search (grid of at most 8 x 8)
+
+
+cdef void _search_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G, const float* grid,
+                      Py_ssize_t ngrid, float* scales, float* zeros) noexcept nogil:
+    # scales/zeros come in holding round-to-nearest's values and leave holding the best candidate's.
+    # All candidates of a group are evaluated side by side (the loop over c vectorizes), so comparing them
+    # needs no horizontal sums. Candidate 0 is round-to-nearest; a later one wins only if strictly better.
+    cdef float cs[MAXC]
+    cdef float cz[MAXC]
+    cdef float cm[MAXC]
+    cdef float ci[MAXC]
+    cdef float err[MAXC]
+    cdef Py_ssize_t gi, k0, n, a, b, k, c, nc, best_c
+    cdef float mn, mx, rng, lo, hi, sc, wk, q, e
+    for gi in range(G):
+        k0 = gi * group_size
+        n = min(group_size, K - k0)
+        mn = w[k0]
+        mx = w[k0]
+        for k in range(k0 + 1, k0 + n):
+            mn = fminf(mn, w[k])
+            mx = fmaxf(mx, w[k])
+        rng = mx - mn
+        if rng == 0.0:
+            continue
+        cs[0] = scales[gi]
+        cz[0] = zeros[gi]
+        nc = 1
+        for a in range(ngrid):
+            for b in range(ngrid):
+                if (a == 0 and b == 0) or nc >= MAXC:
+                    continue
+                lo = mn + grid[a] * rng
+                hi = mx - grid[b] * rng
+                sc = (hi - lo) / <float>15.0
+                cs[nc] = q4_round_half(sc)
+                cz[nc] = q4_round_half(lo + <float>8.0 * sc)
+                nc = nc + 1
+        for c in range(nc):
+            cm[c] = cz[c] - <float>8.0 * cs[c]
+            ci[c] = <float>1.0 / cs[c] if cs[c] != 0.0 else 0.0
+            err[c] = 0.0
+        for k in range(k0, k0 + n):
+            wk = w[k]
+            for c in range(nc):
+                # codes by reciprocal here (a search heuristic); stored codes use a true division
+                q = (wk - cm[c]) * ci[c]
+                q = <float>0.0 if q < <float>0.0 else q      # ternaries, not fminf/fmaxf: those do not
+                q = <float>15.0 if q > <float>15.0 else q    # vectorize (NaN rules differ from vmaxps)
+                q = <float>8.0 if cs[c] == <float>0.0 else rintf(q)
+                e = (q - <float>8.0) * cs[c] + cz[c] - wk
+                err[c] = err[c] + e * e
+        best_c = 0
+        for c in range(1, nc):
+            if err[c] < err[best_c]:
+                best_c = c
+        scales[gi] = cs[best_c]
+        zeros[gi] = cz[best_c]
+
+
+def search_qparams(const float[:, ::1] w,       # IN  [N, K]
+                   Py_ssize_t group_size,
+                   const float[::1] grid,       # IN  shrink fractions of the range, grid[0] == 0
+                   float[:, ::1] scales,        # IN/OUT [N, G] float16-valued: RTN in, best out
+                   float[:, ::1] zeros,         # IN/OUT [N, G]
+                   int num_threads):
+    """Per group, try clipping the range [min + a*range, max - b*range] for a, b in grid and keep the
+    float16 scale/zero with the smallest squared reconstruction error (never worse than the RTN input)."""
+    cdef Py_ssize_t N = w.shape[0], K = w.shape[1], G = scales.shape[1], n
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=16):
+            _search_row(&w[n, 0], K, group_size, G, &grid[0], grid.shape[0], &scales[n, 0], &zeros[n, 0])
 
 
 # ----------------------------------------------------------------------------------------------------

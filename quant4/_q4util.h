@@ -37,6 +37,15 @@ static inline float q4_half_to_float(uint16_t h) {
 }
 #endif
 
+/* Round a float to the nearest float16 value (ties to even) and back: what storing it as float16 does. */
+static inline float q4_round_half(float f) {
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+    return (float)(_Float16)f;
+#endif
+}
+
 /* Which kernel build this CPU can run: 2 = AVX-512 (F, BW, VL, DQ) + FMA + F16C, 1 = AVX2 + FMA + F16C,
  * 0 = the baseline build. __builtin_cpu_supports also checks that the OS saves the wide registers. */
 static inline int q4_cpu_level(void) {

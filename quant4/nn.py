@@ -58,14 +58,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, *,
-                    num_threads: Optional[int] = None, activation: str = "float") -> "Int4Linear":
-        """Quantize an nn.Linear (round to nearest, see quant4.scheme)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, *, num_threads: Optional[int] = None,
+                    activation: str = "float", method: str = "rtn") -> "Int4Linear":
+        """Quantize an nn.Linear; method "rtn" (round to nearest, quant4.scheme) or "search" (per-group
+        clipping search minimizing the reconstruction error, see quant4.ops.quantize)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   group_size=group_size, num_threads=num_threads, activation=activation)
-        qweight, scales, zeros = ops.quantize(linear.weight.detach(), group_size, num_threads=num_threads)
+        qweight, scales, zeros = ops.quantize(linear.weight.detach(), group_size, num_threads=num_threads,
+                                              method=method)
         mod.qweight.copy_(qweight)
         mod.scales.copy_(scales)
         mod.zeros.copy_(zeros)

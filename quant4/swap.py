@@ -42,11 +42,12 @@ class SwapRecord:
 
 def quantize_model_(model: nn.Module, group_size: int = 32,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
-                    num_threads: Optional[int] = None, activation: str = "float",
+                    num_threads: Optional[int] = None, activation: str = "float", method: str = "rtn",
                     verbose: bool = False) -> nn.Module:
     """Replace selected nn.Linear modules of `model` by Int4Linear, in place; return the model.
 
-    activation="int8" opts the new layers into int8-activation decode (see Int4Linear).
+    activation="int8" opts the new layers into int8-activation decode (see Int4Linear); method="search"
+    chooses each group's scale and zero by a clipping search (quant4.ops.quantize) instead of min/max.
     filter_fn(module, fully_qualified_name) -> bool selects modules (default: is_projection). Only
     nn.Linear modules can be swapped; a selected module of another type raises TypeError.
     What was swapped, and every nn.Linear left in float with the reason, is logged to the "quant4" logger
@@ -76,11 +77,12 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
         try:
-            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation)
+            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation,
+                                       method=method)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{fqn}: {exc}") from exc
         setattr(parent, attr, q)
-        report.append(SwapRecord(fqn, True, f"int4 g{group_size}"))
+        report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}"))
     for rec in report:
         msg = f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}"
         log.info(msg)

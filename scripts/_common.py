@@ -36,6 +36,8 @@ def apply_threads(n):
 
 def add_layer_args(ap):
     ap.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256))
+    ap.add_argument("--method", default="rtn", choices=("rtn", "search"),
+                    help="scale/zero choice: min/max (rtn) or a per-group clipping search (search)")
     ap.add_argument("--include", nargs="*", default=[], metavar="NAME",
                     help="also quantize these nn.Linear layers (attribute or full name), e.g. output")
     ap.add_argument("--exclude", nargs="*", default=[], metavar="NAME",

@@ -76,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "search"], choices=("rtn", "search"))
     ap.add_argument("--int8-activations", action="store_true")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -104,25 +105,26 @@ def main(argv=None):
     dec_ids = ids[: args.decode_tokens]
     ref_dec = None
     for g in args.group_sizes:
-        model = quantize_model_(copy.deepcopy(base), g)
-        p, kl, top1, _ = score(model, ids, args.window, ref)
-        q_bytes = weight_bytes(model)
-        rows.append({"variant": f"int4 RTN g{g}", "group_size": g, "ppl": p, "kl": kl, "top1": top1,
-                     "bytes": q_bytes})
-        if args.int8_activations:
-            if ref_dec is None:
-                ref_dec = score(base, dec_ids, args.window, decode=True)
-                rows.append({"variant": f"float, decode, {len(dec_ids)} tokens", "group_size": None,
-                             "ppl": ref_dec[0], "kl": 0.0, "top1": 1.0, "bytes": rows[0]["bytes"]})
-            pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
-            rows.append({"variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd, "kl": kld,
-                         "top1": t1d, "bytes": q_bytes})
-            for mod in model.modules():
-                if isinstance(mod, Int4Linear):
-                    mod.activation = "int8"
-            pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
-            rows.append({"variant": f"int4 RTN g{g}, decode, int8 activations", "group_size": g, "ppl": pd,
-                         "kl": kld, "top1": t1d, "bytes": q_bytes})
+        for method in args.methods:
+            model = quantize_model_(copy.deepcopy(base), g, method=method)
+            p, kl, top1, _ = score(model, ids, args.window, ref)
+            q_bytes = weight_bytes(model)
+            rows.append({"variant": f"int4 {method} g{g}", "group_size": g, "method": method, "ppl": p, "kl": kl,
+                         "top1": top1, "bytes": q_bytes})
+            if args.int8_activations and method == "rtn":
+                if ref_dec is None:
+                    ref_dec = score(base, dec_ids, args.window, decode=True)
+                    rows.append({"variant": f"float, decode, {len(dec_ids)} tokens", "group_size": None,
+                                 "ppl": ref_dec[0], "kl": 0.0, "top1": 1.0, "bytes": rows[0]["bytes"]})
+                pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
+                rows.append({"variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd, "kl": kld,
+                             "top1": t1d, "bytes": q_bytes})
+                for mod in model.modules():
+                    if isinstance(mod, Int4Linear):
+                        mod.activation = "int8"
+                pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
+                rows.append({"variant": f"int4 RTN g{g}, decode, int8 activations", "group_size": g, "ppl": pd,
+                             "kl": kld, "top1": t1d, "bytes": q_bytes})
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"| variant | perplexity | vs float | KL | top-1 agreement | weights |")

@@ -70,7 +70,8 @@ def main(argv=None):
         model = loaded.model
         if do_quantize:
             t1 = time.perf_counter()
-            quantize_model_(model, args.group_size, projection_filter(args.include, args.exclude))
+            quantize_model_(model, args.group_size, projection_filter(args.include, args.exclude),
+                            method=args.method)
         if args.int8_activations:
             for mod in model.modules():
                 if isinstance(mod, Int4Linear):

@@ -64,10 +64,10 @@ def main(argv=None):
     targets = [(n, m) for n, m in model.named_modules() if n and select(m, n)]
     if not targets:
         raise SystemExit("no layers selected")
-    print(f"{loaded.path} ({loaded.kind}): {len(targets)} layers to int4 g{args.group_size}")
+    print(f"{loaded.path} ({loaded.kind}): {len(targets)} layers to int4 g{args.group_size} ({args.method})")
     rows = []
     for name, lin in tqdm(targets, desc="quantize", unit="layer", file=sys.stderr):
-        q = Int4Linear.from_linear(lin, args.group_size)
+        q = Int4Linear.from_linear(lin, args.group_size, method=args.method)
         w = lin.weight.detach().float()
         err = (w - q.dequantize()).norm()
         sqnr = float(20 * torch.log10(w.norm() / err)) if err > 0 else float("inf")

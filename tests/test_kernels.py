@@ -251,3 +251,39 @@ def test_int8_activation_matches_its_definition(K, g):
     y = quant4.matmul(x, qweight, scales, zeros, g, K, activation="int8")[0]
     y_ref = _int8_activation_reference(x[0], qweight, scales, zeros, g, K)
     assert ((y - y_ref).abs() <= 1e-5 * y_ref.abs().max() + 1e-6).all()
+
+
+def _group_sq_error(w, qweight, scales, zeros, g):
+    K = w.shape[1]
+    d = reference.dequantize(qweight, scales, zeros, g, K)
+    e = torch.nn.functional.pad((w - d) ** 2, (0, padded_k(K, g) - K))
+    return e.view(w.shape[0], -1, g).sum(-1)
+
+
+@given(N=st.integers(1, 12), K=st.integers(1, 300), g=st.sampled_from(GROUP_SIZES),
+       heavy=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_search_never_worse_than_rtn(N, K, g, heavy, seed):
+    """Per group, the searched scale/zero reconstruct at least as well as round-to-nearest's."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen)
+    if heavy:   # outliers, where clipping pays
+        w = w * (1 + 20 * (torch.rand(N, K, generator=gen) < 0.02))
+    rtn = _group_sq_error(w, *quant4.quantize(w, g), g)
+    srch = _group_sq_error(w, *quant4.quantize(w, g, method="search"), g)
+    assert (srch <= rtn * (1 + 1e-5) + 1e-12).all()
+
+
+def test_search_reduces_error_and_keeps_codes_consistent():
+    w = torch.randn(256, 1376) * torch.logspace(-2, 0, 256)[:, None]
+    rtn = _group_sq_error(w, *quant4.quantize(w, 32), 32).sum()
+    qweight, scales, zeros = quant4.quantize(w, 32, method="search")
+    srch = _group_sq_error(w, qweight, scales, zeros, 32).sum()
+    assert srch < 0.95 * rtn
+    # the codes are those of quant4.scheme for the chosen scale and zero
+    m = zeros.float() - 8 * scales.float()
+    wg = torch.nn.functional.pad(w, (0, padded_k(1376, 32) - 1376)).view(256, -1, 32)
+    q = ((wg - m[..., None]) / scales.float()[..., None]).clamp(0, 15).round().view(256, -1).to(torch.uint8)
+    q[:, 1376:] = 0
+    assert torch.equal(quant4.unpack(qweight), q)
+    with pytest.raises(ValueError, match="method"):
+        quant4.quantize(w, 32, method="gptq")
