@@ -128,6 +128,8 @@ def _check_tensor(name: str, t, *, ndim: int, dtypes=None):
 def check_packed(qweight, scales, zeros, group_size: int, in_features: int):
     """Check stored tensors against each other and the metadata; return (N, Kp, G)."""
     check_group_size(group_size)
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     _check_tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
     _check_tensor("scales", scales, ndim=2, dtypes=(torch.float16,))
     _check_tensor("zeros", zeros, ndim=2, dtypes=(torch.float16,))
