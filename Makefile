@@ -1,7 +1,7 @@
 # quant4 tasks. `make demo` and `make test` are the two set-up commands in README; both install first.
 PY ?= python3
 
-.PHONY: install demo test test-long bench asan clean
+.PHONY: install demo test test-long bench asan clean quality
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -16,6 +16,11 @@ test: install
 # longer hypothesis runs (the fast subset runs in `make test`)
 test-long: install
 	QUANT4_HYPOTHESIS_PROFILE=long $(PY) -m pytest
+
+# the README's quality table: float vs rtn / search / gptq, g32/64/128, embedded model and stories260K
+quality: install
+	$(PY) scripts/eval.py --checkpoint embedded ../shared/models/stories260K/stories260K.bin \
+		--json bench_out/quality.json
 
 bench: install
 	$(PY) scripts/bench.py

@@ -183,12 +183,13 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             tok_guess = path / "tokenizer.model"
         elif kind == "llama2c":
             args, sd = read_llama2c(path)
+            tok_guess = _tokenizer_beside(path)
         elif kind == "torch":
             args, sd = read_torch_checkpoint(path)
-            tok_guess = path.parent / "tokenizer.model"
+            tok_guess = _tokenizer_beside(path)
         else:
             args, sd = read_float_safetensors(path)
-            tok_guess = path.parent / "tokenizer.model"
+            tok_guess = _tokenizer_beside(path)
         model = build_model(args, sd, path, dtype)
     tok_path = Path(tokenizer) if tokenizer is not None else tok_guess
     if tok_path is not None and not tok_path.exists():
@@ -196,6 +197,14 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             raise FileNotFoundError(f"tokenizer file not found: {tok_path}")
         tok_path = None
     return Loaded(model, args, kind, path, tok_path, quantized)
+
+
+def _tokenizer_beside(path: Path) -> Optional[Path]:
+    """tokenizer.model next to the checkpoint, else the directory's only *.model file (e.g. tok512.model)."""
+    if (path.parent / "tokenizer.model").is_file():
+        return path.parent / "tokenizer.model"
+    found = sorted(path.parent.glob("*.model"))
+    return found[0] if len(found) == 1 else None
 
 
 def relative_tokenizer_ref(tokenizer_path, out_file) -> Optional[str]:

@@ -38,6 +38,15 @@ class SwapRecord:
     name: str
     swapped: bool
     reason: str
+    sqnr_db: Optional[float] = None     # weight SQNR of a swapped layer: 20 log10(|w| / |w - w_hat|)
+
+
+def weight_sqnr_db(w, q: Int4Linear) -> float:
+    import torch
+
+    w = w.detach().float()
+    err = (w - q.dequantize()).norm()
+    return float(20 * torch.log10(w.norm() / err)) if err > 0 else float("inf")
 
 
 def quantize_model_(model: nn.Module, group_size: int = 32,
@@ -81,8 +90,8 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
                                        method=method)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{fqn}: {exc}") from exc
+        report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}", weight_sqnr_db(linear.weight, q)))
         setattr(parent, attr, q)
-        report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}"))
     for rec in report:
         msg = f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}"
         log.info(msg)

@@ -36,9 +36,30 @@ def apply_threads(n):
 
 def add_layer_args(ap):
     ap.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256))
-    ap.add_argument("--method", default="rtn", choices=("rtn", "search"),
-                    help="scale/zero choice: min/max (rtn) or a per-group clipping search (search)")
+    ap.add_argument("--method", default="rtn", choices=("rtn", "search", "gptq"),
+                    help="min/max scale and zero (rtn), a per-group clipping search (search), or GPTQ on "
+                         "calibration text with searched scales (gptq)")
     ap.add_argument("--include", nargs="*", default=[], metavar="NAME",
                     help="also quantize these nn.Linear layers (attribute or full name), e.g. output")
     ap.add_argument("--exclude", nargs="*", default=[], metavar="NAME",
                     help="keep these projections in float (attribute or full name), e.g. w2")
+
+
+def add_calibration_args(ap):
+    ap.add_argument("--calibration", default=None, metavar="TEXT",
+                    help="GPTQ calibration text (default: ../shared/data/tinystories_train.txt)")
+    ap.add_argument("--calib-sequences", type=int, default=256, help="GPTQ calibration windows")
+    ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+
+
+def calibration_tokens(args, tok, max_seq_len: int):
+    """The calibration windows the --calibration arguments ask for (token ids [n, len])."""
+    from models.calibration import TRAIN_FILE, calibration_windows, read_stories
+
+    path = Path(args.calibration) if args.calibration else REPO.parent / "shared" / "data" / TRAIN_FILE
+    if not path.is_file():
+        raise SystemExit(f"calibration text {path} not found; pass --calibration FILE")
+    try:
+        return calibration_windows(tok, read_stories(path), args.calib_sequences, min(args.calib_len, max_seq_len))
+    except ValueError as exc:
+        raise SystemExit(f"calibration: {exc}")

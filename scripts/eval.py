@@ -1,8 +1,12 @@
 """Quality of int4 variants against the float model: perplexity, KL divergence, top-1 agreement, size.
 
     python scripts/eval.py                                           # the embedded model
-    python scripts/eval.py --checkpoint ../shared/models/stories260K/stories260K.bin \
-        --tokenizer ../shared/models/stories260K/tok512.model --group-sizes 32 64 128
+    python scripts/eval.py --checkpoint embedded ../shared/models/stories260K/stories260K.bin  # README table
+    make quality                                                     # the same, JSON to bench_out/
+
+Variants: float, then for each --group-sizes and --methods: rtn (min/max), search (clipping search), gptq
+(GPTQ on --calib-sequences windows of --calib-len tokens from --calibration, default
+../shared/data/tinystories_train.txt, group scales by the clipping search).
 
 Text: --text (default: the held-out first 300,000 bytes of ../shared/data/tinystories_val_head.txt), split
 at blank lines with a BOS before each block, the first --tokens tokens, non-overlapping windows of
@@ -22,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, add_thread_arg, apply_threads
+from _common import REPO, add_calibration_args, add_thread_arg, apply_threads, calibration_tokens
 
 import torch
 import torch.nn.functional as F
@@ -68,75 +72,104 @@ def score(model, ids, window, ref_logprobs=None, decode=False):
     return math.exp(nll / count), kl / count, agree / count, logps
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="float checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
-    ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "search"], choices=("rtn", "search"))
-    ap.add_argument("--int8-activations", action="store_true")
-    ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
-    ap.add_argument("--json", default=None, help="write the results here")
-    add_thread_arg(ap)
-    args = ap.parse_args(argv)
-    apply_threads(args.threads)
-
+def evaluate(args, checkpoint, tokenizer):
+    """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
     from models.evaluate import encode_blocks, heldout_text
     from models.load import load_model, load_tokenizer
-    from quant4 import Int4Linear, quantize_model_
+    from quant4 import Int4Linear, quantize_model_, quantize_model_gptq_
 
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    loaded = load_model(checkpoint, tokenizer=tokenizer)
     if loaded.kind == "quant4":
-        raise SystemExit("give the float checkpoint; int4 variants are made from it")
+        raise SystemExit(f"{loaded.path}: give the float checkpoint; int4 variants are made from it")
     tok = load_tokenizer(loaded)
     if args.text:
         text = Path(args.text).read_text(encoding="utf-8", errors="ignore")
     else:
         text = heldout_text(REPO.parent / "shared" / "data")
     ids = encode_blocks(tok, text, args.tokens)
+    label = Path(loaded.path).stem if checkpoint else "embedded"
     t0 = time.perf_counter()
     base = loaded.model
     ppl, _, _, ref = score(base, ids, args.window)
-    rows = [{"variant": "float", "group_size": None, "ppl": ppl, "kl": 0.0, "top1": 1.0,
-             "bytes": weight_bytes(base)}]
+    rows = [{"model": label, "variant": "float", "group_size": None, "ppl": ppl, "kl": 0.0, "top1": 1.0,
+             "bytes": weight_bytes(base), "basis": ppl}]
+    cal = calibration_tokens(args, tok, loaded.args.max_seq_len) if "gptq" in args.methods else None
     dec_ids = ids[: args.decode_tokens]
     ref_dec = None
     for g in args.group_sizes:
         for method in args.methods:
-            model = quantize_model_(copy.deepcopy(base), g, method=method)
+            tq = time.perf_counter()
+            if method == "gptq":
+                model = quantize_model_gptq_(copy.deepcopy(base), cal, g, method="search")
+            else:
+                model = quantize_model_(copy.deepcopy(base), g, method=method)
+            tq = time.perf_counter() - tq
             p, kl, top1, _ = score(model, ids, args.window, ref)
             q_bytes = weight_bytes(model)
-            rows.append({"variant": f"int4 {method} g{g}", "group_size": g, "method": method, "ppl": p, "kl": kl,
-                         "top1": top1, "bytes": q_bytes})
+            rows.append({"model": label, "variant": f"int4 {method} g{g}", "group_size": g, "method": method,
+                         "ppl": p, "kl": kl, "top1": top1, "bytes": q_bytes, "basis": ppl,
+                         "quantize_s": round(tq, 2)})
             if args.int8_activations and method == "rtn":
                 if ref_dec is None:
                     ref_dec = score(base, dec_ids, args.window, decode=True)
-                    rows.append({"variant": f"float, decode, {len(dec_ids)} tokens", "group_size": None,
-                                 "ppl": ref_dec[0], "kl": 0.0, "top1": 1.0, "bytes": rows[0]["bytes"]})
+                    rows.append({"model": label, "variant": f"float, decode, {len(dec_ids)} tokens",
+                                 "group_size": None, "ppl": ref_dec[0], "kl": 0.0, "top1": 1.0,
+                                 "bytes": rows[0]["bytes"], "basis": ref_dec[0]})
                 pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
-                rows.append({"variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd, "kl": kld,
-                             "top1": t1d, "bytes": q_bytes})
+                rows.append({"model": label, "variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd,
+                             "kl": kld, "top1": t1d, "bytes": q_bytes, "basis": ref_dec[0]})
                 for mod in model.modules():
                     if isinstance(mod, Int4Linear):
                         mod.activation = "int8"
                 pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
-                rows.append({"variant": f"int4 RTN g{g}, decode, int8 activations", "group_size": g, "ppl": pd,
-                             "kl": kld, "top1": t1d, "bytes": q_bytes})
+                rows.append({"model": label, "variant": f"int4 RTN g{g}, decode, int8 activations",
+                             "group_size": g, "ppl": pd, "kl": kld, "top1": t1d, "bytes": q_bytes,
+                             "basis": ref_dec[0]})
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"| variant | perplexity | vs float | KL | top-1 agreement | weights |")
-    print(f"|---|---|---|---|---|---|")
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", nargs="+", default=[None],
+                    help="float checkpoint(s); 'embedded' (the default) is the model in the repo")
+    ap.add_argument("--tokenizer", nargs="+", default=None, help="tokenizer per checkpoint ('-': found beside it)")
+    ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "search", "gptq"], choices=("rtn", "search", "gptq"))
+    ap.add_argument("--int8-activations", action="store_true")
+    ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
+    ap.add_argument("--json", default=None, help="write the results here")
+    add_calibration_args(ap)
+    add_thread_arg(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    checkpoints = [None if c in (None, "embedded") else c for c in args.checkpoint]
+    toks = args.tokenizer or [None] * len(checkpoints)
+    if len(toks) != len(checkpoints):
+        raise SystemExit(f"{len(checkpoints)} checkpoints but {len(toks)} tokenizers")
+    toks = [None if t == "-" else t for t in toks]
+    rows, runs = [], []
+    for ck, tk in zip(checkpoints, toks):
+        r, info = evaluate(args, ck, tk)
+        rows += r
+        runs.append(info)
+    print("| model | variant | perplexity | vs float | KL | top-1 | weights |")
+    print("|---|---|---|---|---|---|---|")
+    last = None
     for r in rows:
-        basis = rows[0]["ppl"] if "decode" not in r["variant"] else ref_dec[0]
-        print(f"| {r['variant']} | {r['ppl']:.3f} | {100 * (r['ppl'] / basis - 1):+.1f}% | {r['kl']:.4f} | "
-              f"{100 * r['top1']:.1f}% | {r['bytes'] / 1e6:.2f} MB |")
+        name = r["model"] if r["model"] != last else ""
+        last = r["model"]
+        vs = "" if r["variant"].startswith("float") else f"{100 * (r['ppl'] / r['basis'] - 1):+.1f}%"
+        kl = "" if r["variant"].startswith("float") else f"{r['kl']:.4f}"
+        t1 = "" if r["variant"].startswith("float") else f"{100 * r['top1']:.1f}%"
+        print(f"| {name} | {r['variant']} | {r['ppl']:.3f} | {vs} | {kl} | {t1} | {r['bytes'] / 1e6:.2f} MB |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"checkpoint": str(loaded.path), "tokens": len(ids),
-                                               "window": args.window, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": runs, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

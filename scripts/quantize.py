@@ -7,6 +7,9 @@ Reads any checkpoint models.load understands (float weights are memory-mapped wh
 quantizes the selected nn.Linear layers one at a time (each float weight is released as soon as its int4
 copy exists), prints each layer's SQNR and the sizes, and writes one safetensors file atomically
 (temporary file + rename). An existing --out is kept unless --force.
+
+--method gptq runs GPTQ block by block on --calib-sequences windows of --calib-len tokens drawn from
+--calibration (default: ../shared/data/tinystories_train.txt), group scales chosen by the clipping search.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import argparse
 import sys
 import time
 
-from _common import add_layer_args, add_thread_arg, apply_threads, peak_rss_mb
+from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
+                     peak_rss_mb)
 
 import torch
 from torch import nn
@@ -37,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
+    add_calibration_args(ap)
     add_thread_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
@@ -48,6 +53,7 @@ def main(argv=None):
     from models.load import load_model, relative_tokenizer_ref
     from quant4 import Int4Linear, projection_filter
     from quant4.serialization import save_quantized
+    from quant4.swap import weight_sqnr_db
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -66,15 +72,27 @@ def main(argv=None):
         raise SystemExit("no layers selected")
     print(f"{loaded.path} ({loaded.kind}): {len(targets)} layers to int4 g{args.group_size} ({args.method})")
     rows = []
-    for name, lin in tqdm(targets, desc="quantize", unit="layer", file=sys.stderr):
+
+    if args.method == "gptq":
+        from models.load import load_tokenizer
+        from quant4 import quantize_model_gptq_
+
+        shapes = {name: tuple(lin.weight.shape) for name, lin in targets}
+        targets = []        # hold no references: each float weight is freed once its int4 layer exists
+        cal = calibration_tokens(args, load_tokenizer(loaded), loaded.args.max_seq_len)
+        print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
+        bar = tqdm(total=len(model.layers), desc="gptq", unit="block", file=sys.stderr)
+        quantize_model_gptq_(model, cal, args.group_size, select, method="search",
+                             progress=lambda msg: bar.update(1) if msg.startswith("gptq: block") else None)
+        bar.close()
+        rows += [(r.name, shapes.get(r.name), r.sqnr_db) for r in model.quant4_report if r.swapped]
+    for name, lin in tqdm(targets, desc="quantize", unit="layer",
+                          file=sys.stderr):
         q = Int4Linear.from_linear(lin, args.group_size, method=args.method)
-        w = lin.weight.detach().float()
-        err = (w - q.dequantize()).norm()
-        sqnr = float(20 * torch.log10(w.norm() / err)) if err > 0 else float("inf")
-        rows.append((name, tuple(w.shape), sqnr))
+        rows.append((name, tuple(lin.weight.shape), weight_sqnr_db(lin.weight, q)))
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
-        del lin, w
+        del lin
     for name, shape, sqnr in rows:
         print(f"  {name:40s} {str(shape):14s} SQNR {sqnr:6.2f} dB")
     worst = min(rows, key=lambda r: r[2])

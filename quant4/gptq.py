@@ -1,0 +1,278 @@
+"""GPTQ on the CPU: int4 codes chosen column by column to minimize a layer's output error on calibration inputs.
+
+For a linear layer y = x W^T with calibration inputs X (rows), GPTQ minimizes ||X W^T - X W_hat^T||^2 using
+the Hessian H = X^T X / n: it quantizes one input column k at a time and spreads that column's rounding error
+over the not yet quantized columns in proportion to the inverse Hessian (Frantar et al., 2022, "GPTQ").
+quant4's version keeps the group structure and produces the ordinary stored format (quant4.scheme): when the
+sweep reaches the first column of a group, the group's scale and zero are chosen from the current (error-
+updated) weights, by min/max ("rtn") or by the clipping search ("search"); then every column of the group is
+rounded with them exactly like the plain quantizer.
+
+quantize_model_gptq_ runs a model block by block (one block's Hessians in memory at a time): it records the
+inputs of the first block for the calibration tokens, and for each block, for each set of selected layers
+that share an input (e.g. wq/wk/wv), accumulates that input's Hessian through the block whose earlier layers
+are already quantized, quantizes the set, and finally passes the calibration activations through the
+quantized block to the next one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from quant4 import ops
+from quant4.nn import Int4Linear
+from quant4.reference import pack
+from quant4.scheme import padded_k, qparams_from_minmax
+
+log = logging.getLogger("quant4")
+
+
+def _group_qparams(w: torch.Tensor, group_size: int, method: str, num_threads):
+    """w [N, <=g] fp32 (one group) -> (scale16 [N], zero16 [N], m [N] fp32), as the plain quantizer would."""
+    if method == "search":
+        _, s16, z16 = ops.quantize(w.contiguous(), group_size, method="search", num_threads=num_threads)
+        s16, z16 = s16[:, 0], z16[:, 0]
+        return s16, z16, z16.float() - 8 * s16.float()
+    return qparams_from_minmax(w.amin(1), w.amax(1))
+
+
+def _round(w: torch.Tensor, s16: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Codes of one column w [N] under (scale, m): the scheme's rounding (q = 8 where the scale is 0)."""
+    s = s16.float()
+    q = ((w - m) / torch.where(s == 0, torch.ones_like(s), s)).clamp(0, 15).round()
+    return torch.where(s == 0, torch.full_like(q, 8), q)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, *, damp: float = 0.01,
+                  block_size: int = 128, method: str = "rtn", act_order: bool = False,
+                  num_threads: Optional[int] = None):
+    """GPTQ for one layer: weight [N, K], hessian [K, K] (X^T X / n of its inputs) ->
+    (qweight uint8 [N, Kp/2], scales fp16 [N, G], zeros fp16 [N, G]) in quant4's stored format.
+
+    damp: fraction of the mean Hessian diagonal added to the diagonal (numerical safety). block_size: columns
+    updated lazily together (rounded up to a whole number of groups). method: how a group's scale and zero
+    are chosen ("rtn" min/max, "search" clipping search). act_order: visit columns by decreasing Hessian
+    diagonal, with every group's scale and zero fixed beforehand from the original weights.
+    """
+    ops.check_group_size(group_size)
+    if method not in ops.METHODS:
+        raise ValueError(f"method must be one of {ops.METHODS}, got {method!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError(f"weight must be a 2-D float tensor, got {getattr(weight, 'shape', type(weight))}")
+    N, K = weight.shape
+    if N == 0 or K == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (K, K):
+        raise ValueError(f"hessian must be [{K}, {K}] for weight {tuple(weight.shape)}, "
+                         f"got {tuple(getattr(hessian, 'shape', ()))}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1), got {damp}")
+    W = weight.detach().float().clone()
+    if not torch.isfinite(W).all():
+        raise ValueError("weight has non-finite values; quant4 refuses NaN/Inf weights")
+    H = hessian.detach().double().clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("hessian has non-finite values")
+    g = group_size
+    G = padded_k(K, g) // g
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0                      # inputs that are always zero: the weight is free, make it exact
+    scales = torch.empty(N, G, dtype=torch.float16)
+    zeros = torch.empty(N, G, dtype=torch.float16)
+    ms = torch.empty(N, G)
+    if act_order:                          # static groups from the original weights
+        for j in range(G):
+            scales[:, j], zeros[:, j], ms[:, j] = _group_qparams(W[:, j * g:(j + 1) * g], g, method, num_threads)
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+    else:
+        perm = torch.arange(K)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    torch.diagonal(H).add_(damp * torch.diagonal(H).mean())
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()   # upper factor of H^-1
+    del H, L
+    Q = torch.empty(N, K)
+    bs = max(g, block_size // g * g)
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.empty_like(W1)
+        Hi = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g
+            if not act_order and col % g == 0:
+                scales[:, grp], zeros[:, grp], ms[:, grp] = _group_qparams(W1[:, i:i + g], g, method, num_threads)
+            w = W1[:, i]
+            q = _round(w, scales[:, grp], ms[:, grp])
+            Q[:, i1 + i] = q
+            w_hat = (q - 8) * scales[:, grp].float() + zeros[:, grp].float()
+            err = (w - w_hat) / Hi[i, i]
+            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    codes = torch.zeros(N, G * g, dtype=torch.uint8)
+    codes[:, perm] = Q.to(torch.uint8)
+    return pack(codes), scales, zeros
+
+
+class _Stop(Exception):
+    pass
+
+
+def _blocks(model: nn.Module, select) -> tuple[str, nn.ModuleList]:
+    """The model's ModuleList of repeated blocks: the one holding the most selected layers."""
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList):
+            n = sum(1 for fqn, m in mod.named_modules() if fqn and select(m, f"{name}.{fqn}"))
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise ValueError("GPTQ needs a model whose selected layers sit in an nn.ModuleList of blocks "
+                         "(e.g. model.layers); none found")
+    return best
+
+
+def _input_sets(block: nn.Module, prefix: str, select, args, kwargs):
+    """Group the block's selected nn.Linear layers by the input tensor they receive, in call order."""
+    seen, handles = [], []
+    for fqn, mod in block.named_modules():
+        if fqn and isinstance(mod, nn.Linear) and select(mod, f"{prefix}.{fqn}"):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, inp, fqn=fqn: seen.append((fqn, inp[0].data_ptr(), tuple(inp[0].shape)))))
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    sets, key_of = [], {}
+    for fqn, ptr, shape in seen:
+        if (ptr, shape) in key_of:
+            if fqn not in sets[key_of[(ptr, shape)]]:
+                sets[key_of[(ptr, shape)]].append(fqn)
+        elif not any(fqn in s for s in sets):
+            key_of[(ptr, shape)] = len(sets)
+            sets.append([fqn])
+    return sets
+
+
+def _swap(root: nn.Module, fqn: str, new: nn.Module):
+    parent_name, _, attr = fqn.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+@torch.no_grad()
+def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size: int = 32,
+                         filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, damp: float = 0.01,
+                         block_size: int = 128, method: str = "rtn", act_order: bool = False,
+                         batch_size: int = 16, num_threads: Optional[int] = None,
+                         progress: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """Quantize the selected nn.Linear layers of `model` with GPTQ, in place; return the model.
+
+    calibration: int64 token ids [n_sequences, seq_len] fed to model(tokens) in batches of batch_size.
+    The model must hold its repeated blocks in an nn.ModuleList (model.layers) and call them in order as
+    block(hidden, *rest) -> hidden. Selected layers outside the blocks are quantized without calibration
+    (method). Other arguments as in gptq_quantize and quantize_model_; the report is model.quant4_report.
+    """
+    from quant4.swap import SwapRecord, is_projection, weight_sqnr_db
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model_gptq_ expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
+            or calibration.numel() == 0:
+        raise ValueError(f"calibration must be a non-empty int64 tensor [n_sequences, seq_len], got "
+                         f"{getattr(calibration, 'dtype', type(calibration))} "
+                         f"{tuple(getattr(calibration, 'shape', ()))}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ops.check_group_size(group_size)
+    select = filter_fn or is_projection
+    say = progress or (lambda msg: log.info(msg))
+    list_name, blocks = _blocks(model, select)
+
+    # inputs of the first block, per batch
+    captured = []
+
+    def grab(mod, args, kwargs):
+        captured.append((args[0], args[1:], kwargs))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in range(0, calibration.shape[0], batch_size):
+            try:
+                model(calibration[b:b + batch_size])
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    hidden = [c[0] for c in captured]
+    report = []
+    t0 = time.perf_counter()
+    for bi, block in enumerate(blocks):
+        prefix = f"{list_name}.{bi}"
+        sets = _input_sets(block, prefix, select, (hidden[0],) + captured[0][1], captured[0][2])
+        for names in sets:
+            first = block.get_submodule(names[0])
+            K = first.in_features
+            H = torch.zeros(K, K, dtype=torch.float64)
+            count = [0]
+
+            def accumulate(mod, inp):
+                x = inp[0].detach().reshape(-1, K).float()
+                H.add_((x.T @ x).double())
+                count[0] += x.shape[0]
+                raise _Stop
+
+            hk = first.register_forward_pre_hook(accumulate)
+            try:
+                for x, (_, rest, kw) in zip(hidden, captured):
+                    try:
+                        block(x, *rest, **kw)
+                    except _Stop:
+                        pass
+            finally:
+                hk.remove()
+            H /= max(count[0], 1)
+            for fqn in names:
+                lin = block.get_submodule(fqn)
+                if lin.weight.shape[1] != K:
+                    raise ValueError(f"{prefix}.{fqn}: in_features {lin.weight.shape[1]} != {K} of its input set")
+                try:
+                    qw, s, z = gptq_quantize(lin.weight, H, group_size, damp=damp, block_size=block_size,
+                                             method=method, act_order=act_order, num_threads=num_threads)
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"{prefix}.{fqn}: {exc}") from exc
+                bias = None if lin.bias is None else lin.bias.detach().float()
+                q = Int4Linear.from_packed(qw, s, z, in_features=K, group_size=group_size, bias=bias,
+                                           num_threads=num_threads)
+                report.append(SwapRecord(f"{prefix}.{fqn}", True, f"int4 g{group_size} gptq ({method})",
+                                         weight_sqnr_db(lin.weight, q)))
+                _swap(block, fqn, q)
+            del H
+        hidden = [block(x, *rest, **kw) for x, (_, rest, kw) in zip(hidden, captured)]
+        say(f"gptq: block {bi + 1}/{len(blocks)} ({sum(len(s) for s in sets)} layers), "
+            f"{time.perf_counter() - t0:.1f} s")
+    done = {r.name for r in report}
+    for fqn, mod in list(model.named_modules()):
+        if not fqn or fqn in done or isinstance(mod, Int4Linear):
+            continue
+        if isinstance(mod, nn.Linear) and select(mod, fqn):
+            q = Int4Linear.from_linear(mod, group_size, num_threads=num_threads, method=method)
+            report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method} (outside the blocks: no GPTQ)",
+                                     weight_sqnr_db(mod.weight, q)))
+            _swap(model, fqn, q)
+        elif isinstance(mod, nn.Linear):
+            report.append(SwapRecord(fqn, False, "not selected"))
+    for rec in report:
+        log.info(f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}")
+    model.quant4_report = report
+    return model
+
