@@ -5,7 +5,10 @@ Kinds, detected from the path:
   *.bin                           llama2.c (legacy, v1 fp32, v2 int8)
   *.pt / *.pth                    PyTorch state dict in Meta / llama2.c names (torch.load(weights_only=True,
                                   mmap=True)); model args embedded ("model_args"/"params"/"config") or in a
-                                  params.json beside the file
+                                  params.json beside the file; int4 state dicts of other tools (gpt-fast,
+                                  torchchat, torchao) are refused with their layout named and the
+                                  scripts/migrate.py command to convert them
+  *.gguf                          llama.cpp GGUF, architecture llama (models/gguf.py): Q4_0/Q4_1 kept int4
   *.safetensors                   quant4 quantized file (quant4.serialization) or quant4 float file
                                   (metadata "format": "quant4-float", as shipped for the embedded model)
 The model is built on the meta device and the checkpoint's tensors are assigned into it (assign=True), so
@@ -38,6 +41,7 @@ class Loaded:
     path: Path
     tokenizer_path: Optional[Path] = None
     quantized: dict = field(default_factory=dict)   # layer name -> {in_features, out_features, group_size}
+    tokenizer_bytes: Optional[bytes] = None          # a SentencePiece model carried inside the checkpoint (GGUF)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +93,12 @@ def read_torch_checkpoint(path) -> tuple[ModelArgs, dict]:
         params = json.loads(sidecar.read_text())
     sd = {k: v for k, v in _strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}
     sd.pop("freqs_cis", None), sd.pop("freqs_cos", None), sd.pop("freqs_sin", None)
+    from models.torch_int4 import describe_checkpoint, is_int4_state_dict
+
+    if is_int4_state_dict(sd):
+        out = path.with_name(path.stem + "-quant4.safetensors")
+        raise CheckpointError(f"{describe_checkpoint(sd, path)}. quant4 does not run other tools' packed "
+                              f"layouts; convert it once with: python scripts/migrate.py {path} --out {out}")
     return _infer_args(sd, params if isinstance(params, dict) else {}, path), sd
 
 
@@ -128,6 +138,19 @@ def build_model(args: ModelArgs, sd: dict, path, dtype: Optional[torch.dtype] = 
     return model.eval()
 
 
+def build_quantized(args: ModelArgs, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> Transformer:
+    """Transformer from quant4-format tensors: meta["layers"] (int4 layers) and meta["tied"] as in a quant4 file."""
+    from quant4.serialization import load_quantized_
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_quantized_(model, meta, tensors, num_threads=num_threads)
+    if args.tie_embeddings and not hasattr(model.output, "qweight"):
+        model.output.weight = model.tok_embeddings.weight
+    model.reset_rope()
+    return model.eval()
+
+
 def _detect(path: Path) -> str:
     if path.is_dir():
         if (path / "config.json").exists():
@@ -140,11 +163,13 @@ def _detect(path: Path) -> str:
         return "llama2c"
     if suffix in (".pt", ".pth"):
         return "torch"
+    if suffix == ".gguf":
+        return "gguf"
     if suffix == ".safetensors":
         from quant4.serialization import read_header
 
         return "quant4" if "quant4" in read_header(path) else "float-safetensors"
-    raise CheckpointError(f"{path}: unknown checkpoint kind (expected a directory, .bin, .pt/.pth or .safetensors)")
+    raise CheckpointError(f"{path}: unknown checkpoint kind (expected a directory, .bin, .pt/.pth, .gguf or .safetensors)")
 
 
 def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None,
@@ -154,7 +179,16 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     kind = _detect(path)
     quantized = {}
     tok_guess = None
-    if kind == "quant4":
+    tok_bytes = None
+    if kind == "gguf":
+        from models.gguf import read_gguf
+
+        args, layers, tensors, tok_bytes = read_gguf(path)
+        tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+        model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
+        quantized = layers
+        tok_guess = _tokenizer_beside(path) if tok_bytes is None else None
+    elif kind == "quant4":
         from quant4.serialization import FormatError, load_quantized_, read_quantized
 
         meta, tensors = read_quantized(path)
@@ -165,13 +199,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             args = ModelArgs.from_dict(info["config"])
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"{path}: bad model config ({exc})") from None
-        with torch.device("meta"):
-            model = Transformer(args)
-        load_quantized_(model, meta, tensors, num_threads=num_threads)
-        if args.tie_embeddings and not hasattr(model.output, "qweight"):
-            model.output.weight = model.tok_embeddings.weight
-        model.reset_rope()
-        model.eval()
+        model = build_quantized(args, meta, tensors, num_threads=num_threads)
         quantized = meta["layers"]
         if meta.get("tokenizer"):
             tok_guess = path.parent / meta["tokenizer"]
@@ -196,7 +224,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         if tokenizer is not None:
             raise FileNotFoundError(f"tokenizer file not found: {tok_path}")
         tok_path = None
-    return Loaded(model, args, kind, path, tok_path, quantized)
+    return Loaded(model, args, kind, path, tok_path, quantized, None if tokenizer is not None else tok_bytes)
 
 
 def _tokenizer_beside(path: Path) -> Optional[Path]:
@@ -214,6 +242,8 @@ def relative_tokenizer_ref(tokenizer_path, out_file) -> Optional[str]:
 
 
 def load_tokenizer(loaded: Loaded) -> Tokenizer:
+    if loaded.tokenizer_bytes is not None:
+        return Tokenizer.from_serialized(loaded.tokenizer_bytes, f"{loaded.path} (tokenizer inside)")
     if loaded.tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer found for {loaded.path}; pass --tokenizer path/to/tokenizer.model")
     return Tokenizer(loaded.tokenizer_path)

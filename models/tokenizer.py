@@ -20,6 +20,22 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
 
+    @classmethod
+    def from_serialized(cls, data: bytes, name: str = "embedded tokenizer") -> "Tokenizer":
+        """A tokenizer from the bytes of a SentencePiece model (e.g. one stored in a GGUF file)."""
+        import sentencepiece as spm
+
+        tok = cls.__new__(cls)
+        tok.path = Path(name)
+        tok.sp = spm.SentencePieceProcessor()
+        try:
+            tok.sp.LoadFromSerializedProto(data)
+        except Exception as exc:
+            raise ValueError(f"{name}: not a SentencePiece model ({exc})") from None
+        tok.bos_id, tok.eos_id = tok.sp.bos_id(), tok.sp.eos_id()
+        tok.vocab_size = tok.sp.vocab_size()
+        return tok
+
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids

@@ -24,6 +24,20 @@ class _Int4LinearFn(torch.autograd.Function):
         return (grad_y.float() @ w).to(grad_y.dtype), None
 
 
+def _foreign_layout(weight: torch.Tensor, sz) -> str:
+    """Name the int4 layout a foreign `weight` (+ scales_and_zeros) most likely is, from shapes alone."""
+    shape = tuple(weight.shape)
+    if sz is None:
+        return f"a plain {weight.dtype} {shape} weight (an unquantized nn.Linear?)"
+    if weight.dtype == torch.int32 and weight.dim() == 4:
+        return (f"torch's tinygemm int32 tile layout {shape} (gpt-fast; CUDA, or torch <= 2.5 on CPU) with "
+                f"scales_and_zeros {tuple(sz.shape)}")
+    if weight.dtype == torch.uint8 and weight.dim() == 2:
+        return (f"uint8 {shape} from another int4 tool (torch >= 2.6 CPU packed: AVX-512/AVX2/scalar, or "
+                f"torch 2.5 / torchao uint8) with scales_and_zeros {tuple(sz.shape)}")
+    return f"an unknown packed {weight.dtype} {shape} tensor with scales_and_zeros {tuple(sz.shape)}"
+
+
 class Int4Linear(nn.Module):
     """y = x . w_hat^T + bias, with w_hat group-wise int4 (see quant4.scheme).
 
@@ -143,6 +157,14 @@ class Int4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        foreign = state_dict.get(prefix + "weight")
+        if isinstance(foreign, torch.Tensor) and prefix + "qweight" not in state_dict:
+            sz = state_dict.get(prefix + "scales_and_zeros")
+            error_msgs.append(
+                f"{prefix}weight: checkpoint holds {_foreign_layout(foreign, sz)} where quant4 format "
+                f"v{FORMAT_VERSION} expects qweight uint8 {tuple(self.qweight.shape)} + scales/zeros float16. "
+                f"Convert the checkpoint once with: python scripts/migrate.py CHECKPOINT --out OUT.safetensors")
+            state_dict = {k: v for k, v in state_dict.items() if k not in (prefix + "weight", prefix + "scales_and_zeros")}
         for name in ("qweight", "scales", "zeros"):
             key = prefix + name
             t = state_dict.get(key)
@@ -151,8 +173,7 @@ class Int4Linear(nn.Module):
                 error_msgs.append(
                     f"{key}: checkpoint has {t.dtype} {tuple(t.shape)}, quant4 format v{FORMAT_VERSION} expects "
                     f"{mine.dtype} {tuple(mine.shape)} (in_features={self.in_features}, "
-                    f"group_size={self.group_size}). If this came from another int4 tool's packed layout, "
-                    f"convert it to quant4's format first.")
+                    f"group_size={self.group_size}).")
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

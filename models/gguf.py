@@ -1,0 +1,291 @@
+"""GGUF (llama.cpp) llama models in and out, through the `gguf` package.
+
+Import (read_gguf): general.architecture must be "llama". Q4_0 and Q4_1 projections become quant4 int4
+layers with group size 32 without re-quantization (quant4.layouts.from_ggml_q4: Q4_0 exact, Q4_1's offset
+rounded once to float16); F32/F16/BF16 tensors load as float32; any other type is dequantized with
+gguf.quants.dequantize and then re-quantized to int4 g32 (round to nearest) if it is one of the seven
+projections, kept in float otherwise (embeddings, norms, output). The tokenizer comes from the file: the
+original SentencePiece model if quant4 wrote it (key quant4.tokenizer.sentencepiece, base64), else rebuilt
+from tokenizer.ggml.tokens / scores / token_type (needs the protobuf package).
+
+Export (write_gguf): int4 layers whose in_features is a multiple of 32 become Q4_1 (d = scale exactly, m =
+zero - 8 scale rounded to float16; any group size maps onto its 32-blocks), every other tensor F32; the
+metadata keys and tensor names are llama.cpp's for architecture "llama"; tied embeddings are written once
+(llama.cpp falls back to token_embd for a missing output.weight). Q/K rows stay in Meta's interleaved RoPE
+order, which is what llama.cpp's "llama" architecture expects.
+"""
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from models.llama import ModelArgs
+from models.llama2c import CheckpointError
+from quant4 import layouts, reference
+from quant4.scheme import padded_k
+
+TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
+PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+               "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+               "ffn_up": "feed_forward.w3"}
+BLOCK_NAMES = {**PROJECTIONS, "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+
+def meta_name(gguf_name: str) -> Optional[str]:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
+    m = re.fullmatch(r"(\w+)\.weight", gguf_name)
+    if m and m.group(1) in TOP_NAMES:
+        return TOP_NAMES[m.group(1)]
+    return None
+
+
+def gguf_name(meta: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", meta)
+    if m:
+        inv = {v: k for k, v in BLOCK_NAMES.items()}
+        return f"blk.{m.group(1)}.{inv[m.group(2)]}.weight"
+    return f"{ {v: k for k, v in TOP_NAMES.items()}[meta]}.weight"
+
+
+def _field(reader, key, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as exc:
+        raise CheckpointError(f"GGUF key {key} cannot be read ({exc})") from None
+
+
+def read_gguf(path, *, report: Optional[list] = None):
+    """-> (ModelArgs, layers, tensors, tokenizer model bytes or None) in quant4's format (see module doc)."""
+    import gguf
+
+    path = Path(path)
+    note = report.append if report is not None else (lambda s: None)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:     # the package raises ValueError, struct.error, IndexError, ... on bad files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
+
+    def num(key, default=None, kind=int):
+        v = _field(reader, f"llama.{key}", default)
+        if v is None:
+            raise CheckpointError(f"{path}: GGUF key llama.{key} is missing")
+        try:
+            return kind(v) if kind is int else float(f"{float(v):.7g}")   # stored as float32: 1e-5 not 9.99e-6
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: GGUF key llama.{key} = {v!r} is not a number") from None
+
+    dim, n_layers, n_heads = num("embedding_length"), num("block_count"), num("attention.head_count")
+    n_kv = num("attention.head_count_kv", n_heads)
+    hidden = num("feed_forward_length")
+    for key, v in (("embedding_length", dim), ("block_count", n_layers), ("attention.head_count", n_heads),
+                   ("attention.head_count_kv", n_kv), ("feed_forward_length", hidden)):
+        if not 0 < v <= 1 << 20:
+            raise CheckpointError(f"{path}: GGUF key llama.{key} = {v} is out of range")
+    if dim % n_heads or n_heads % n_kv:
+        raise CheckpointError(f"{path}: dim {dim}, heads {n_heads}, kv heads {n_kv} are inconsistent")
+    head_dim = dim // n_heads
+    if num("rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: partial RoPE (rope.dimension_count != head dim) is not supported")
+
+    tensors, layers, requant = {}, {}, []
+    for t in reader.tensors:
+        name = meta_name(t.name)
+        if name is None:
+            note(f"ignored tensor {t.name}")
+            continue
+        qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+        shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
+        data = np.asarray(t.data)
+        is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
+        if qtype.name in ("Q4_0", "Q4_1") and is_proj and len(shape) == 2:
+            N, K = shape
+            try:
+                codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
+                                                   qtype.name, K)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: tensor {t.name}: {exc}") from None
+            tensors[f"{name}.qweight"] = reference.pack(codes)
+            tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s, z
+            layers[name] = {"in_features": K, "out_features": N, "group_size": 32}
+            continue
+        if qtype.name in ("F32", "F16", "BF16"):
+            if qtype.name == "BF16":
+                w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
+            else:
+                w = torch.from_numpy(np.ascontiguousarray(data).astype(np.float32))
+        else:
+            try:
+                w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)).astype(np.float32))
+            except NotImplementedError as exc:
+                raise CheckpointError(f"{path}: tensor {t.name} has type {qtype.name}, which gguf cannot "
+                                      f"dequantize ({exc})") from None
+            if is_proj and name != "output":
+                requant.append(name)
+        w = w.reshape(shape)
+        if is_proj and name in requant:
+            from quant4.ops import quantize
+
+            qw, s, z = quantize(w, 32)
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = qw, s, z
+            layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
+        else:
+            tensors[f"{name}.weight"] = w
+    if requant:
+        note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
+    if "tok_embeddings.weight" not in tensors:
+        raise CheckpointError(f"{path}: no token_embd.weight")
+    vocab = tensors["tok_embeddings.weight"].shape[0]
+    tied = "output.weight" not in tensors and "output" not in layers
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+                     hidden_dim=hidden, norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5, float),
+                     rope_theta=num("rope.freq_base", 10000.0, float),
+                     max_seq_len=num("context_length", 2048), tie_embeddings=tied)
+    note(f"{len(layers)} int4 layers (Q4_0/Q4_1 kept as is), {sum(1 for k in tensors if k.endswith('.weight'))} "
+         f"float tensors")
+    return args, layers, tensors, _tokenizer_bytes(reader, path)
+
+
+def _tokenizer_bytes(reader, path) -> Optional[bytes]:
+    raw = _field(reader, TOKENIZER_KEY)
+    if raw:
+        try:
+            return base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise CheckpointError(f"{path}: {TOKENIZER_KEY} is not base64") from None
+    if _field(reader, "tokenizer.ggml.model") != "llama":
+        return None
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if not tokens:
+        return None
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+    except ImportError:
+        return None
+    proto = spm_pb2.ModelProto()
+    for i, piece in enumerate(tokens):
+        p = proto.pieces.add()
+        p.piece = piece
+        p.score = float(scores[i]) if scores else 0.0
+        p.type = int(types[i]) if types else 1       # gguf TokenType and SentencePiece Type share numbers
+    proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = any(int(t) == 6 for t in (types or []))
+    for key, attr in (("unk", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id")):
+        v = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        setattr(proto.trainer_spec, attr, int(v) if v is not None else -1)
+    proto.trainer_spec.pad_id = -1
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: bool = False,
+               report: Optional[list] = None) -> Path:
+    """Write `model` (float and/or Int4Linear layers) as a GGUF llama model, atomically (see module doc)."""
+    import gguf
+
+    from quant4 import Int4Linear
+    from quant4.serialization import atomic_write
+
+    note = report.append if report is not None else (lambda s: None)
+    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    items = []          # (gguf name, numpy array, raw dtype or None)
+    max_round = 0.0
+    sd = model.state_dict()
+    written = set()
+    for key, t in sd.items():
+        if key.endswith("_extra_state"):
+            continue
+        base = key.rsplit(".", 1)[0]
+        if base in int4:
+            if base in written:
+                continue
+            written.add(base)
+            m = int4[base]
+            if m.bias is not None:
+                raise ValueError(f"{base}: GGUF llama layers have no bias")
+            if m.in_features % 32 == 0:
+                blocks, err = layouts.to_ggml_q4_1(reference.unpack(m.qweight), m.scales, m.zeros, m.group_size,
+                                                   m.in_features)
+                max_round = max(max_round, err)
+                items.append((gguf_name(base), blocks.numpy(), gguf.GGMLQuantizationType.Q4_1))
+            else:
+                note(f"{base}: in_features {m.in_features} is not a multiple of 32; written as F32 "
+                     f"(its exact int4 values)")
+                items.append((gguf_name(base), m.dequantize().numpy().astype(np.float32), None))
+            continue
+        if key == "output.weight" and args.tie_embeddings:
+            continue
+        if key.startswith("rope_"):
+            continue
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        items.append((gguf_name(name), t.detach().float().contiguous().numpy(), None))
+    note(f"Q4_1 offsets rounded to float16: largest change of a weight {max_round:.3g}")
+
+    def write(tmp):
+        w = gguf.GGUFWriter(tmp, arch="llama")
+        w.add_name("quant4 export")
+        add_llama_metadata(w, args)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if int4 else gguf.LlamaFileType.ALL_F32)
+        if tokenizer_path is not None:
+            _add_tokenizer(w, Path(tokenizer_path))
+        for name, arr, raw in items:
+            w.add_tensor(name, arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
+def add_llama_metadata(w, args: ModelArgs) -> None:
+    """The llama.* hyperparameter keys llama.cpp reads for architecture "llama"."""
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_vocab_size(args.vocab_size)
+
+
+def _add_tokenizer(w, tok_path: Path):
+    import tempfile
+
+    from gguf.vocab import SentencePieceVocab
+
+    with tempfile.TemporaryDirectory() as d:      # SentencePieceVocab looks for <dir>/tokenizer.model
+        (Path(d) / "tokenizer.model").symlink_to(tok_path.resolve())
+        vocab = SentencePieceVocab(Path(d))
+        toks = list(vocab.all_tokens())
+        sp = vocab.sentencepiece_tokenizer
+    w.add_tokenizer_model("llama")
+    w.add_token_list([t[0] for t in toks])
+    w.add_token_scores([t[1] for t in toks])
+    w.add_token_types([int(t[2]) for t in toks])
+    for setter, v in ((w.add_bos_token_id, sp.bos_id()), (w.add_eos_token_id, sp.eos_id()),
+                      (w.add_unk_token_id, sp.unk_id())):
+        if v >= 0:
+            setter(v)
+    w.add_string(TOKENIZER_KEY, base64.b64encode(tok_path.read_bytes()).decode("ascii"))

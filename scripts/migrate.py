@@ -1,0 +1,177 @@
+"""Convert int4 checkpoints between quant4, other PyTorch tools' packed layouts, and GGUF.
+
+    python scripts/migrate.py model_int4.g32.pth --inspect                 # what is in it
+    python scripts/migrate.py model_int4.g32.pth --out model-int4.safetensors        # -> quant4
+    python scripts/migrate.py model-int4.safetensors --out model_int4.g32.pth        # -> this torch's CPU op
+    python scripts/migrate.py model-int4.safetensors --out model.gguf                # -> GGUF Q4_1
+    python scripts/migrate.py model.gguf --out model-int4.safetensors                # GGUF Q4_0/Q4_1 -> quant4
+
+Inputs: int4 state dicts of gpt-fast / torchchat / torchao (`*.weight` packed + `*.scales_and_zeros`) in any
+layout of quant4.layouts (torch <= 2.5 tinygemm int32 tiles, torch 2.5 uint8, torch >= 2.6 CPU bytes for
+AVX-512 / AVX2 / scalar; detected from the codes where the bytes allow, else named with --layout), GGUF
+llama files, quant4 files. The model's n_heads comes from params.json beside a .pth (or --params).
+Outputs by --out's suffix: .safetensors (quant4's format), .pth/.pt (a torchchat/gpt-fast style state dict:
+packed by this torch's _convert_weight_to_int4pack_for_cpu, or --torch-layout for another, e.g.
+cuda-tiled for gpt-fast on a GPU; scales_and_zeros in --dtype; a params.json written beside it unless one
+is there), .gguf (llama.cpp, Q4_1). Nothing is re-quantized; the conversions are bit-exact except the
+documented float16 roundings (GGUF Q4_1's offset; bf16 scales_and_zeros). Writes are atomic and never
+replace an existing file without --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO  # noqa: F401  (puts the repo on sys.path)
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def read_any(path: Path, args, report: list):
+    """-> (model, ModelArgs, kind, tokenizer path or None, tokenizer bytes or None)."""
+    from models.load import build_quantized, load_model
+    from models.torch_int4 import is_int4_state_dict, read_torch_int4
+
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:
+            raise SystemExit(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})")
+        inner = sd.get("model") if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd
+        if isinstance(inner, dict) and is_int4_state_dict(inner):
+            margs, layers, tensors = read_torch_int4(path, layout=args.layout, params_file=args.params,
+                                                     report=report)
+            tied = {"output.weight": "tok_embeddings.weight"} if margs.tie_embeddings else {}
+            model = build_quantized(margs, {"layers": layers, "tied": tied}, tensors)
+            tok = Path(args.tokenizer) if args.tokenizer else None
+            if tok is None and (path.parent / "tokenizer.model").exists():
+                tok = path.parent / "tokenizer.model"
+            return model, margs, "torch-int4", tok, None
+    loaded = load_model(path, tokenizer=args.tokenizer)
+    if not loaded.quantized:
+        raise SystemExit(f"{path} holds no int4 layers; quantize it with scripts/quantize.py")
+    report.append(f"{loaded.kind}: {len(loaded.quantized)} int4 layers")
+    return loaded.model, loaded.args, loaded.kind, loaded.tokenizer_path, loaded.tokenizer_bytes
+
+
+def summarize(model) -> str:
+    from quant4 import Int4Linear
+
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, Int4Linear)]
+    gs = sorted({m.group_size for _, m in mods})
+    shapes = sorted({(m.out_features, m.in_features) for _, m in mods})
+    return (f"{len(mods)} int4 layers, group size {'/'.join(map(str, gs))}, shapes "
+            f"{', '.join(f'{n}x{k}' for n, k in shapes)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input")
+    ap.add_argument("--out", default=None, help="output file: .safetensors, .pth/.pt or .gguf")
+    ap.add_argument("--inspect", action="store_true", help="only report what the input holds")
+    ap.add_argument("--layout", default=None, help="the input's packed layout, when it cannot be detected")
+    ap.add_argument("--params", default=None, help="params.json with the model's n_heads (torch inputs)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer .model to reference / embed")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="scales_and_zeros dtype (.pth out)")
+    ap.add_argument("--torch-layout", default=None, help="packed layout for .pth out (default: this torch's "
+                                                          "CPU op); e.g. cuda-tiled for gpt-fast on CUDA")
+    ap.add_argument("--inner-k-tiles", type=int, default=8, choices=(2, 4, 8))
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = ap.parse_args(argv)
+
+    from models.llama2c import CheckpointError
+    from quant4 import layouts
+
+    src = Path(args.input)
+    if not src.exists():
+        raise SystemExit(f"{src}: not found")
+    if args.layout is not None and args.layout not in layouts.LAYOUTS:
+        raise SystemExit(f"--layout must be one of {', '.join(layouts.LAYOUTS)}, got {args.layout!r}")
+    if args.torch_layout is not None and args.torch_layout not in layouts.LAYOUTS:
+        raise SystemExit(f"--torch-layout must be one of {', '.join(layouts.LAYOUTS)}, got {args.torch_layout!r}")
+    if not args.inspect:
+        if not args.out:
+            raise SystemExit("--out is required (or --inspect)")
+        out = Path(args.out)
+        if out.suffix.lower() not in (".safetensors", ".pth", ".pt", ".gguf"):
+            raise SystemExit(f"--out must end in .safetensors, .pth, .pt or .gguf, got {out}")
+        if out.exists() and not args.force:
+            raise SystemExit(f"{out} exists; pass --force to replace it")
+        if out.resolve() == src.resolve():
+            raise SystemExit("--out must differ from the input")
+    t0 = time.perf_counter()
+    report: list[str] = []
+    try:
+        model, margs, kind, tok_path, tok_bytes = read_any(src, args, report)
+    except (CheckpointError, ValueError, TypeError) as exc:
+        raise SystemExit(str(exc))
+    print(f"{src}: {kind}; {summarize(model)}")
+    for line in report:
+        print(f"  {line}")
+    if args.inspect:
+        return 0
+    report.clear()
+    suffix = out.suffix.lower()
+    if suffix == ".safetensors":
+        from models.load import relative_tokenizer_ref
+        from quant4.serialization import atomic_write, save_quantized
+
+        if tok_bytes is not None and tok_path is None:        # a tokenizer carried inside a GGUF: write it out
+            tok_path = out.with_suffix(".tokenizer.model")
+            if tok_path.exists() and tok_path.read_bytes() != tok_bytes and not args.force:
+                raise SystemExit(f"{tok_path} exists with other content; pass --force to replace it")
+            atomic_write(tok_path, lambda tmp: Path(tmp).write_bytes(tok_bytes), overwrite=True)
+            report.append(f"tokenizer from the GGUF file written to {tok_path}")
+        info = {"type": "llama", "config": dict(margs.to_dict(), dropout=0.0), "source": str(src)}
+        save_quantized(model, out, model_info=info, tokenizer=relative_tokenizer_ref(tok_path, out),
+                       overwrite=args.force)
+    elif suffix == ".gguf":
+        from models.gguf import write_gguf
+
+        tmp_tok = None
+        if tok_path is None and tok_bytes is not None:
+            import tempfile
+
+            tmp_tok = Path(tempfile.mkstemp(suffix=".model")[1])
+            tmp_tok.write_bytes(tok_bytes)
+            tok_path = tmp_tok
+        try:
+            write_gguf(model, margs, out, tokenizer_path=tok_path, overwrite=args.force, report=report)
+        finally:
+            if tmp_tok is not None:
+                tmp_tok.unlink()
+        if tok_path is None:
+            report.append("no tokenizer found: the GGUF has none (pass --tokenizer)")
+    else:
+        from models.torch_int4 import export_torch_int4
+        from quant4.serialization import atomic_write
+
+        sd = export_torch_int4(model, dtype=DTYPES[args.dtype], layout=args.torch_layout,
+                               inner_k_tiles=args.inner_k_tiles, report=report)
+        atomic_write(out, lambda tmp: torch.save(sd, tmp), overwrite=args.force)
+        where = args.torch_layout or f"this torch's CPU op ({torch.backends.cpu.get_cpu_capability()})"
+        report.append(f"packed by {where}; scales_and_zeros {args.dtype}")
+        params = {"dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
+                  "n_kv_heads": margs.n_kv_heads, "vocab_size": margs.vocab_size, "norm_eps": margs.norm_eps,
+                  "rope_theta": margs.rope_theta, "max_seq_len": margs.max_seq_len}
+        side = out.parent / "params.json"
+        if side.exists() and json.loads(side.read_text() or "{}") != params:
+            report.append(f"{side} exists with other content and was left alone; the model's params: "
+                          f"{json.dumps(params)}")
+        elif not side.exists():
+            atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=1)))
+            report.append(f"wrote {side}")
+    for line in report:
+        print(f"  {line}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

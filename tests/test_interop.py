@@ -1,0 +1,386 @@
+"""Other tools' int4 layouts, torch's int4 op, gpt-fast/torchchat state dicts, GGUF, and scripts/migrate.py."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from models.gguf import read_gguf, write_gguf
+from models.llama import ModelArgs, Transformer
+from models.llama2c import CheckpointError
+from models.load import build_quantized, load_model, load_tokenizer
+from models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
+from quant4 import Int4Linear, layouts, quantize_model_, reference
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "int4_layouts.safetensors"
+ISA_LAYOUT = {"AVX512": "cpu-avx512", "AVX2": "cpu-avx2", "DEFAULT": "cpu-scalar"}
+HAS_CPU_OP = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _codes(N, K, seed=0):
+    return torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+# ---- layouts --------------------------------------------------------------------------------------------------
+
+def test_layouts_match_golden_fixtures():
+    # made by tests/fixtures/make_layout_fixtures.py from torch's own CPU op (per ISA) and a transliteration of
+    # the CUDA packing kernel, independently of quant4.layouts
+    f = load_file(str(FIXTURES))
+    q = f["codes"]
+    N, K = q.shape
+    seen = 0
+    for name, packed in f.items():
+        if name == "codes":
+            continue
+        layout, _, ikt = name.partition("-ikt")
+        ikt = int(ikt or 8)
+        assert torch.equal(layouts.pack_codes(q, layout, ikt), packed), name
+        assert torch.equal(layouts.unpack_codes(packed, layout, N, K), q), name
+        seen += 1
+    assert seen == 7
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+@pytest.mark.parametrize("N,K", [(16, 128), (48, 256), (64, 512), (80, 128), (208, 384)])
+def test_layout_round_trip_is_bit_exact(layout, N, K):
+    q = _codes(N, K, N + K)
+    ikt = 2 if K % 128 else 8
+    packed = layouts.pack_codes(q, layout, ikt)
+    assert packed.numel() * packed.element_size() == N * K // 2
+    assert torch.equal(layouts.unpack_codes(packed, layout, N, K), q)
+    m = layouts.nibble_map(layout, N, K, ikt)
+    assert torch.equal(m.sort().values, torch.arange(N * K))        # every weight exactly once
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6 has no _convert_weight_to_int4pack_for_cpu")
+@pytest.mark.parametrize("N,K", [(16, 64), (48, 32), (80, 256), (176, 128)])
+def test_cpu_layout_equals_torch_op_on_this_cpu(N, K):
+    layout = ISA_LAYOUT[torch.backends.cpu.get_cpu_capability()]
+    q = _codes(N, K)
+    assert torch.equal(layouts.pack_codes(q, layout), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6 has no _weight_int4pack_mm_for_cpu")
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_other_isa_layouts_drive_torch_op(isa, tmp_path):
+    # torch on this machine, forced to another ISA, multiplies by quant4-made bytes of that ISA's layout
+    # and gets quant4's result
+    lin = Int4Linear.from_linear(nn.Linear(256, 96, bias=False), 32)
+    x = torch.randn(3, 256)
+    layout = {"avx2": "cpu-avx2", "default": "cpu-scalar"}[isa]
+    codes = reference.unpack(lin.qweight)
+    torch.save({"packed": layouts.pack_codes(codes, layout), "sz": layouts.scales_and_zeros(lin.scales, lin.zeros,
+                torch.float32), "x": x, "y": lin(x)}, tmp_path / "case.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        d = torch.load({str(tmp_path / 'case.pt')!r})
+        assert torch.backends.cpu.get_cpu_capability() == {isa.upper()!r}, torch.backends.cpu.get_cpu_capability()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(d["x"], d["packed"], 32, d["sz"])
+        err = ((y - d["y"]).abs() / (d["y"].abs() + 1e-3)).max().item()
+        print(err)
+        assert err < 1e-4, err
+    """)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_export_drives_torch_op(dtype, tol):
+    lin = Int4Linear.from_linear(nn.Linear(384, 160, bias=False), 64)
+    sd = export_torch_int4(nn.ModuleDict({"l": lin}), dtype=dtype)
+    x = torch.randn(5, 384)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), sd["l.weight"], 64, sd["l.scales_and_zeros"])
+    ref = lin(x)
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="unknown int4 layout"):
+        layouts.pack_codes(_codes(16, 32), "avx1024")
+    with pytest.raises(ValueError, match="N % 16"):
+        layouts.pack_codes(_codes(8, 32), "cpu-avx2")
+    with pytest.raises(ValueError, match="K % 128"):
+        layouts.pack_codes(_codes(16, 64), "cuda-tiled", 8)
+    with pytest.raises(ValueError, match="codes must be 0..15"):
+        layouts.pack_codes(torch.full((16, 32), 16, dtype=torch.uint8), "quant4")
+    with pytest.raises(TypeError, match="uint8 tensor"):
+        layouts.pack_codes(torch.zeros(16, 32, dtype=torch.int32), "quant4")
+    with pytest.raises(ValueError, match="holds 256 bytes"):
+        layouts.unpack_codes(torch.zeros(16, 16, dtype=torch.uint8), "cpu-avx2", 16, 64)
+    with pytest.raises(ValueError, match="float16's range"):
+        layouts.to_quant4_qparams(torch.full((2, 16, 2), 1e6))
+    with pytest.raises(ValueError, match="cannot infer a group size"):
+        layouts.infer_group_size(96, 2)
+
+
+# ---- gpt-fast / torchchat state dicts --------------------------------------------------------------------------
+
+def _quant_model(dim=128, hidden=256, n_layers=2, vocab=96, g=32, seed=0):
+    m = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                              hidden_dim=hidden, max_seq_len=64))
+    m.init_weights(seed)
+    return quantize_model_(m.eval(), g)
+
+
+def _params(m, path):
+    a = m.args
+    (path / "params.json").write_text(json.dumps({"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads,
+                                                   "n_kv_heads": a.n_kv_heads}))
+
+
+def _fuse_wqkv(sd):
+    for i in range(100):
+        p = f"layers.{i}.attention."
+        if p + "wq.weight" not in sd:
+            break
+        codes = [layouts.unpack_codes(sd.pop(p + f"w{c}.weight"), "cuda-tiled", *shape) for c, shape in
+                 (("q", (128, 128)), ("k", (64, 128)), ("v", (64, 128)))]
+        sd[p + "wqkv.weight"] = layouts.pack_codes(torch.cat(codes), "cuda-tiled", 8)
+        sd[p + "wqkv.scales_and_zeros"] = torch.cat([sd.pop(p + f"w{c}.scales_and_zeros") for c in "qkv"], 1)
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["cpu-avx512", "cpu-avx2", "cpu-scalar", "cuda-tiled", "uint8-hi-even"])
+def test_torch_int4_state_dict_import(layout, tmp_path):
+    m = _quant_model()
+    sd = export_torch_int4(m, dtype=torch.float32, layout=layout)
+    if layout == "cuda-tiled":
+        sd = _fuse_wqkv(sd)                     # gpt-fast keeps q, k and v fused
+    torch.save(sd, tmp_path / "model_int4.g32.pth")
+    _params(m, tmp_path)
+    ambiguous = layout in ("cpu-avx2", "cpu-scalar")
+    if ambiguous:
+        with pytest.raises(CheckpointError, match="cpu-avx2 and cpu-scalar equally.*--layout"):
+            read_torch_int4(tmp_path / "model_int4.g32.pth")
+    report = []
+    args, lay, tensors = read_torch_int4(tmp_path / "model_int4.g32.pth", layout=layout if ambiguous else None,
+                                         report=report)
+    assert f"layout {layout}" in report[0]
+    got = build_quantized(args, {"layers": lay, "tied": {}}, tensors) if not args.tie_embeddings else \
+        build_quantized(args, {"layers": lay, "tied": {"output.weight": "tok_embeddings.weight"}}, tensors)
+    for name, mod in m.named_modules():
+        if isinstance(mod, Int4Linear):
+            other = got.get_submodule(name)
+            assert torch.equal(other.qweight, mod.qweight) and torch.equal(other.scales, mod.scales) \
+                and torch.equal(other.zeros, mod.zeros), name
+    tokens = torch.tensor([[1, 5, 9, 33, 70]])
+    assert torch.equal(got(tokens), m(tokens))
+
+
+class TorchOpLinear(nn.Module):
+    """What torchchat / torchao run on CPU: torch's packed weight and its int4 op."""
+
+    def __init__(self, in_features, out_features, group_size, dtype):
+        super().__init__()
+        self.g = group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype))
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1]).to(self.scales_and_zeros.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.g, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], -1).float()
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
+def test_exported_model_runs_on_torch_op_with_same_logits():
+    m = _quant_model(g=64)
+    sd = export_torch_int4(m, dtype=torch.float32)
+    ref = Transformer(m.args)
+    for name, mod in list(ref.named_modules()):
+        if name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent), attr,
+                    TorchOpLinear(mod.in_features, mod.out_features, 64, torch.float32))
+    ref.load_state_dict(sd, strict=True)
+    tokens = torch.tensor([[1, 5, 9, 33, 70, 2, 8]])
+    a, b = ref(tokens), m(tokens)
+    assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
+
+
+class GptFastInt4Linear(nn.Module):
+    """gpt-fast's WeightOnlyInt4Linear buffers: always the CUDA tile shape."""
+
+    def __init__(self, in_features, out_features, groupsize=32, inner_k_tiles=8):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features // 8, in_features // (inner_k_tiles * 16), 32,
+                                                   inner_k_tiles // 2, dtype=torch.int32))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2,
+                                                             dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
+def test_seed_failure_and_its_migration(tmp_path, capsys):
+    # the seed: a CPU-packed int4 checkpoint loaded into gpt-fast's module fails with a bare size mismatch
+    lin = Int4Linear.from_linear(nn.Linear(2048, 2048, bias=False), 32)
+    sd = {"wq." + k.split(".", 1)[1]: v for k, v in export_torch_int4(nn.ModuleDict({"x": lin})).items()}
+    gf = nn.ModuleDict({"wq": GptFastInt4Linear(2048, 2048)})
+    with pytest.raises(RuntimeError, match=r"copying a param with shape torch.Size\(\[2048, 1024\]\) from "
+                                           r"checkpoint, the shape in current model is torch.Size\(\[256, 16, 32, 4\]\)"):
+        gf.load_state_dict(sd)
+    # quant4's module names the layout and the way out instead
+    with pytest.raises(RuntimeError, match="torch >= 2.6 CPU packed.*scripts/migrate.py"):
+        nn.ModuleDict({"wq": Int4Linear(2048, 2048)}).load_state_dict(sd)
+    # the migration: CPU bytes -> gpt-fast's CUDA tiles, same codes
+    codes = layouts.unpack_codes(sd["wq.weight"], ISA_LAYOUT[torch.backends.cpu.get_cpu_capability()], 2048, 2048)
+    fixed = {"wq.weight": layouts.pack_codes(codes, "cuda-tiled", 8), "wq.scales_and_zeros": sd["wq.scales_and_zeros"]}
+    gf.load_state_dict(fixed)
+    assert torch.equal(layouts.unpack_codes(gf.wq.weight, "cuda-tiled", 2048, 2048),
+                       reference.unpack(lin.qweight))
+
+
+def test_load_model_names_foreign_layout(tmp_path):
+    m = _quant_model()
+    torch.save(export_torch_int4(m, layout="cuda-tiled"), tmp_path / "gf.pth")
+    _params(m, tmp_path)
+    with pytest.raises(CheckpointError, match=r"int32 4-D.*looks like cuda-tiled.*python scripts/migrate.py"):
+        load_model(tmp_path / "gf.pth")
+    assert "looks like cuda-tiled" in describe_checkpoint(torch.load(tmp_path / "gf.pth"), "gf.pth")
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------------------
+
+def _gguf_from_float(path, m, qtype, arch="llama"):
+    """A llama GGUF written directly with the gguf package (quantized by gguf.quants), like llama.cpp would."""
+    import gguf
+
+    from models.gguf import add_llama_metadata, gguf_name
+
+    a = m.args
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    add_llama_metadata(w, a)
+    deq = {}
+    for key, t in m.state_dict().items():
+        if key.startswith("rope") or (key == "output.weight" and a.tie_embeddings):
+            continue
+        name = key[: -len(".weight")]
+        arr = t.detach().float().numpy()
+        if name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            q = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(gguf_name(name), q, raw_dtype=qtype)
+            deq[key] = torch.from_numpy(gguf.quants.dequantize(q, qtype).copy())
+        else:
+            w.add_tensor(gguf_name(name), arr)
+            deq[key] = t.detach().float()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return deq
+
+
+@pytest.mark.parametrize("qname", ["Q4_0", "Q4_1"])
+def test_gguf_import_matches_dequantized_reference(qname, tmp_path):
+    import gguf
+
+    m = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=256,
+                              max_seq_len=64))
+    m.init_weights(1)
+    deq = _gguf_from_float(tmp_path / "m.gguf", m, getattr(gguf.GGMLQuantizationType, qname))
+    loaded = load_model(tmp_path / "m.gguf")
+    assert loaded.kind == "gguf" and len(loaded.quantized) == 14 and loaded.args.tie_embeddings
+    for name in loaded.quantized:
+        w = loaded.model.get_submodule(name).dequantize()
+        # Q4_0: exact; Q4_1: the offset m + 8 d rounded once to float16
+        tol = 0.0 if qname == "Q4_0" else 2e-3 * deq[name + ".weight"].abs().max().item()
+        assert (w - deq[name + ".weight"]).abs().max().item() <= tol, name
+    ref = Transformer(m.args)
+    ref.load_state_dict({**deq, "output.weight": deq["tok_embeddings.weight"]}, strict=False)
+    tokens = torch.tensor([[1, 5, 9, 33, 70]])
+    a, b = loaded.model(tokens), ref.eval()(tokens)
+    assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+
+
+def test_gguf_round_trip_and_tokenizer(tmp_path):
+    loaded = load_model()
+    m = quantize_model_(loaded.model, 32)
+    report = []
+    write_gguf(m, loaded.args, tmp_path / "e.gguf", tokenizer_path=loaded.tokenizer_path, report=report)
+    bound = float(report[-1].rsplit(" ", 1)[1])          # the largest float16 rounding of an offset
+    back = load_model(tmp_path / "e.gguf")
+    assert back.args == loaded.args and len(back.quantized) == 42
+    for name in back.quantized:
+        a, b = back.model.get_submodule(name), m.get_submodule(name)
+        assert torch.equal(reference.unpack(a.qweight), reference.unpack(b.qweight))    # codes bit-exact
+        assert torch.equal(a.scales, b.scales)                                          # d = scale exactly
+        assert (a.dequantize() - b.dequantize()).abs().max().item() <= 2 * bound + 1e-7
+    text = "Once upon a time, there was a little girl named Lily."
+    assert load_tokenizer(back).encode(text) == load_tokenizer(loaded).encode(text)
+    with pytest.raises(FileExistsError):
+        write_gguf(m, loaded.args, tmp_path / "e.gguf")
+
+
+def test_gguf_tokenizer_rebuilt_from_vocab(tmp_path):
+    pytest.importorskip("google.protobuf")
+    import gguf
+    from models.gguf import TOKENIZER_KEY
+
+    loaded = load_model()
+    write_gguf(loaded.model, loaded.args, tmp_path / "f.gguf", tokenizer_path=loaded.tokenizer_path)
+    # the same file as llama.cpp's converter would write it: vocab arrays only, no SentencePiece blob
+    r = gguf.GGUFReader(str(tmp_path / "f.gguf"))
+    assert r.get_field(TOKENIZER_KEY) is not None
+    from models import gguf as mg
+    raw = mg._field
+    mg._field = lambda reader, key, default=None: default if key == TOKENIZER_KEY else raw(reader, key, default)
+    try:
+        back = load_model(tmp_path / "f.gguf")
+    finally:
+        mg._field = raw
+    text = "Once upon a time, Tom and Sue found a big red ball in the park. \"Wow!\" said Sue."
+    assert load_tokenizer(back).encode(text) == load_tokenizer(loaded).encode(text)
+
+
+def test_gguf_rejects_other_architectures(tmp_path):
+    m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, hidden_dim=128, max_seq_len=16))
+    import gguf
+    _gguf_from_float(tmp_path / "g.gguf", m, gguf.GGMLQuantizationType.Q4_0, arch="gpt2")
+    with pytest.raises(CheckpointError, match="architecture 'gpt2' is not 'llama'"):
+        load_model(tmp_path / "g.gguf")
+
+
+# ---- scripts/migrate.py -----------------------------------------------------------------------------------------
+
+def _migrate(argv):
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("migrate", REPO / "scripts" / "migrate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
+
+
+def test_migrate_script_all_directions(tmp_path, capsys):
+    loaded = load_model()
+    q = quantize_model_(loaded.model, 32)
+    from quant4.serialization import save_quantized
+    src = tmp_path / "q.safetensors"
+    save_quantized(q, src, model_info={"type": "llama", "config": loaded.args.to_dict()})
+    tokens = torch.tensor([[1, 430, 440, 261, 397]])
+    ref = q(tokens)
+    _migrate([str(src), "--out", str(tmp_path / "t.pth"), "--dtype", "fp32", "--torch-layout", "cuda-tiled"])
+    _migrate([str(tmp_path / "t.pth"), "--inspect"])
+    out = capsys.readouterr().out
+    assert "layout cuda-tiled" in out and "42 int4 layers, group size 32" in out
+    _migrate([str(tmp_path / "t.pth"), "--out", str(tmp_path / "back.safetensors")])
+    assert torch.equal(load_model(tmp_path / "back.safetensors").model(tokens), ref)
+    _migrate([str(tmp_path / "back.safetensors"), "--out", str(tmp_path / "m.gguf")])
+    _migrate([str(tmp_path / "m.gguf"), "--out", str(tmp_path / "g.safetensors")])
+    g = load_model(tmp_path / "g.safetensors").model(tokens)
+    assert (g - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    before = (tmp_path / "m.gguf").read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        _migrate([str(tmp_path / "back.safetensors"), "--out", str(tmp_path / "m.gguf")])
+    assert (tmp_path / "m.gguf").read_bytes() == before
+    with pytest.raises(SystemExit, match="--layout must be one of"):
+        _migrate([str(tmp_path / "t.pth"), "--layout", "nope", "--inspect"])
