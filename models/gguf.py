@@ -71,6 +71,7 @@ def read_gguf(path, *, report: Optional[list] = None):
 
     path = Path(path)
     note = report.append if report is not None else (lambda s: None)
+    _check_header(path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as exc:     # the package raises ValueError, struct.error, IndexError, ... on bad files
@@ -100,6 +101,9 @@ def read_gguf(path, *, report: Optional[list] = None):
     head_dim = dim // n_heads
     if num("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: partial RoPE (rope.dimension_count != head dim) is not supported")
+    context = num("context_length", 2048)
+    if not 0 < context <= 1 << 20:
+        raise CheckpointError(f"{path}: GGUF key llama.context_length = {context} is out of range")
 
     tensors, layers, requant = {}, {}, []
     for t in reader.tensors:
@@ -107,43 +111,12 @@ def read_gguf(path, *, report: Optional[list] = None):
         if name is None:
             note(f"ignored tensor {t.name}")
             continue
-        qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-        shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
-        data = np.asarray(t.data)
-        is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
-        if qtype.name in ("Q4_0", "Q4_1") and is_proj and len(shape) == 2:
-            N, K = shape
-            try:
-                codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
-                                                   qtype.name, K)
-            except ValueError as exc:
-                raise CheckpointError(f"{path}: tensor {t.name}: {exc}") from None
-            tensors[f"{name}.qweight"] = reference.pack(codes)
-            tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s, z
-            layers[name] = {"in_features": K, "out_features": N, "group_size": 32}
-            continue
-        if qtype.name in ("F32", "F16", "BF16"):
-            if qtype.name == "BF16":
-                w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
-            else:
-                w = torch.from_numpy(np.ascontiguousarray(data).astype(np.float32))
-        else:
-            try:
-                w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)).astype(np.float32))
-            except NotImplementedError as exc:
-                raise CheckpointError(f"{path}: tensor {t.name} has type {qtype.name}, which gguf cannot "
-                                      f"dequantize ({exc})") from None
-            if is_proj and name != "output":
-                requant.append(name)
-        w = w.reshape(shape)
-        if is_proj and name in requant:
-            from quant4.ops import quantize
-
-            qw, s, z = quantize(w, 32)
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = qw, s, z
-            layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
-        else:
-            tensors[f"{name}.weight"] = w
+        try:
+            _convert(t, name, tensors, layers, requant)
+        except CheckpointError:
+            raise
+        except Exception as exc:     # short data, bad shapes, unknown types: all mean a damaged file
+            raise CheckpointError(f"{path}: tensor {t.name}: {type(exc).__name__}: {exc}") from None
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
     if "tok_embeddings.weight" not in tensors:
@@ -153,10 +126,65 @@ def read_gguf(path, *, report: Optional[list] = None):
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
                      hidden_dim=hidden, norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5, float),
                      rope_theta=num("rope.freq_base", 10000.0, float),
-                     max_seq_len=num("context_length", 2048), tie_embeddings=tied)
+                     max_seq_len=context, tie_embeddings=tied)
     note(f"{len(layers)} int4 layers (Q4_0/Q4_1 kept as is), {sum(1 for k in tensors if k.endswith('.weight'))} "
          f"float tensors")
     return args, layers, tensors, _tokenizer_bytes(reader, path)
+
+
+def _check_header(path: Path) -> None:
+    """Magic, version and counts, before the gguf package walks the file."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (magic {head[:4]!r})")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    if n_tensors > 1 << 20 or n_kv > 1 << 20:
+        raise CheckpointError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys")
+
+
+def _convert(t, name, tensors, layers, requant):
+    """One GGUF tensor into quant4 tensors (int4 layers) or float32 ones."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+    shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
+    data = np.asarray(t.data)
+    is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
+    if qtype.name in ("Q4_0", "Q4_1") and is_proj and len(shape) == 2:
+        N, K = shape
+        codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
+                                           qtype.name, K)
+        tensors[f"{name}.qweight"] = reference.pack(codes)
+        tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s, z
+        layers[name] = {"in_features": K, "out_features": N, "group_size": 32}
+        return
+    if qtype.name in ("F32", "F16", "BF16"):
+        if qtype.name == "BF16":
+            w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
+        else:
+            w = torch.from_numpy(np.ascontiguousarray(data).astype(np.float32))
+    else:
+        try:
+            w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)).astype(np.float32))
+        except NotImplementedError as exc:
+            raise CheckpointError(f"tensor {t.name} has type {qtype.name}, which gguf cannot "
+                                  f"dequantize ({exc})") from None
+        if is_proj and name != "output":
+            requant.append(name)
+    w = w.reshape(shape)
+    if is_proj and name in requant:
+        from quant4.ops import quantize
+
+        qw, s, z = quantize(w, 32)
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = qw, s, z
+        layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
+    else:
+        tensors[f"{name}.weight"] = w
 
 
 def _tokenizer_bytes(reader, path) -> Optional[bytes]:

@@ -77,7 +77,7 @@ def args_from_config(cfg: dict, path) -> ModelArgs:
 
 def read_hf(directory) -> tuple[ModelArgs, dict]:
     """Read a Hugging Face Llama directory -> (ModelArgs, state_dict in Meta names and RoPE order)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     d = Path(directory)
     try:
@@ -86,6 +86,8 @@ def read_hf(directory) -> tuple[ModelArgs, dict]:
         raise CheckpointError(f"{d}: no config.json") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{d / 'config.json'}: not a JSON object")
     arch = cfg.get("model_type")
     if arch != "llama":
         raise CheckpointError(f"{d}: model_type {arch!r} is not 'llama'")
@@ -95,22 +97,31 @@ def read_hf(directory) -> tuple[ModelArgs, dict]:
         raise CheckpointError(f"{d}: no *.safetensors files")
     sd = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = _meta_name(key)
-                if name is None:
-                    if _IGNORED.match(key):
-                        continue
-                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for a llama model")
-                t = f.get_tensor(key)
-                if name.endswith("attention.wq.weight"):
-                    t = unpermute(t, args.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    t = unpermute(t, args.n_kv_heads)
-                sd[name] = t
+        try:
+            _read_hf_file(file, args, sd)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
     if "output.weight" not in sd and args.tie_embeddings:
         sd["output.weight"] = sd.get("tok_embeddings.weight")
     return args, sd
+
+
+def _read_hf_file(file, args: ModelArgs, sd: dict) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            name = _meta_name(key)
+            if name is None:
+                if _IGNORED.match(key):
+                    continue
+                raise CheckpointError(f"{file}: unexpected tensor {key!r} for a llama model")
+            t = f.get_tensor(key)
+            if name.endswith("attention.wq.weight"):
+                t = unpermute(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = unpermute(t, args.n_kv_heads)
+            sd[name] = t
 
 
 def write_hf(directory, args: ModelArgs, sd: dict) -> None:

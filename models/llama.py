@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Sanity limits on a model's shape, checked for every config from any file (a damaged header must not
+# make us allocate terabytes): 8x the largest public Llama's dims.
+MAX_DIM = 1 << 16
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 22
+MAX_SEQ = 1 << 20
+
+
 @dataclass
 class ModelArgs:
     dim: int = 128
@@ -37,6 +45,18 @@ class ModelArgs:
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        for name, limit in (("dim", MAX_DIM), ("n_layers", MAX_LAYERS), ("n_heads", MAX_DIM),
+                            ("n_kv_heads", MAX_DIM), ("vocab_size", MAX_VOCAB), ("hidden_dim", 8 * MAX_DIM),
+                            ("max_seq_len", MAX_SEQ), ("multiple_of", MAX_DIM)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
+                raise ValueError(f"model config {name}={v!r} is out of range (an int in 1..{limit})")
+        for name in ("norm_eps", "rope_theta", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"model config {name}={v!r} must be a finite number >= 0")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"model config tie_embeddings={self.tie_embeddings!r} must be true or false")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -22,15 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.llama import ModelArgs
+from models.llama import MAX_DIM, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, ModelArgs
 
 MAGIC = 0x616B3432
 HEADER_BYTES = 256
-# sanity limits for header values: refuse absurd headers before allocating anything
-MAX_DIM = 1 << 16
-MAX_LAYERS = 1024
-MAX_VOCAB = 1 << 22
-MAX_SEQ = 1 << 20
 
 
 class CheckpointError(ValueError):

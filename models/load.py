@@ -144,7 +144,10 @@ def build_quantized(args: ModelArgs, meta: dict, tensors: dict, *, num_threads: 
 
     with torch.device("meta"):
         model = Transformer(args)
-    load_quantized_(model, meta, tensors, num_threads=num_threads)
+    try:
+        load_quantized_(model, meta, tensors, num_threads=num_threads)
+    except RuntimeError as exc:       # load_state_dict's size mismatches
+        raise CheckpointError(f"tensors do not fit the model they describe: {exc}") from None
     if args.tie_embeddings and not hasattr(model.output, "qweight"):
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()

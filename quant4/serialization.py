@@ -189,6 +189,11 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
             raise FormatError(f"quantized layer {name!r} does not exist in the model") from None
         if not hasattr(parent, attr):
             raise FormatError(f"quantized layer {name!r} does not exist in the model")
+        old = getattr(parent, attr)
+        want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if want != (info.get("out_features"), info.get("in_features")):
+            raise FormatError(f"quantized layer {name!r} is [{info.get('out_features')}, {info.get('in_features')}] "
+                              f"but the model's config needs [{want[0]}, {want[1]}]")
         keys = [f"{name}.{k}" for k in ("qweight", "scales", "zeros", "bias")]
         mod = Int4Linear.from_packed(tensors[keys[0]], tensors[keys[1]], tensors[keys[2]],
                                      in_features=info["in_features"], group_size=info["group_size"],

@@ -63,3 +63,22 @@ def calibration_tokens(args, tok, max_seq_len: int):
         return calibration_windows(tok, read_stories(path), args.calib_sequences, min(args.calib_len, max_seq_len))
     except ValueError as exc:
         raise SystemExit(f"calibration: {exc}")
+
+
+def load_or_exit(path, **kw):
+    """models.load.load_model, with a damaged or missing checkpoint reported as a one-line exit message."""
+    from models.load import load_model
+
+    try:
+        return load_model(path, **kw)
+    except (ValueError, OSError) as exc:     # CheckpointError / FormatError are ValueErrors
+        raise SystemExit(f"error: {exc}")
+
+
+def tokenizer_or_exit(loaded):
+    from models.load import load_tokenizer
+
+    try:
+        return load_tokenizer(loaded)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}")

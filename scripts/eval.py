@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, add_calibration_args, add_thread_arg, apply_threads, calibration_tokens
+from _common import (REPO, add_calibration_args, add_thread_arg, apply_threads, calibration_tokens, load_or_exit,
+                     tokenizer_or_exit)
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +76,15 @@ def score(model, ids, window, ref_logprobs=None, decode=False):
 def evaluate(args, checkpoint, tokenizer):
     """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
     from models.evaluate import encode_blocks, heldout_text
-    from models.load import load_model, load_tokenizer
     from quant4 import Int4Linear, quantize_model_, quantize_model_gptq_
 
-    loaded = load_model(checkpoint, tokenizer=tokenizer)
+    loaded = load_or_exit(checkpoint, tokenizer=tokenizer)
     if loaded.kind == "quant4":
         raise SystemExit(f"{loaded.path}: give the float checkpoint; int4 variants are made from it")
-    tok = load_tokenizer(loaded)
+    tok = tokenizer_or_exit(loaded)
     if args.text:
+        if not Path(args.text).is_file():
+            raise SystemExit(f"--text {args.text}: not found")
         text = Path(args.text).read_text(encoding="utf-8", errors="ignore")
     else:
         text = heldout_text(REPO.parent / "shared" / "data")
@@ -147,6 +149,8 @@ def main(argv=None):
     add_thread_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
+    if args.tokens < 2 or args.window < 2:
+        raise SystemExit(f"--tokens and --window must be >= 2, got {args.tokens} and {args.window}")
     checkpoints = [None if c in (None, "embedded") else c for c in args.checkpoint]
     toks = args.tokenizer or [None] * len(checkpoints)
     if len(toks) != len(checkpoints):

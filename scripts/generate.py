@@ -15,7 +15,8 @@ import argparse
 import sys
 import time
 
-from _common import add_layer_args, add_thread_arg, apply_threads, peak_rss_mb
+from _common import (add_layer_args, add_thread_arg, apply_threads, load_or_exit, peak_rss_mb,
+                     tokenizer_or_exit)
 
 
 def main(argv=None):
@@ -40,14 +41,19 @@ def main(argv=None):
     apply_threads(args.threads)
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
 
     from models.generate import generate
-    from models.load import load_model, load_tokenizer
     from quant4 import Int4Linear, kernel_isa, projection_filter, quantize_model_
 
     t0 = time.perf_counter()
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
-    tok = load_tokenizer(loaded)
+    loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
+    tok = tokenizer_or_exit(loaded)
     if tok.vocab_size != loaded.args.vocab_size:
         raise SystemExit(f"tokenizer {loaded.tokenizer_path} has {tok.vocab_size} pieces, "
                          f"the model {loaded.args.vocab_size}")

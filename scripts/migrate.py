@@ -109,8 +109,8 @@ def main(argv=None):
     report: list[str] = []
     try:
         model, margs, kind, tok_path, tok_bytes = read_any(src, args, report)
-    except (CheckpointError, ValueError, TypeError) as exc:
-        raise SystemExit(str(exc))
+    except (CheckpointError, ValueError, TypeError, OSError) as exc:
+        raise SystemExit(f"error: {exc}")
     print(f"{src}: {kind}; {summarize(model)}")
     for line in report:
         print(f"  {line}")

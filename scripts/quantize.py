@@ -18,7 +18,7 @@ import sys
 import time
 
 from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
-                     peak_rss_mb)
+                     load_or_exit, peak_rss_mb, tokenizer_or_exit)
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from models.load import load_model, relative_tokenizer_ref
+    from models.load import relative_tokenizer_ref
     from quant4 import Int4Linear, projection_filter
     from quant4.serialization import save_quantized
     from quant4.swap import weight_sqnr_db
@@ -61,7 +61,7 @@ def main(argv=None):
     if out.exists() and not args.force:
         raise SystemExit(f"{out} exists; pass --force to replace it")
     t0 = time.perf_counter()
-    loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
     model = loaded.model
     if loaded.kind == "quant4":
         raise SystemExit(f"{loaded.path} is already quantized")
@@ -74,12 +74,11 @@ def main(argv=None):
     rows = []
 
     if args.method == "gptq":
-        from models.load import load_tokenizer
         from quant4 import quantize_model_gptq_
 
         shapes = {name: tuple(lin.weight.shape) for name, lin in targets}
         targets = []        # hold no references: each float weight is freed once its int4 layer exists
-        cal = calibration_tokens(args, load_tokenizer(loaded), loaded.args.max_seq_len)
+        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len)
         print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
         bar = tqdm(total=len(model.layers), desc="gptq", unit="block", file=sys.stderr)
         quantize_model_gptq_(model, cal, args.group_size, select, method="search",

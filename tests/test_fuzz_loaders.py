@@ -12,6 +12,9 @@ from models.llama2c import write_llama2c
 from models.load import load_model
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
+from models.gguf import write_gguf
+from models.torch_int4 import export_torch_int4
+from conftest import REPO
 
 CLEAN = (ValueError, OSError)   # CheckpointError and FormatError are ValueErrors
 
@@ -32,6 +35,8 @@ def good_files(tmp_path_factory):
     torch.save(sd, d / "m.pt")
     q = quantize_model_(_model(), 32)
     save_quantized(q, d / "q.safetensors", model_info={"type": "llama", "config": q.args.to_dict()})
+    write_gguf(q, q.args, d / "q.gguf", tokenizer_path=REPO / "models" / "tiny" / "tokenizer.model")
+    torch.save(export_torch_int4(q, layout="cuda-tiled", inner_k_tiles=2), d / "gf.pth")
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 
@@ -39,12 +44,13 @@ def _load(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
     try:
-        load_model(path)
+        loaded = load_model(path)
+        loaded.model(torch.tensor([[1, 2]]))          # what loads must also run
     except CLEAN:
         pass
 
 
-@pytest.mark.parametrize("name", ["v0.bin", "v1.bin", "m.pt", "q.safetensors"])
+@pytest.mark.parametrize("name", ["v0.bin", "v1.bin", "m.pt", "q.safetensors", "q.gguf", "gf.pth"])
 @given(data=st.data())
 def test_corrupted_files_fail_cleanly(tmp_path_factory, good_files, name, data):
     tmp_path = tmp_path_factory.mktemp("fuzz")
@@ -62,7 +68,7 @@ def test_corrupted_files_fail_cleanly(tmp_path_factory, good_files, name, data):
     _load(tmp_path, name, bytes(raw))
 
 
-@given(blob=st.binary(max_size=600), suffix=st.sampled_from([".bin", ".pt", ".safetensors"]))
+@given(blob=st.binary(max_size=600), suffix=st.sampled_from([".bin", ".pt", ".safetensors", ".gguf"]))
 def test_random_bytes_fail_cleanly(tmp_path_factory, blob, suffix):
     tmp_path = tmp_path_factory.mktemp("rand")
     _load(tmp_path, "x" + suffix, blob)
