@@ -274,6 +274,25 @@ Q4_KERNEL void q4_tile(const float *const *x, const float *const *w, ptrdiff_t k
  * bf16 inputs (PyTorch's int4 op also dequantizes to bf16 for bf16 activations). Same permuted k order:
  * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
  * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
+#if defined(__AVX512F__)
+/* sum_g (zero_g - 8 scale_g) * xs_g over one row's G groups */
+static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
+    __m512 acc = _mm512_setzero_ps();
+    ptrdiff_t gi = 0;
+    for (; gi + 16 <= G; gi += 16) {
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + gi)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi)));
+        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z), _mm512_loadu_ps(xs + gi), acc);
+    }
+    float t = _mm512_reduce_add_ps(acc);
+    for (; gi < G; gi++) {
+        const float s = q4_half_to_float(sc[gi]);
+        t += (q4_half_to_float(zr[gi]) - 8.0f * s) * xs[gi];
+    }
+    return t;
+}
+#endif
+
 #if defined(__AVX512BF16__)
 #define Q4_HAVE_BF16 1
 static inline int q4_bf16_available(void) {
@@ -312,8 +331,115 @@ Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, 
     for (int i = 0; i < Q4_TM; i++)
         for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum((q4_vf)c[i][j]);
 }
+
+/* Decode with bf16 activations, exact weights (M = 1..4; Kp % 128 == 0). A 64-byte run of one weight row holds
+ * 128 codes as 16 int32 lanes; lane i holds k = 8i..8i+7, nibble j at bits 4j. One shift and one ternary
+ * logic op turn nibbles j and j+4 of every lane into the bf16 pair (16 + q_j, 16 + q_{j+4}) (exponent 2^4,
+ * the code in the top mantissa bits: exact), and vdpbf16ps multiplies them with the activation pairs
+ * (x[8i+j], x[8i+j+4]) in fp32 -- products of two bf16 are exact. Per 128 weights that is 4 shifts, 4
+ * ternlogs and 4 dot products against 16 lookups + 16 FMAs in the fp32 kernel. Per lane the accumulator
+ * starts at -16 * sum(x over the lane's 8 k), leaving sum x q; times the lane's group scale; the zeros come
+ * from q4_zero_term with the activations' group sums. */
+/* x bf16 [Kp] -> xb (pairs in the lane order above), nxl[Kp/8] = -16 * lane sums, xs[G] = group sums */
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *nxl,
+                                      float *xs) {
+    for (ptrdiff_t c = 0; c < Kp / 128; c++)
+        for (int i = 0; i < 16; i++) {
+            const uint16_t *v = x + 128 * c + 8 * i;
+            float sum = 0.0f;
+            for (int j = 0; j < 8; j++) {
+                uint32_t bits = (uint32_t)v[j] << 16;
+                float f;
+                memcpy(&f, &bits, 4);
+                sum += f;
+            }
+            nxl[16 * c + i] = -16.0f * sum;
+            for (int p = 0; p < 4; p++) {
+                xb[128 * c + 32 * p + 2 * i] = v[p];
+                xb[128 * c + 32 * p + 2 * i + 1] = v[p + 4];
+            }
+        }
+    for (ptrdiff_t gi = 0; gi < Kp / g; gi++) {
+        float sum = 0.0f;
+        for (ptrdiff_t k = gi * g; k < (gi + 1) * g; k++) {
+            uint32_t bits = (uint32_t)x[k] << 16;
+            float f;
+            memcpy(&f, &bits, 4);
+            sum += f;
+        }
+        xs[gi] = sum;
+    }
+}
+/* the 16 lane scales of 128-k chunk c of a row (lane i belongs to group (128 c + 8 i) >> lg) */
+static inline __m512 q4_chunk_scales(const uint16_t *sc, ptrdiff_t c, const int lg) {
+    if (lg == 5) {
+        const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(sc + 4 * c)));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                     _mm512_castps128_ps512(s4));
+    }
+    if (lg == 6) {
+        int32_t two;
+        memcpy(&two, sc + 2 * c, 4);
+        const __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                     _mm512_castps128_ps512(s2));
+    }
+    return _mm512_set1_ps(q4_half_to_float(sc[lg == 7 ? c : c >> 1]));
+}
+#ifndef Q4_PF_BYTES
+#define Q4_PF_BYTES 4096     /* software prefetch distance in the weight stream (rows are contiguous; measured 256-16384) */
+#endif
+static inline void q4_dot_bf16_impl(const uint8_t *w, const uint16_t *sc, const uint16_t *zr,
+                                    const uint16_t *const *xb, const float *const *nxl, const float *const *xs,
+                                    ptrdiff_t Kp, ptrdiff_t G, float *out, const int nx, const int lg) {
+    const __m512i nib = _mm512_set1_epi32(0x00780078), exp16 = _mm512_set1_epi32(0x41804180);
+    __m512 tot[4];
+    for (int i = 0; i < nx; i++) tot[i] = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < Kp / 128; c++) {
+        _mm_prefetch((const char *)(w + 64 * c + Q4_PF_BYTES), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512((const void *)(w + 64 * c));
+        const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi32(v, 3), nib, exp16, 0xEA);
+        const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 1), nib, exp16, 0xEA);
+        const __m512bh w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 5), nib, exp16, 0xEA);
+        const __m512bh w3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 9), nib, exp16, 0xEA);
+        const __m512 s = q4_chunk_scales(sc, c, lg);
+        for (int i = 0; i < nx; i++) {
+            const uint16_t *xc = xb[i] + 128 * c;
+            __m512 a = _mm512_loadu_ps(nxl[i] + 16 * c);
+            __m512 b = _mm512_setzero_ps();
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)xc), w0);
+            b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)), w1);
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(xc + 64)), w2);
+            b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512((const void *)(xc + 96)), w3);
+            tot[i] = _mm512_fmadd_ps(s, _mm512_add_ps(a, b), tot[i]);
+        }
+    }
+    for (int i = 0; i < nx; i++) out[i] = _mm512_reduce_add_ps(tot[i]) + q4_zero_term(sc, zr, xs[i], G);
+}
+/* one weight row against nx (1, 2 or 4) activation rows: out[i] = dot(w, x_i); group size 1 << lg */
+Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
+                           const float *const *nxl, const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg,
+                           int nx, float *out) {
+#define Q4_DOT_BF16_CASE(NX, LG) q4_dot_bf16_impl(w, sc, zr, xb, nxl, xs, Kp, G, out, NX, LG)
+#define Q4_DOT_BF16_NX(NX) switch (lg) { case 5: Q4_DOT_BF16_CASE(NX, 5); break; case 6: Q4_DOT_BF16_CASE(NX, 6); break; \
+                                         case 7: Q4_DOT_BF16_CASE(NX, 7); break; default: Q4_DOT_BF16_CASE(NX, 8); }
+    if (nx == 1) { Q4_DOT_BF16_NX(1) }
+    else if (nx == 2) { Q4_DOT_BF16_NX(2) }
+    else { Q4_DOT_BF16_NX(4) }
+#undef Q4_DOT_BF16_NX
+#undef Q4_DOT_BF16_CASE
+}
 #else
 #define Q4_HAVE_BF16 0
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *nxl,
+                                      float *xs) {
+    (void)x; (void)Kp; (void)g; (void)xb; (void)nxl; (void)xs;
+}
+Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
+                           const float *const *nxl, const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg,
+                           int nx, float *out) {
+    (void)w; (void)sc; (void)zr; (void)xb; (void)nxl; (void)xs; (void)Kp; (void)G; (void)lg; (void)nx; (void)out;
+}
 static inline int q4_bf16_available(void) { return 0; }
 static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
     (void)x; (void)Kp; (void)xp;
@@ -380,22 +506,6 @@ static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_
     const __m512 sb = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(b0 & (cpg - 1)))), sh), s);
     const __m512 dv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0);
     _mm512_storeu_ps(f, _mm512_mul_ps(sb, dv));
-}
-/* sum_g (zero_g - 8 scale_g) * xs_g over one row's G groups */
-static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
-    __m512 acc = _mm512_setzero_ps();
-    ptrdiff_t gi = 0;
-    for (; gi + 16 <= G; gi += 16) {
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + gi)));
-        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi)));
-        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z), _mm512_loadu_ps(xs + gi), acc);
-    }
-    float t = _mm512_reduce_add_ps(acc);
-    for (; gi < G; gi++) {
-        const float s = q4_half_to_float(sc[gi]);
-        t += (q4_half_to_float(zr[gi]) - 8.0f * s) * xs[gi];
-    }
-    return t;
 }
 Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {

@@ -273,13 +273,17 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     if M == 0 or N == 0:
         return out.to(x.dtype)
     nt = _threads(num_threads, M * N * Kp)
-    use_bf16 = x.dtype == torch.bfloat16 and M > small_m and _BF16
-    xk = x.detach() if use_bf16 else x.detach().float()
+    bf16_in = x.dtype == torch.bfloat16 and _BF16
+    use_bf16 = bf16_in and M > small_m
+    dec_bf16 = bf16_in and M <= min(small_m, 4) and Kp % 128 == 0 and not (activation == "int8" and _INT8 and M == 1)
+    xk = x.detach() if (use_bf16 or dec_bf16) else x.detach().float()
     if Kp != w.in_features:
         xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
     if activation == "int8" and _INT8 and M == 1:
         _k.matmul_int8(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
+    elif dec_bf16:
+        _k.matmul_bf16_decode(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     elif use_bf16:
         _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     else:

@@ -115,6 +115,28 @@ def test_bf16_kernel_matches_fp32_kernel():
     assert torch.equal(ys[0], ys[1])
 
 
+@pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("N,K", [(77, 1024), (5, 384), (300, 1408)])
+def test_bf16_decode_kernel_is_exact_for_bf16_inputs(g, N, K):
+    # M <= 4 bf16 decode: weights enter the bf16 dot products exactly (16 + q), products of bf16 values are
+    # exact in fp32, so the result matches the fp32 reference on the same (bf16) inputs to fp32 rounding
+    if K % g:
+        pytest.skip("K not a multiple of g")
+    qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+    bias = torch.randn(N)
+    for M in (1, 2, 3, 4):
+        x = torch.randn(M, K).bfloat16()
+        out = torch.empty(M, N)
+        ops._k.matmul_bf16_decode(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales),
+                                  ops._half_bits(zeros), g, ops._as_np(bias), out.numpy(), 2)
+        assert_matmul_close(out, x.float(), qweight, scales, zeros, g, bias, rel=1e-6)
+        y = quant4.matmul(x, qweight, scales, zeros, g, K, bias)       # the dispatch takes this kernel
+        assert y.dtype == torch.bfloat16 and torch.equal(y, out.bfloat16())
+        ys = [quant4.matmul(x, qweight, scales, zeros, g, K, bias, num_threads=t) for t in (1, 2, 3)]
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+
+
 def _torch_int4_op(x, qweight, scales, zeros, g):
     q = reference.unpack(qweight).to(torch.int32).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
