@@ -256,11 +256,10 @@ def export_torch_int4(model, *, dtype=torch.bfloat16, layout: Optional[str] = No
             note(f"{name}: [{m.out_features}, {K}] g{g} cannot be held by torch's int4 op; written as {dtype} weight")
             continue
         if layout is None:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), inner_k_tiles)
+            out[f"{name}.weight"], out[f"{name}.scales_and_zeros"] = m.to_torch_int4pack(dtype)
         else:
-            packed = layouts.pack_codes(codes, layout, inner_k_tiles)
-        out[f"{name}.weight"] = packed
-        out[f"{name}.scales_and_zeros"] = layouts.scales_and_zeros(m.scales, m.zeros, dtype)
+            out[f"{name}.weight"] = layouts.pack_codes(codes, layout, inner_k_tiles)
+            out[f"{name}.scales_and_zeros"] = layouts.scales_and_zeros(m.scales, m.zeros, dtype)
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().clone()
     return out

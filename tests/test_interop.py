@@ -105,6 +105,17 @@ def test_export_drives_torch_op(dtype, tol):
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
+@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
+def test_int4linear_to_torch_int4pack():
+    lin = Int4Linear.from_linear(nn.Linear(256, 48, bias=False), 128)
+    packed, sz = lin.to_torch_int4pack(torch.float32)
+    x = torch.randn(2, 256)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+    assert (y - lin(x)).abs().max().item() <= 1e-5 * lin(x).abs().max().item()
+    with pytest.raises(ValueError, match="out_features % 16"):
+        Int4Linear.from_linear(nn.Linear(64, 40), 32).to_torch_int4pack()
+
+
 def test_layout_errors():
     with pytest.raises(ValueError, match="unknown int4 layout"):
         layouts.pack_codes(_codes(16, 32), "avx1024")
