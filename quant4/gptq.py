@@ -25,6 +25,7 @@ from torch import nn
 
 from quant4 import ops
 from quant4.nn import Int4Linear
+from quant4 import reference
 from quant4.reference import pack
 from quant4.scheme import padded_k, qparams_from_minmax
 
@@ -48,7 +49,7 @@ def _round(w: torch.Tensor, s16: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, *, damp: float = 0.01,
-                  block_size: int = 128, method: str = "rtn", act_order: bool = False,
+                  block_size: int = 128, method: str = "rtn", act_order: bool = False, refine: int = 0,
                   num_threads: Optional[int] = None):
     """GPTQ for one layer: weight [N, K], hessian [K, K] (X^T X / n of its inputs) ->
     (qweight uint8 [N, Kp/2], scales fp16 [N, G], zeros fp16 [N, G]) in quant4's stored format.
@@ -56,7 +57,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     damp: fraction of the mean Hessian diagonal added to the diagonal (numerical safety). block_size: columns
     updated lazily together (rounded up to a whole number of groups). method: how a group's scale and zero
     are chosen ("rtn" min/max, "search" clipping search). act_order: visit columns by decreasing Hessian
-    diagonal, with every group's scale and zero fixed beforehand from the original weights.
+    diagonal, with every group's scale and zero fixed beforehand from the original weights. refine: rounds of
+    (refit every group's scale and zero to the codes by least squares in the Hessian's metric, refit_qparams;
+    GPTQ again with those fixed), then a last refit; each row keeps whichever qparams give it less output error.
     """
     ops.check_group_size(group_size)
     if method not in ops.METHODS:
@@ -71,12 +74,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
                          f"got {tuple(getattr(hessian, 'shape', ()))}")
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp}")
-    W = weight.detach().float().clone()
-    if not torch.isfinite(W).all():
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
+    if not torch.isfinite(weight).all():
         raise ValueError("weight has non-finite values; quant4 refuses NaN/Inf weights")
-    H = hessian.detach().double().clone()
-    if not torch.isfinite(H).all():
+    if not torch.isfinite(hessian).all():
         raise ValueError("hessian has non-finite values")
+    qw, s, z = _gptq(weight, hessian, group_size, damp, block_size, method, act_order, None, num_threads)
+    for r in range(refine + (1 if refine else 0)):
+        s2, z2 = refit_qparams(weight, hessian, reference.unpack(qw), group_size)
+        s, z = _better_qparams(weight, hessian, reference.unpack(qw), group_size, (s, z), (s2, z2))
+        if r < refine:
+            qw, s, z = _gptq(weight, hessian, group_size, damp, block_size, method, act_order, (s, z), num_threads)
+    return qw, s, z
+
+
+def _gptq(weight, hessian, group_size, damp, block_size, method, act_order, qparams, num_threads):
+    """One GPTQ sweep; qparams=(scales16, zeros16) fixes every group's scale and zero beforehand."""
+    N, K = weight.shape
+    W = weight.detach().float().clone()
+    H = hessian.detach().double().clone()
     g = group_size
     G = padded_k(K, g) // g
     dead = torch.diagonal(H) == 0
@@ -85,9 +102,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     scales = torch.empty(N, G, dtype=torch.float16)
     zeros = torch.empty(N, G, dtype=torch.float16)
     ms = torch.empty(N, G)
-    if act_order:                          # static groups from the original weights
+    static = act_order or qparams is not None
+    if qparams is not None:
+        scales.copy_(qparams[0])
+        zeros.copy_(qparams[1])
+        ms.copy_(zeros.float() - 8 * scales.float())
+    elif act_order:                          # static groups from the original weights
         for j in range(G):
             scales[:, j], zeros[:, j], ms[:, j] = _group_qparams(W[:, j * g:(j + 1) * g], g, method, num_threads)
+    if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True)
     else:
         perm = torch.arange(K)
@@ -107,7 +130,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             grp = col // g
-            if not act_order and col % g == 0:
+            if not static and col % g == 0:
                 scales[:, grp], zeros[:, grp], ms[:, grp] = _group_qparams(W1[:, i:i + g], g, method, num_threads)
             w = W1[:, i]
             q = _round(w, scales[:, grp], ms[:, grp])
@@ -120,6 +143,63 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     codes = torch.zeros(N, G * g, dtype=torch.uint8)
     codes[:, perm] = Q.to(torch.uint8)
     return pack(codes), scales, zeros
+
+
+def refit_qparams(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, group_size: int,
+                  rows_per_chunk: int = 64):
+    """Holding the codes [N, >=K], each row's group scales and zeros minimizing its output error
+    (w - w_hat)^T H (w - w_hat), w_hat = scale * q + (zero - 8 scale) per group: a least-squares problem with 2G
+    unknowns per row, solved exactly (float64 normal equations, products in float32).
+    Cost O(N K^2), about that of one GPTQ sweep. -> (scales fp16, zeros fp16) [N, G]."""
+    N, K = weight.shape
+    g = group_size
+    G = padded_k(K, g) // g
+    Kp = G * g
+    W = torch.zeros(N, Kp)
+    W[:, :K] = weight.detach().float()
+    H = torch.zeros(Kp, Kp)
+    H[:K, :K] = hessian.detach().float()
+    Hg = H.view(Kp, G, g)
+    HP = Hg.sum(2)                                         # [Kp, G]: H summed over each group's columns
+    VV = HP.view(G, g, G).sum(1).double()                  # [G, G]
+    HW = W @ H                                             # [N, Kp]
+    Q = codes[:, :Kp].float()
+    ridge = 1e-7 * float(torch.diagonal(H).mean().clamp_min(1e-30))
+    s_out = torch.empty(N, G, dtype=torch.float64)
+    m_out = torch.empty(N, G, dtype=torch.float64)
+    eye = torch.eye(2 * G, dtype=torch.float64)
+    for r0 in range(0, N, rows_per_chunk):
+        qg = Q[r0:r0 + rows_per_chunk].view(-1, G, g)      # [n, G, g]
+        n = qg.shape[0]
+        UV = torch.einsum("nag,agb->nab", qg, HP.view(G, g, G))
+        C = torch.einsum("kbl,nbl->nkb", Hg, qg)           # [n, Kp, G]: H restricted to group b's columns times q
+        UU = torch.einsum("nag,nagb->nab", qg, C.view(n, G, g, G))
+        hw = HW[r0:r0 + n].view(n, G, g)
+        rhs = torch.cat([(qg * hw).sum(2), hw.sum(2)], 1).double()
+        lhs = torch.cat([torch.cat([UU.double(), UV.double()], 2),
+                         torch.cat([UV.transpose(1, 2).double(), VV.expand(n, G, G)], 2)], 1)
+        lhs += ridge * eye
+        theta = torch.linalg.solve(lhs, rhs)
+        s_out[r0:r0 + n], m_out[r0:r0 + n] = theta[:, :G], theta[:, G:]
+    z = m_out + 8 * s_out
+    return s_out.to(torch.float16), z.to(torch.float16)
+
+
+def _row_errors(weight, hessian, codes, group_size, s16, z16):
+    K = weight.shape[1]
+    d = weight.detach().float() - reference.dequantize(reference.pack(codes), s16, z16, group_size, K)
+    return ((d @ hessian.float()) * d).sum(1)
+
+
+def _better_qparams(weight, hessian, codes, group_size, old, new):
+    """Per row, whichever (scales, zeros) gives the smaller output error (non-finite candidates lose)."""
+    ok = torch.isfinite(new[0].float()).all(1) & torch.isfinite(new[1].float()).all(1)
+    s_new = torch.where(ok[:, None], new[0], old[0])
+    z_new = torch.where(ok[:, None], new[1], old[1])
+    e_old = _row_errors(weight, hessian, codes, group_size, *old)
+    e_new = _row_errors(weight, hessian, codes, group_size, s_new, z_new)
+    take = (e_new < e_old)[:, None]
+    return torch.where(take, s_new, old[0]), torch.where(take, z_new, old[1])
 
 
 class _Stop(Exception):
@@ -141,25 +221,29 @@ def _blocks(model: nn.Module, select) -> tuple[str, nn.ModuleList]:
 
 
 def _input_sets(block: nn.Module, prefix: str, select, args, kwargs):
-    """Group the block's selected nn.Linear layers by the input tensor they receive, in call order."""
+    """Group the block's selected nn.Linear layers by the input tensor they receive, in call order. The inputs
+    are held until the grouping is done: compared by identity, never by address (a freed input's memory may be
+    reused by a later one)."""
     seen, handles = [], []
     for fqn, mod in block.named_modules():
         if fqn and isinstance(mod, nn.Linear) and select(mod, f"{prefix}.{fqn}"):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, inp, fqn=fqn: seen.append((fqn, inp[0].data_ptr(), tuple(inp[0].shape)))))
+            handles.append(mod.register_forward_pre_hook(lambda m, inp, fqn=fqn: seen.append((fqn, inp[0]))))
     try:
         block(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    sets, key_of = [], {}
-    for fqn, ptr, shape in seen:
-        if (ptr, shape) in key_of:
-            if fqn not in sets[key_of[(ptr, shape)]]:
-                sets[key_of[(ptr, shape)]].append(fqn)
-        elif not any(fqn in s for s in sets):
-            key_of[(ptr, shape)] = len(sets)
+    sets, inputs = [], []
+    for fqn, x in seen:
+        if any(fqn in s for s in sets):
+            continue
+        for s, x0 in zip(sets, inputs):
+            if x is x0:
+                s.append(fqn)
+                break
+        else:
             sets.append([fqn])
+            inputs.append(x)
     return sets
 
 
@@ -171,7 +255,7 @@ def _swap(root: nn.Module, fqn: str, new: nn.Module):
 @torch.no_grad()
 def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size: int = 32,
                          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, damp: float = 0.01,
-                         block_size: int = 128, method: str = "rtn", act_order: bool = False,
+                         block_size: int = 128, method: str = "rtn", act_order: bool = False, refine: int = 0,
                          batch_size: int = 16, num_threads: Optional[int] = None,
                          progress: Optional[Callable[[str], None]] = None) -> nn.Module:
     """Quantize the selected nn.Linear layers of `model` with GPTQ, in place; return the model.
@@ -247,13 +331,15 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
                     raise ValueError(f"{prefix}.{fqn}: in_features {lin.weight.shape[1]} != {K} of its input set")
                 try:
                     qw, s, z = gptq_quantize(lin.weight, H, group_size, damp=damp, block_size=block_size,
-                                             method=method, act_order=act_order, num_threads=num_threads)
+                                             method=method, act_order=act_order, refine=refine,
+                                             num_threads=num_threads)
                 except (ValueError, TypeError) as exc:
                     raise type(exc)(f"{prefix}.{fqn}: {exc}") from exc
                 bias = None if lin.bias is None else lin.bias.detach().float()
                 q = Int4Linear.from_packed(qw, s, z, in_features=K, group_size=group_size, bias=bias,
                                            num_threads=num_threads)
-                report.append(SwapRecord(f"{prefix}.{fqn}", True, f"int4 g{group_size} gptq ({method})",
+                report.append(SwapRecord(f"{prefix}.{fqn}", True,
+                                         f"int4 g{group_size} gptq ({method}{f', refine {refine}' if refine else ''})",
                                          weight_sqnr_db(lin.weight, q)))
                 _swap(block, fqn, q)
             del H

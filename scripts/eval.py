@@ -6,7 +6,8 @@
 
 Variants: float, then for each --group-sizes and --methods: rtn (min/max), search (clipping search), gptq
 (GPTQ on --calib-sequences windows of --calib-len tokens from --calibration, default
-../shared/data/tinystories_train.txt, group scales by the clipping search).
+../shared/data/tinystories_train.txt, group scales by the clipping search), gptq-refine (the same with two
+rounds of least-squares scale/zero refits, refine=2).
 
 Text: --text (default: the held-out first 300,000 bytes of ../shared/data/tinystories_val_head.txt), split
 at blank lines with a BOS before each block, the first --tokens tokens, non-overlapping windows of
@@ -95,14 +96,16 @@ def evaluate(args, checkpoint, tokenizer):
     ppl, _, _, ref = score(base, ids, args.window)
     rows = [{"model": label, "variant": "float", "group_size": None, "ppl": ppl, "kl": 0.0, "top1": 1.0,
              "bytes": weight_bytes(base), "basis": ppl}]
-    cal = calibration_tokens(args, tok, loaded.args.max_seq_len) if "gptq" in args.methods else None
+    cal = (calibration_tokens(args, tok, loaded.args.max_seq_len)
+           if any(m.startswith("gptq") for m in args.methods) else None)
     dec_ids = ids[: args.decode_tokens]
     ref_dec = None
     for g in args.group_sizes:
         for method in args.methods:
             tq = time.perf_counter()
-            if method == "gptq":
-                model = quantize_model_gptq_(copy.deepcopy(base), cal, g, method="search")
+            if method.startswith("gptq"):
+                model = quantize_model_gptq_(copy.deepcopy(base), cal, g, method="search",
+                                             refine=2 if method == "gptq-refine" else 0)
             else:
                 model = quantize_model_(copy.deepcopy(base), g, method=method)
             tq = time.perf_counter() - tq
@@ -141,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "search", "gptq"], choices=("rtn", "search", "gptq"))
+    ap.add_argument("--methods", nargs="+", default=["rtn", "search", "gptq", "gptq-refine"],
+                    choices=("rtn", "search", "gptq", "gptq-refine"))
     ap.add_argument("--int8-activations", action="store_true")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
     ap.add_argument("--json", default=None, help="write the results here")

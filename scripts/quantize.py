@@ -81,7 +81,9 @@ def main(argv=None):
         cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len)
         print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
         bar = tqdm(total=len(model.layers), desc="gptq", unit="block", file=sys.stderr)
-        quantize_model_gptq_(model, cal, args.group_size, select, method="search",
+        if args.gptq_refine < 0:
+            raise SystemExit(f"--gptq-refine must be >= 0, got {args.gptq_refine}")
+        quantize_model_gptq_(model, cal, args.group_size, select, method="search", refine=args.gptq_refine,
                              progress=lambda msg: bar.update(1) if msg.startswith("gptq: block") else None)
         bar.close()
         rows += [(r.name, shapes.get(r.name), r.sqnr_db) for r in model.quant4_report if r.swapped]
