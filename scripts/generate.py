@@ -15,6 +15,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from _common import (add_layer_args, add_thread_arg, apply_threads, load_or_exit, peak_rss_mb,
                      tokenizer_or_exit)
 
@@ -35,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--int8-activations", action="store_true",
                     help="decode with activations quantized to int8 per 32-input block (AVX512-VNNI; faster, "
                          "slightly less exact)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run the model in bfloat16 (int4 layers then use the bf16 decode kernel where available)")
     add_layer_args(ap)
     add_thread_arg(ap)
     args = ap.parse_args(argv)
@@ -78,12 +82,14 @@ def main(argv=None):
             t1 = time.perf_counter()
             quantize_model_(model, args.group_size, projection_filter(args.include, args.exclude),
                             method=args.method)
+            n = sum(r.swapped for r in model.quant4_report)
+            print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
         if args.int8_activations:
             for mod in model.modules():
                 if isinstance(mod, Int4Linear):
                     mod.activation = "int8"
-            n = sum(r.swapped for r in model.quant4_report)
-            print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
+        if args.bf16:
+            model.to(torch.bfloat16)       # norms, embeddings, KV cache, activations; int4 layers keep their format
         print(f"--- {label} ---")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
