@@ -1,6 +1,6 @@
 """Benchmarks: quant4's int4 kernels against PyTorch's int4 CPU op and dense F.linear, in one process.
 
-    python scripts/bench.py                 # full grid (about 15 minutes on 2 cores)
+    python scripts/bench.py                 # full grid (about 10 minutes on 2 cores)
     python scripts/bench.py --quick         # one shape, g32, 2 threads
     python scripts/bench.py --json out.json
 
