@@ -341,11 +341,9 @@ cdef extern from "_q4simd.h" nogil:
     void q4_dequant_perm_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
                               Py_ssize_t c1, Py_ssize_t cpg, uint16_t* dst) noexcept
     void q4_tile_bf16(const uint16_t* const* x, const uint16_t* const* w, Py_ssize_t kc, float* out) noexcept
-    void q4_prep_x_dec_bf16(const uint16_t* x, Py_ssize_t Kp, Py_ssize_t g, uint16_t* xb, float* nxl,
-                            float* xs) noexcept
+    void q4_prep_x_dec_bf16(const uint16_t* x, Py_ssize_t Kp, Py_ssize_t g, uint16_t* xb, float* xs) noexcept
     void q4_dot_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const uint16_t* const* xb,
-                     const float* const* nxl, const float* const* xs, Py_ssize_t Kp, Py_ssize_t G, int lg,
-                     int nx, float* out) noexcept
+                     const float* const* xs, Py_ssize_t Kp, Py_ssize_t G, int lg, int nx, float* out) noexcept
     int q4_vnni_available() noexcept
     void q4_quantize_x_int8(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
                             float* xs) noexcept
@@ -556,12 +554,11 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
     """Decode (M <= 4) with bf16 activations and exact weights, fp32 accumulation (needs bf16_available()).
     One weight row per pass (Q4_DR rows sharing each activation load measured 5-25% slower here)."""
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1], m, n, i
-    cdef Py_ssize_t per = Kp + (Kp // 8 + G) * 2    # uint16 slots per activation row: xb, then nxl and xs
+    cdef Py_ssize_t per = Kp + G * 2    # uint16 slots per activation row: the bf16 pairs, then the fp32 group sums
     cdef int lg = 5, nx
     cdef const float* bptr = NULL
     cdef uint16_t* buf
     cdef const uint16_t* xb[4]
-    cdef const float* nxl[4]
     cdef const float* xs[4]
     if M == 0 or N == 0:
         return
@@ -582,25 +579,23 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
             for i in range(4):
                 m = min(i, M - 1)
                 xb[i] = buf + m * per
-                nxl[i] = <const float*>(buf + m * per + Kp)
-                xs[i] = nxl[i] + Kp // 8
+                xs[i] = <const float*>(buf + m * per + Kp)
             for m in range(M):
-                q4_prep_x_dec_bf16(&x[m, 0], Kp, group_size, buf + m * per, <float*>(buf + m * per + Kp),
-                                   <float*>(buf + m * per + Kp) + Kp // 8)
+                q4_prep_x_dec_bf16(&x[m, 0], Kp, group_size, buf + m * per, <float*>(buf + m * per + Kp))
             for n in prange(N, num_threads=num_threads, schedule="static"):
-                _dot_bf16_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xb, nxl, xs, Kp, G, lg, nx, M, bptr,
+                _dot_bf16_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xb, xs, Kp, G, lg, nx, M, bptr,
                               n, &out[0, 0], out.shape[1])
     finally:
         free(buf)
 
 
 cdef inline void _dot_bf16_row(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const uint16_t** xb,
-                               const float** nxl, const float** xs, Py_ssize_t Kp, Py_ssize_t G, int lg, int nx,
+                               const float** xs, Py_ssize_t Kp, Py_ssize_t G, int lg, int nx,
                                Py_ssize_t M, const float* bias, Py_ssize_t n, float* out,
                                Py_ssize_t ldo) noexcept nogil:
     cdef float r[4]
     cdef Py_ssize_t m
-    q4_dot_bf16(w, sc, zr, xb, nxl, xs, Kp, G, lg, nx, r)
+    q4_dot_bf16(w, sc, zr, xb, xs, Kp, G, lg, nx, r)
     for m in range(M):
         out[m * ldo + n] = r[m] + (bias[n] if bias != NULL else 0.0)
 

@@ -275,21 +275,24 @@ Q4_KERNEL void q4_tile(const float *const *x, const float *const *w, ptrdiff_t k
  * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
  * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
 #if defined(__AVX512F__)
-/* sum_g (zero_g - 8 scale_g) * xs_g over one row's G groups */
-static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
+/* sum_g (zero_g - off * scale_g) * xs_g over one row's G groups */
+static inline float q4_zero_term_off(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G, float off) {
     __m512 acc = _mm512_setzero_ps();
     ptrdiff_t gi = 0;
     for (; gi + 16 <= G; gi += 16) {
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + gi)));
         const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi)));
-        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z), _mm512_loadu_ps(xs + gi), acc);
+        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(off), s, z), _mm512_loadu_ps(xs + gi), acc);
     }
     float t = _mm512_reduce_add_ps(acc);
     for (; gi < G; gi++) {
         const float s = q4_half_to_float(sc[gi]);
-        t += (q4_half_to_float(zr[gi]) - 8.0f * s) * xs[gi];
+        t += (q4_half_to_float(zr[gi]) - off * s) * xs[gi];
     }
     return t;
+}
+static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
+    return q4_zero_term_off(sc, zr, xs, G, 8.0f);
 }
 #endif
 
@@ -337,23 +340,14 @@ Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, 
  * logic op turn nibbles j and j+4 of every lane into the bf16 pair (16 + q_j, 16 + q_{j+4}) (exponent 2^4,
  * the code in the top mantissa bits: exact), and vdpbf16ps multiplies them with the activation pairs
  * (x[8i+j], x[8i+j+4]) in fp32 -- products of two bf16 are exact. Per 128 weights that is 4 shifts, 4
- * ternlogs and 4 dot products against 16 lookups + 16 FMAs in the fp32 kernel. Per lane the accumulator
- * starts at -16 * sum(x over the lane's 8 k), leaving sum x q; times the lane's group scale; the zeros come
- * from q4_zero_term with the activations' group sums. */
-/* x bf16 [Kp] -> xb (pairs in the lane order above), nxl[Kp/8] = -16 * lane sums, xs[G] = group sums */
-static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *nxl,
-                                      float *xs) {
+ * ternlogs and 4 dot products against 16 lookups + 16 FMAs in the fp32 kernel. The per-lane sums
+ * sum x (16 + q) are scaled by the lane's group scale; the 16 sum x they carry joins the zero term, which is
+ * then sum_g (zero_g - 24 scale_g) * (sum of x over group g). */
+/* x bf16 [Kp] -> xb (pairs in the lane order above), xs[G] = group sums */
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *xs) {
     for (ptrdiff_t c = 0; c < Kp / 128; c++)
         for (int i = 0; i < 16; i++) {
             const uint16_t *v = x + 128 * c + 8 * i;
-            float sum = 0.0f;
-            for (int j = 0; j < 8; j++) {
-                uint32_t bits = (uint32_t)v[j] << 16;
-                float f;
-                memcpy(&f, &bits, 4);
-                sum += f;
-            }
-            nxl[16 * c + i] = -16.0f * sum;
             for (int p = 0; p < 4; p++) {
                 xb[128 * c + 32 * p + 2 * i] = v[p];
                 xb[128 * c + 32 * p + 2 * i + 1] = v[p + 4];
@@ -395,7 +389,7 @@ static inline __m512 q4_chunk_scales(const uint16_t *sc, ptrdiff_t c, const int 
 #define Q4_PF_BYTES 4096
 #endif
 static inline void q4_dot_bf16_impl(const uint8_t *w, const uint16_t *sc, const uint16_t *zr,
-                                    const uint16_t *const *xb, const float *const *nxl, const float *const *xs,
+                                    const uint16_t *const *xb, const float *const *xs,
                                     ptrdiff_t Kp, ptrdiff_t G, float *out, const int nx, const int lg) {
     const __m512i nib = _mm512_set1_epi32(0x00780078), exp16 = _mm512_set1_epi32(0x41804180);
     __m512 tot[4];
@@ -410,8 +404,7 @@ static inline void q4_dot_bf16_impl(const uint8_t *w, const uint16_t *sc, const 
         const __m512 s = q4_chunk_scales(sc, c, lg);
         for (int i = 0; i < nx; i++) {
             const uint16_t *xc = xb[i] + 128 * c;
-            __m512 a = _mm512_loadu_ps(nxl[i] + 16 * c);
-            __m512 b = _mm512_setzero_ps();
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
             a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)xc), w0);
             b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)), w1);
             a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(xc + 64)), w2);
@@ -419,13 +412,12 @@ static inline void q4_dot_bf16_impl(const uint8_t *w, const uint16_t *sc, const 
             tot[i] = _mm512_fmadd_ps(s, _mm512_add_ps(a, b), tot[i]);
         }
     }
-    for (int i = 0; i < nx; i++) out[i] = _mm512_reduce_add_ps(tot[i]) + q4_zero_term(sc, zr, xs[i], G);
+    for (int i = 0; i < nx; i++) out[i] = _mm512_reduce_add_ps(tot[i]) + q4_zero_term_off(sc, zr, xs[i], G, 24.0f);
 }
 /* one weight row against nx (1, 2 or 4) activation rows: out[i] = dot(w, x_i); group size 1 << lg */
 Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
-                           const float *const *nxl, const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg,
-                           int nx, float *out) {
-#define Q4_DOT_BF16_CASE(NX, LG) q4_dot_bf16_impl(w, sc, zr, xb, nxl, xs, Kp, G, out, NX, LG)
+                           const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg, int nx, float *out) {
+#define Q4_DOT_BF16_CASE(NX, LG) q4_dot_bf16_impl(w, sc, zr, xb, xs, Kp, G, out, NX, LG)
 #define Q4_DOT_BF16_NX(NX) switch (lg) { case 5: Q4_DOT_BF16_CASE(NX, 5); break; case 6: Q4_DOT_BF16_CASE(NX, 6); break; \
                                          case 7: Q4_DOT_BF16_CASE(NX, 7); break; default: Q4_DOT_BF16_CASE(NX, 8); }
     if (nx == 1) { Q4_DOT_BF16_NX(1) }
@@ -436,14 +428,12 @@ Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t 
 }
 #else
 #define Q4_HAVE_BF16 0
-static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *nxl,
-                                      float *xs) {
-    (void)x; (void)Kp; (void)g; (void)xb; (void)nxl; (void)xs;
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *xs) {
+    (void)x; (void)Kp; (void)g; (void)xb; (void)xs;
 }
 Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
-                           const float *const *nxl, const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg,
-                           int nx, float *out) {
-    (void)w; (void)sc; (void)zr; (void)xb; (void)nxl; (void)xs; (void)Kp; (void)G; (void)lg; (void)nx; (void)out;
+                           const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg, int nx, float *out) {
+    (void)w; (void)sc; (void)zr; (void)xb; (void)xs; (void)Kp; (void)G; (void)lg; (void)nx; (void)out;
 }
 static inline int q4_bf16_available(void) { return 0; }
 static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
