@@ -133,7 +133,7 @@ def test_bf16_decode_kernel_is_exact_for_bf16_inputs(g, N, K):
         assert_matmul_close(out, x.float(), qweight, scales, zeros, g, bias, rel=1e-6)
         y = quant4.matmul(x, qweight, scales, zeros, g, K, bias)
         assert y.dtype == torch.bfloat16
-        if M <= 2:                                                      # the dispatch takes this kernel
+        if M <= 2 or K <= 6144:                                         # the dispatch takes this kernel
             assert torch.equal(y, out.bfloat16())
         ys = [quant4.matmul(x, qweight, scales, zeros, g, K, bias, num_threads=t) for t in (1, 2, 3)]
         assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
