@@ -46,7 +46,8 @@ class Int4Linear(nn.Module):
     forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input;
     gradients flow to the input (not to the frozen int4 weights).
     activation="int8" (a runtime choice, not saved) quantizes activations to int8 per 32-input block in
-    decode on AVX512-VNNI CPUs: faster, slightly less exact; see quant4.ops.matmul.
+    decode on AVX512-VNNI CPUs: faster, slightly less exact; activation="bf16" rounds fp32 inputs to bfloat16
+    to use the bf16 kernels (AVX512-BF16); see quant4.ops.matmul.
     The kernels read the buffers directly; module.to(dtype) leaves them in their stored dtypes.
     """
 
@@ -207,7 +208,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         Kp = padded_k(self.in_features, self.group_size)
         pad = f", padded_in={Kp}" if Kp != self.in_features else ""
-        act = ", activation=int8" if self.activation == "int8" else ""
+        act = f", activation={self.activation}" if self.activation != "float" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}{pad}{act}, "
                 f"format=v{FORMAT_VERSION}, kernels={ops.kernel_isa()}")

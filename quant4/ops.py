@@ -54,7 +54,7 @@ _BF16 = hasattr(_k, "bf16_available") and _k.bf16_available() and os.environ.get
 
 
 _INT8 = hasattr(_k, "int8_available") and _k.int8_available()
-ACTIVATIONS = ("float", "int8")
+ACTIVATIONS = ("float", "int8", "bf16")
 
 
 def int8_kernel_available() -> bool:
@@ -255,7 +255,9 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
 
     activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for single-row decode
     (M = 1) on CPUs with AVX512-VNNI: faster, slightly less exact (see README); otherwise ignored (for
-    M = 2..4 the fp32 multi-row kernel is faster).
+    M = 2..4 the fp32 multi-row kernel is faster). activation="bf16" (opt-in) rounds fp32/fp16 activations to
+    bfloat16 and computes as for bf16 inputs (on CPUs with AVX512-BF16; else ignored), the result returned in
+    x's dtype: the bf16 kernels' speed for fp32 models, at the cost of that one rounding.
     """
     return matmul_prepared(x, Prepared(qweight, scales, zeros, group_size, in_features, bias),
                            num_threads=num_threads, small_m=small_m, activation=activation)
@@ -273,6 +275,9 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     if M == 0 or N == 0:
         return out.to(x.dtype)
     nt = _threads(num_threads, M * N * Kp)
+    out_dtype = x.dtype
+    if activation == "bf16" and _BF16 and x.dtype != torch.bfloat16:
+        x = x.detach().to(torch.bfloat16)
     bf16_in = x.dtype == torch.bfloat16 and _BF16
     use_bf16 = bf16_in and M > small_m
     # bf16 decode kernel (interleaved A/B against the fp32 kernel on 7B-shaped layers: M = 1 1.4-1.9x; M = 3..4
@@ -291,4 +296,4 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
         _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     else:
         _k.matmul(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), small_m, nt)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -223,9 +223,15 @@ def bench_e2e(gen, threads, bw):
             if isinstance(mod, Int4Linear):
                 mod.activation = "int8"
         q4_int8 = decode_tok_s(model)
+    q4_bf16act = None
+    if ops.bf16_kernel_enabled():
         for mod in model.modules():
             if isinstance(mod, Int4Linear):
-                mod.activation = "float"
+                mod.activation = "bf16"
+        q4_bf16act = decode_tok_s(model)
+    for mod in model.modules():
+        if isinstance(mod, Int4Linear):
+            mod.activation = "float"
     model.to(torch.bfloat16)            # norms, embeddings, cache and activations in bf16, int4 layers unchanged
     q4_bf16 = decode_tok_s(model)
     for name, mod in list(model.named_modules()):
@@ -237,6 +243,7 @@ def bench_e2e(gen, threads, bw):
     quant4.set_num_threads(None)
     return {"threads": threads, "build_s": build_s, "bytes_per_token": per_token, "ceiling_tok_s": ceiling,
             "quant4_tok_s": q4, "quant4_bf16_tok_s": q4_bf16, "quant4_int8_act_tok_s": q4_int8,
+            "quant4_bf16_act_tok_s": q4_bf16act,
             "torch_int4_bf16_tok_s": tq}
 
 
@@ -283,6 +290,11 @@ def check_targets(res):
                    f"{v:.2f} of {e['ceiling_tok_s']:.2f} tok/s ({v / e['ceiling_tok_s']:.0%})")
             target(f"e2e, {what}, >= 1.2x torch int4 bf16 (t{e['threads']})", v >= 1.2 * e["torch_int4_bf16_tok_s"],
                    f"{v / e['torch_int4_bf16_tok_s']:.2f}x")
+        if e.get("quant4_bf16_act_tok_s"):
+            v = e["quant4_bf16_act_tok_s"]
+            target(f"e2e, fp32 model with bf16 activations, >= 1.2x torch int4 (t{e['threads']})",
+                   v >= 1.2 * e["torch_int4_bf16_tok_s"],
+                   f"{v / e['torch_int4_bf16_tok_s']:.2f}x, {v / e['ceiling_tok_s']:.0%} of the ceiling")
         if e.get("quant4_int8_act_tok_s"):
             target(f"e2e, int8 activations, >= 1.2x torch int4 (t{e['threads']})",
                    e["quant4_int8_act_tok_s"] >= 1.2 * e["torch_int4_bf16_tok_s"],
@@ -335,7 +347,9 @@ def main(argv=None):
             res["e2e"].append(e)
             i8 = e["quant4_int8_act_tok_s"]
             print(f"end to end, Llama-2-7B shape, int4 g32, {t} threads: quant4 {e['quant4_tok_s']:.2f} tok/s fp32 "
-                  f"model, {e['quant4_bf16_tok_s']:.2f} tok/s bf16 model (int8 activations: {i8 and round(i8, 2)}), "
+                  f"model, {e['quant4_bf16_tok_s']:.2f} tok/s bf16 model (fp32 model with bf16 activations: "
+                  f"{e['quant4_bf16_act_tok_s'] and round(e['quant4_bf16_act_tok_s'], 2)}, int8 activations: "
+                  f"{i8 and round(i8, 2)}), "
                   f"torch int4 (bf16) {e['torch_int4_bf16_tok_s']:.2f} tok/s, bandwidth-bound ceiling "
                   f"{e['ceiling_tok_s']:.2f} tok/s ({e['bytes_per_token'] / 1e9:.2f} GB per token; "
                   f"built in {e['build_s']:.1f} s)", flush=True)

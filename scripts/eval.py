@@ -114,7 +114,8 @@ def evaluate(args, checkpoint, tokenizer):
             rows.append({"model": label, "variant": f"int4 {method} g{g}", "group_size": g, "method": method,
                          "ppl": p, "kl": kl, "top1": top1, "bytes": q_bytes, "basis": ppl,
                          "quantize_s": round(tq, 2)})
-            if args.int8_activations and method == "rtn":
+            acts = (["int8"] if args.int8_activations else []) + (["bf16"] if args.bf16_activations else [])
+            if acts and method == "rtn":
                 if ref_dec is None:
                     ref_dec = score(base, dec_ids, args.window, decode=True)
                     rows.append({"model": label, "variant": f"float, decode, {len(dec_ids)} tokens",
@@ -123,13 +124,14 @@ def evaluate(args, checkpoint, tokenizer):
                 pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
                 rows.append({"model": label, "variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd,
                              "kl": kld, "top1": t1d, "bytes": q_bytes, "basis": ref_dec[0]})
-                for mod in model.modules():
-                    if isinstance(mod, Int4Linear):
-                        mod.activation = "int8"
-                pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
-                rows.append({"model": label, "variant": f"int4 RTN g{g}, decode, int8 activations",
-                             "group_size": g, "ppl": pd, "kl": kld, "top1": t1d, "bytes": q_bytes,
-                             "basis": ref_dec[0]})
+                for act in acts:
+                    for mod in model.modules():
+                        if isinstance(mod, Int4Linear):
+                            mod.activation = act
+                    pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
+                    rows.append({"model": label, "variant": f"int4 RTN g{g}, decode, {act} activations",
+                                 "group_size": g, "ppl": pd, "kl": kld, "top1": t1d, "bytes": q_bytes,
+                                 "basis": ref_dec[0]})
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
@@ -146,7 +148,8 @@ def main(argv=None):
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--methods", nargs="+", default=["rtn", "search", "gptq", "gptq-refine"],
                     choices=("rtn", "search", "gptq", "gptq-refine"))
-    ap.add_argument("--int8-activations", action="store_true")
+    ap.add_argument("--int8-activations", action="store_true", help="add decode rows with int8 activations")
+    ap.add_argument("--bf16-activations", action="store_true", help="add decode rows with bf16 activations")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
     ap.add_argument("--json", default=None, help="write the results here")
     add_calibration_args(ap)

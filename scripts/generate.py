@@ -37,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--int8-activations", action="store_true",
                     help="decode with activations quantized to int8 per 32-input block (AVX512-VNNI; faster, "
                          "slightly less exact)")
+    ap.add_argument("--bf16-activations", action="store_true",
+                    help="keep the model in fp32 but round the int4 layers' inputs to bf16 (bf16 kernels)")
     ap.add_argument("--bf16", action="store_true",
                     help="run the model in bfloat16 (int4 layers then use the bf16 decode kernel where available)")
     add_layer_args(ap)
@@ -84,10 +86,10 @@ def main(argv=None):
                             method=args.method)
             n = sum(r.swapped for r in model.quant4_report)
             print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
-        if args.int8_activations:
+        if args.int8_activations or args.bf16_activations:
             for mod in model.modules():
                 if isinstance(mod, Int4Linear):
-                    mod.activation = "int8"
+                    mod.activation = "int8" if args.int8_activations else "bf16"
         if args.bf16:
             model.to(torch.bfloat16)       # norms, embeddings, KV cache, activations; int4 layers keep their format
         print(f"--- {label} ---")

@@ -139,6 +139,23 @@ def test_bf16_decode_kernel_is_exact_for_bf16_inputs(g, N, K):
         assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
 
 
+@pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
+def test_bf16_activation_option_rounds_only_the_activations():
+    # activation="bf16" on fp32 inputs = the bf16 kernels on x rounded to bf16, result kept in fp32
+    qweight, scales, zeros = quant4.quantize(_rand_weight(96, 512), 32)
+    for M in (1, 2, 4):
+        x = torch.randn(M, 512)
+        y = quant4.matmul(x, qweight, scales, zeros, 32, 512, activation="bf16")
+        assert y.dtype == torch.float32
+        assert_matmul_close(y, x.bfloat16().float(), qweight, scales, zeros, 32, rel=1e-6)   # decode: exact weights
+    x = torch.randn(17, 512)
+    y = quant4.matmul(x, qweight, scales, zeros, 32, 512, activation="bf16")
+    assert_matmul_close(y, x.bfloat16().float(), qweight, scales, zeros, 32, rel=2**-7)       # prefill: bf16 weights
+    q = quant4.Int4Linear.from_packed(qweight, scales, zeros, in_features=512, group_size=32, activation="bf16")
+    assert "activation=bf16" in repr(q) and torch.equal(q(x[:1]), quant4.matmul(x[:1], qweight, scales, zeros, 32, 512,
+                                                                                  activation="bf16"))
+
+
 def _torch_int4_op(x, qweight, scales, zeros, g):
     q = reference.unpack(qweight).to(torch.int32).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
