@@ -82,8 +82,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         raise ValueError("hessian has non-finite values")
     qw, s, z = _gptq(weight, hessian, group_size, damp, block_size, method, act_order, None, num_threads)
     for r in range(refine + (1 if refine else 0)):
-        s2, z2 = refit_qparams(weight, hessian, reference.unpack(qw), group_size)
-        s, z = _better_qparams(weight, hessian, reference.unpack(qw), group_size, (s, z), (s2, z2))
+        codes = reference.unpack(qw)
+        s2, z2 = refit_qparams(weight, hessian, codes, group_size)
+        s, z = _better_qparams(weight, hessian, codes, group_size, (s, z), (s2, z2))
         if r < refine:
             qw, s, z = _gptq(weight, hessian, group_size, damp, block_size, method, act_order, (s, z), num_threads)
     return qw, s, z

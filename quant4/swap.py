@@ -99,3 +99,17 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
             print(msg)
     model.quant4_report = report
     return model
+
+
+def set_activation_(model: nn.Module, activation: str) -> int:
+    """Set every Int4Linear of `model` to activation mode "float", "int8" or "bf16" (see Int4Linear); returns how
+    many layers were set."""
+    from quant4.ops import check_activation
+
+    check_activation(activation)
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Int4Linear):
+            mod.activation = activation
+            n += 1
+    return n

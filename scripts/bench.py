@@ -217,21 +217,14 @@ def bench_e2e(gen, threads, bw):
     per_token = q_bytes + other
     ceiling = bw * 1e9 / per_token
     q4 = decode_tok_s(model)
-    q4_int8 = None
+    q4_int8 = q4_bf16act = None
     if ops.int8_kernel_available():
-        for mod in model.modules():
-            if isinstance(mod, Int4Linear):
-                mod.activation = "int8"
+        quant4.set_activation_(model, "int8")
         q4_int8 = decode_tok_s(model)
-    q4_bf16act = None
     if ops.bf16_kernel_enabled():
-        for mod in model.modules():
-            if isinstance(mod, Int4Linear):
-                mod.activation = "bf16"
+        quant4.set_activation_(model, "bf16")
         q4_bf16act = decode_tok_s(model)
-    for mod in model.modules():
-        if isinstance(mod, Int4Linear):
-            mod.activation = "float"
+    quant4.set_activation_(model, "float")
     model.to(torch.bfloat16)            # norms, embeddings, cache and activations in bf16, int4 layers unchanged
     q4_bf16 = decode_tok_s(model)
     for name, mod in list(model.named_modules()):

@@ -77,7 +77,7 @@ def score(model, ids, window, ref_logprobs=None, decode=False):
 def evaluate(args, checkpoint, tokenizer):
     """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
     from models.evaluate import encode_blocks, heldout_text
-    from quant4 import Int4Linear, quantize_model_, quantize_model_gptq_
+    from quant4 import quantize_model_, quantize_model_gptq_, set_activation_
 
     loaded = load_or_exit(checkpoint, tokenizer=tokenizer)
     if loaded.kind == "quant4":
@@ -125,9 +125,7 @@ def evaluate(args, checkpoint, tokenizer):
                 rows.append({"model": label, "variant": f"int4 RTN g{g}, decode", "group_size": g, "ppl": pd,
                              "kl": kld, "top1": t1d, "bytes": q_bytes, "basis": ref_dec[0]})
                 for act in acts:
-                    for mod in model.modules():
-                        if isinstance(mod, Int4Linear):
-                            mod.activation = act
+                    set_activation_(model, act)
                     pd, kld, t1d, _ = score(model, dec_ids, args.window, ref_dec[3], decode=True)
                     rows.append({"model": label, "variant": f"int4 RTN g{g}, decode, {act} activations",
                                  "group_size": g, "ppl": pd, "kl": kld, "top1": t1d, "bytes": q_bytes,

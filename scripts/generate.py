@@ -55,7 +55,7 @@ def main(argv=None):
         raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
 
     from models.generate import generate
-    from quant4 import Int4Linear, kernel_isa, projection_filter, quantize_model_
+    from quant4 import kernel_isa, projection_filter, quantize_model_, set_activation_
 
     t0 = time.perf_counter()
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
@@ -87,9 +87,7 @@ def main(argv=None):
             n = sum(r.swapped for r in model.quant4_report)
             print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
         if args.int8_activations or args.bf16_activations:
-            for mod in model.modules():
-                if isinstance(mod, Int4Linear):
-                    mod.activation = "int8" if args.int8_activations else "bf16"
+            set_activation_(model, "int8" if args.int8_activations else "bf16")
         if args.bf16:
             model.to(torch.bfloat16)       # norms, embeddings, KV cache, activations; int4 layers keep their format
         print(f"--- {label} ---")

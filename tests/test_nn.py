@@ -211,3 +211,13 @@ def test_gradient_flows_to_input():
     xr = x.detach().clone().requires_grad_(True)
     F.linear(xr, q.dequantize(), q.bias).pow(2).sum().backward()
     assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_set_activation_sets_every_int4_layer():
+    from quant4 import set_activation_
+
+    model = quantize_model_(_tiny_llama(), group_size=32)
+    assert set_activation_(model, "bf16") == sum(isinstance(m, Int4Linear) for m in model.modules())
+    assert all(m.activation == "bf16" for m in model.modules() if isinstance(m, Int4Linear))
+    with pytest.raises(ValueError, match="activation"):
+        set_activation_(model, "fp8")
