@@ -193,16 +193,18 @@ def test_threads_bitwise_identical():
 
 
 def _available_builds():
+    # the CPU level comes from the baseline build: importing a wider build on a CPU without its ISA may
+    # execute its instructions in the module's own initialisation (SIGILL), so it is never imported there
+    from quant4 import _kernels as base
+
     names = []
-    for isa, mod in (("generic", "quant4._kernels"), ("avx2", "quant4._kernels_avx2"),
-                     ("avx512", "quant4._kernels_avx512")):
-        level = {"generic": 0, "avx2": 1, "avx512": 2}[isa]
+    for level, mod in enumerate(("quant4._kernels", "quant4._kernels_avx2", "quant4._kernels_avx512")):
+        if base.cpu_level() < level:
+            continue
         try:
-            m = importlib.import_module(mod)
+            names.append(importlib.import_module(mod))
         except ImportError:
             continue
-        if m.cpu_level() >= level:
-            names.append(m)
     return names
 
 
