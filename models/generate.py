@@ -54,25 +54,22 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
         raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {limit}")
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    model.setup_cache(1, len(prompt_ids) + max_new_tokens)
-    try:
-        t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt_ids]), 0)[0, -1]
-        t1 = time.perf_counter()
-        out = []
-        pos = len(prompt_ids)
-        for _ in range(max_new_tokens):
-            tok = sample(logits, temperature, top_k, top_p, gen)
-            if tok in stop_ids:
-                break
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if len(out) == max_new_tokens:
-                break
-            logits = model(torch.tensor([[tok]]), pos)[0, -1]
-            pos += 1
-        t2 = time.perf_counter()
-    finally:
-        model.clear_cache()
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)    # this call's own: threads may share a model
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([prompt_ids]), 0, cache)[0, -1]
+    t1 = time.perf_counter()
+    out = []
+    pos = len(prompt_ids)
+    for _ in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, gen)
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[tok]]), pos, cache)[0, -1]
+        pos += 1
+    t2 = time.perf_counter()
     return out, GenStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)

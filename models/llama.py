@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +56,8 @@ class ModelArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"model config {name}={v!r} must be a finite number >= 0")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model config rope_theta={self.rope_theta!r} must be > 0")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"model config tie_embeddings={self.tie_embeddings!r} must be true or false")
         if self.dim % self.n_heads:
@@ -78,6 +81,9 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+_ROPE_LOCK = threading.Lock()
 
 
 class RMSNorm(nn.Module):
@@ -134,15 +140,16 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, start_pos: int):
+    def forward(self, x, cos, sin, start_pos: int, cache: Optional["KVCache"] = None):
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
+        cache = cache if cache is not None else self.cache
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -178,8 +185,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, start_pos):
-        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, start_pos))
+    def forward(self, x, cos, sin, start_pos, cache=None):
+        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, start_pos, cache))
         return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -198,9 +205,19 @@ class Transformer(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        """(Re)compute the RoPE tables on the CPU, e.g. after building the model on the meta device."""
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-        self.rope_cos, self.rope_sin = cos, sin
+        """Empty the RoPE tables (on the CPU, e.g. after building the model on the meta device); forward
+        computes them for the positions it needs, never for the whole max_seq_len a config claims."""
+        self.rope_cos, self.rope_sin = torch.empty(0, self.args.head_dim // 2), torch.empty(0, self.args.head_dim // 2)
+
+    def rope(self, end: int):
+        """cos, sin tables covering positions 0..end-1 (grown on demand: doubling, capped at max_seq_len)."""
+        with _ROPE_LOCK:      # readers in other threads see both tables of one length
+            cos, sin = self.rope_cos, self.rope_sin
+            if cos.shape[0] < end:
+                n = min(max(end, 2 * cos.shape[0], 256), self.args.max_seq_len)
+                c, s = rope_tables(self.args.head_dim, n, self.args.rope_theta)
+                self.rope_cos, self.rope_sin = cos, sin = c.to(cos.dtype), s.to(sin.dtype)
+        return cos, sin
 
     def init_weights(self, seed: int = 0):
         """llama2.c's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
@@ -213,27 +230,31 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None):
-        """Allocate a KV cache for incremental decoding (forward with start_pos); dtype: the embedding's."""
+    def new_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None) -> list:
+        """A KV cache (one KVCache per layer) for forward(..., cache=...): each caller (thread) its own."""
         n = max_seq_len or self.args.max_seq_len
         dtype = dtype or self.tok_embeddings.weight.dtype
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype)
+        return [KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype) for _ in self.layers]
+
+    def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None):
+        """Attach a KV cache to the model for incremental decoding (forward with start_pos and no cache
+        argument); dtype: the embedding's. Not for concurrent use: pass new_cache() to forward instead."""
+        for layer, cache in zip(self.layers, self.new_cache(batch, max_seq_len, dtype)):
+            layer.attention.cache = cache
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache = None
 
-    def forward(self, tokens, start_pos: int = 0):
-        """tokens: [B, S] int64 -> logits [B, S, vocab] (fp32)."""
+    def forward(self, tokens, start_pos: int = 0, cache: Optional[list] = None):
+        """tokens: [B, S] int64 -> logits [B, S, vocab] (fp32). cache: from new_cache() (else the attached
+        one from setup_cache(), if any)."""
         B, S = tokens.shape
-        if start_pos + S > self.rope_cos.shape[0]:
-            raise ValueError(
-                f"sequence end {start_pos + S} exceeds max_seq_len={self.rope_cos.shape[0]}"
-            )
+        if start_pos + S > self.args.max_seq_len:
+            raise ValueError(f"sequence end {start_pos + S} exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope(start_pos + S)
+        cos, sin = cos[start_pos : start_pos + S], sin[start_pos : start_pos + S]
         h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos : start_pos + S]
-        sin = self.rope_sin[start_pos : start_pos + S]
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, start_pos, None if cache is None else cache[i])
         return self.output(self.norm(h)).float()

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _fwAD
 
 from quant4 import ops
 from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
@@ -36,6 +37,20 @@ def _foreign_layout(weight: torch.Tensor, sz) -> str:
         return (f"uint8 {shape} from another int4 tool (torch >= 2.6 CPU packed: AVX-512/AVX2/scalar, or "
                 f"torch 2.5 / torchao uint8) with scales_and_zeros {tuple(sz.shape)}")
     return f"an unknown packed {weight.dtype} {shape} tensor with scales_and_zeros {tuple(sz.shape)}"
+
+
+def _refuse_transforms(x: torch.Tensor) -> None:
+    """The kernels run outside PyTorch's dispatcher (on numpy views of the tensors), so the program transforms
+    that work by intercepting tensor ops cannot see them; refuse those instead of returning garbage."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError("quant4's Int4Linear cannot be recorded by torch.jit.trace (its kernels run "
+                                  "outside PyTorch's dispatcher); run the module eagerly")
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        raise NotImplementedError("quant4's Int4Linear does not support torch.func transforms (vmap, grad, jvp, "
+                                  "...); call it on plain tensors (reverse-mode autograd to the input works)")
+    if _fwAD._current_level >= 0 and _fwAD.unpack_dual(x).tangent is not None:
+        raise NotImplementedError("quant4's Int4Linear does not support forward-mode AD (dual tensors); "
+                                  "reverse-mode autograd to the input works")
 
 
 class Int4Linear(nn.Module):
@@ -139,6 +154,7 @@ class Int4Linear(nn.Module):
             raise TypeError(f"Int4Linear expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input shape {tuple(x.shape)}: last dim must be in_features={self.in_features}")
+        _refuse_transforms(x)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         if x.requires_grad and torch.is_grad_enabled():
@@ -148,15 +164,26 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _prepared(self) -> ops.Prepared:
-        # validated kernel views of the buffers, rebuilt whenever a buffer is replaced (load_state_dict with
-        # assign, module.to(...), direct assignment); in-place writes keep the same storage and stay valid
+        # validated kernel views of the buffers, rebuilt whenever a buffer's memory, shape, strides or version
+        # changed (see ops.Prepared.matches); never copied or pickled (__getstate__)
         p = self.__dict__.get("_prep")
         if p is None or not p.matches(self.qweight, self.scales, self.zeros, self.bias):
             p = ops.Prepared(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, self.bias)
             self.__dict__["_prep"] = p
         return p
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this before compiling a module
+        raise NotImplementedError("quant4's Int4Linear cannot be compiled by torch.jit.script (its kernels run "
+                                  "outside TorchScript); run the module eagerly")
+
     # -- state ---------------------------------------------------------------------------------
+    def __getstate__(self):
+        # the kernel views are a cache of the buffers: a copy or a pickle carries the buffers only
+        state = super().__getstate__().copy()
+        state.pop("_prep", None)
+        return state
+
     def get_extra_state(self):
         return {"format_version": FORMAT_VERSION, "in_features": self.in_features,
                 "out_features": self.out_features, "group_size": self.group_size}

@@ -226,11 +226,28 @@ def check_activation(activation) -> str:
     return activation
 
 
+def _tensor_key(t):
+    """What a kernel view of `t` depends on: its memory (storage pointer), shape, strides and dtype, plus its
+    version counter (bumped by every in-place write; tensors made under inference_mode have none -> None)."""
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, version)
+
+
 class Prepared:
     """Validated stored tensors with the kernel's views of them, made once per weight (Int4Linear caches
-    one): a forward call then only checks its input."""
+    one): a forward call then only checks its input.
 
-    __slots__ = ("tensors", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features")
+    The views alias the tensors' memory, so a Prepared is valid exactly while `matches` holds: the same memory,
+    shape, strides and dtype, and no in-place write since (version counter). Anything else -- load_state_dict,
+    .data = ..., set_(), share_memory_(), a copied or unpickled module -- fails the check and forces a rebuild.
+    """
+
+    __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features")
 
     def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None):
         self.N, self.Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
@@ -238,15 +255,16 @@ class Prepared:
             _check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
             if bias.shape[0] != self.N:
                 raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={self.N}")
-        self.tensors = (qweight, scales, zeros, bias)
+        self.keys = tuple(_tensor_key(t) for t in (qweight, scales, zeros, bias))
         self.qweight = _as_np(qweight)
         self.scales, self.zeros = _half_bits(scales), _half_bits(zeros)
         self.bias = None if bias is None else _as_np(bias.detach().float())
         self.group_size, self.in_features = group_size, in_features
 
     def matches(self, qweight, scales, zeros, bias) -> bool:
-        t = self.tensors
-        return t[0] is qweight and t[1] is scales and t[2] is zeros and t[3] is bias
+        k = self.keys
+        return (k[0] == _tensor_key(qweight) and k[1] == _tensor_key(scales) and k[2] == _tensor_key(zeros)
+                and k[3] == _tensor_key(bias))
 
 
 def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features: int, bias=None, *,

@@ -162,6 +162,9 @@ def read_quantized(path) -> tuple[dict, dict]:
             raise FormatError(f"{path}: layer {name!r}: {exc}") from None
         if N != info.get("out_features"):
             raise FormatError(f"{path}: layer {name!r}: out_features={info.get('out_features')!r} but qweight has {N} rows")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{path}: tensor {key!r} has non-finite values (NaN/Inf); the file is damaged")
     for key, target in meta["tied"].items():
         if target not in tensors:
             raise FormatError(f"{path}: tied tensor {key!r} points at missing {target!r}")

@@ -66,8 +66,9 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         raise TypeError(f"quantize_model_ expects an nn.Module, got {type(model).__name__}")
     select = filter_fn or is_projection
     report = []
-    targets = []
-    for fqn, mod in model.named_modules():
+    targets = {}        # id(linear) -> (linear, [every name it is reachable under])
+    # remove_duplicate=False: a module shared under two names is seen (and later swapped) under both
+    for fqn, mod in model.named_modules(remove_duplicate=False):
         if not fqn:
             continue
         if isinstance(mod, Int4Linear):
@@ -77,21 +78,28 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         if chosen and not isinstance(mod, nn.Linear):
             raise TypeError(f"filter_fn selected {fqn!r}, a {type(mod).__name__}; only nn.Linear can be quantized")
         if chosen:
-            targets.append(fqn)
+            targets.setdefault(id(mod), (mod, []))[1].append(fqn)
         elif isinstance(mod, nn.Linear):
             why = "not a projection (wq wk wv wo w1 w2 w3)" if filter_fn is None else "not selected by filter_fn"
             report.append(SwapRecord(fqn, False, why))
-    for fqn in targets:
-        parent_name, _, attr = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
+    # quantize everything first, swap only when every layer succeeded: a bad weight anywhere leaves the
+    # model untouched (no half-quantized model)
+    swaps = []
+    for linear, names in targets.values():
         try:
             q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation,
                                        method=method)
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"{fqn}: {exc}") from exc
-        report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}", weight_sqnr_db(linear.weight, q)))
-        setattr(parent, attr, q)
+            raise type(exc)(f"{names[0]}: {exc}; the model was left unchanged") from exc
+        sqnr = weight_sqnr_db(linear.weight, q)
+        shared = f" (shared with {', '.join(names[1:])})" if len(names) > 1 else ""
+        for fqn in names:
+            swaps.append((fqn, q))
+            report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}{shared if fqn == names[0] else ''}",
+                                     sqnr))
+    for fqn, q in swaps:
+        parent_name, _, attr = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
     for rec in report:
         msg = f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}"
         log.info(msg)
