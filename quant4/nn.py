@@ -75,8 +75,7 @@ class Int4Linear(nn.Module):
             if v > 1 << 31:
                 raise ValueError(f"{name}={v} is too large (limit 2**31)")
         ops.check_group_size(group_size)
-        if num_threads is not None:
-            ops._threads(num_threads)
+        ops.check_num_threads(num_threads, allow_none=True)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.num_threads = num_threads
         self.activation = ops.check_activation(activation)
@@ -113,6 +112,7 @@ class Int4Linear(nn.Module):
                     num_threads: Optional[int] = None, activation: str = "float") -> "Int4Linear":
         """Wrap tensors already in quant4's stored format (validated, no copy of qweight)."""
         N, _, _ = ops.check_packed(qweight, scales, zeros, group_size, in_features)
+        ops.check_num_threads(num_threads, allow_none=True)
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod.in_features, mod.out_features, mod.group_size = in_features, N, group_size

@@ -77,16 +77,28 @@ def openmp_enabled() -> bool:
     return bool(_k.openmp_enabled())
 
 
+# More threads than this only oversubscribe the CPU; tens of thousands make OpenMP abort the process.
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_num_threads(n, *, allow_none: bool = False) -> Optional[int]:
+    """n, if it is a thread count quant4 accepts: a positive int up to MAX_THREADS (or None if allow_none)."""
+    if n is None and allow_none:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"num_threads must be an int in 1..{MAX_THREADS} (4x this machine's CPUs, at least 64)"
+                         f"{' or None' if allow_none else ''}, got {n!r}")
+    return n
+
+
 def set_num_threads(n: Optional[int]) -> None:
     """Default thread count for quant4's kernels; None follows torch.get_num_threads()."""
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
     global _num_threads
-    _num_threads = n
+    _num_threads = check_num_threads(n, allow_none=True)
 
 
 def get_num_threads() -> int:
-    return _num_threads if _num_threads is not None else torch.get_num_threads()
+    return _num_threads if _num_threads is not None else min(torch.get_num_threads(), MAX_THREADS)
 
 
 # Below this much work per thread (multiply-adds or weights), waking another thread costs more than it saves.
@@ -96,10 +108,7 @@ MIN_WORK_PER_THREAD = 1 << 18
 def _threads(num_threads: Optional[int], work: Optional[int] = None) -> int:
     """Thread count for one kernel call: the explicit or default count, capped so each thread gets
     at least MIN_WORK_PER_THREAD of work (results do not depend on the thread count)."""
-    if num_threads is None:
-        num_threads = get_num_threads()
-    elif not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    num_threads = get_num_threads() if num_threads is None else check_num_threads(num_threads)
     if work is not None:
         num_threads = max(1, min(num_threads, work // MIN_WORK_PER_THREAD))
     return num_threads

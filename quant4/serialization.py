@@ -166,8 +166,11 @@ def read_quantized(path) -> tuple[dict, dict]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"{path}: tensor {key!r} has non-finite values (NaN/Inf); the file is damaged")
     for key, target in meta["tied"].items():
-        if target not in tensors:
+        if not isinstance(target, str) or target not in tensors:
             raise FormatError(f"{path}: tied tensor {key!r} points at missing {target!r}")
+    if not isinstance(meta.get("tokenizer"), (str, type(None))):
+        raise FormatError(f"{path}: quant4 metadata field 'tokenizer' must be a relative path or null, "
+                          f"got {meta['tokenizer']!r}")
     return meta, tensors
 
 

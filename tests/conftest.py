@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ settings.register_profile("long", deadline=None, max_examples=2000,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("QUANT4_HYPOTHESIS_PROFILE", "default"))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QUANT4_SHARED", REPO.parent / "shared"))
+from helpers import SHARED
 
 
 @pytest.fixture

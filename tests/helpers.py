@@ -1,7 +1,13 @@
-"""Assertion helpers shared by the tests."""
+"""Paths and assertion helpers shared by the tests."""
+import os
+from pathlib import Path
+
 import torch
 
 from quant4 import reference
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QUANT4_SHARED", REPO.parent / "shared"))
 
 
 def assert_matmul_close(y, x, qweight, scales, zeros, group_size, bias=None, rel=1e-5):

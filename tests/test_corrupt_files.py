@@ -17,7 +17,7 @@ from models.load import load_model
 from models.torch_int4 import export_torch_int4
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
-from conftest import REPO
+from helpers import REPO
 
 CLEAN = (ValueError, OSError)
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=128, max_seq_len=32)

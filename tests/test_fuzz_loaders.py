@@ -14,7 +14,7 @@ from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from models.gguf import write_gguf
 from models.torch_int4 import export_torch_int4
-from conftest import REPO
+from helpers import REPO
 
 CLEAN = (ValueError, OSError)   # CheckpointError and FormatError are ValueErrors
 

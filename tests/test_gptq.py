@@ -13,7 +13,7 @@ from models.llama import ModelArgs, Transformer
 from models.load import load_model, load_tokenizer
 from quant4 import Int4Linear, gptq_quantize, quantize, quantize_model_, quantize_model_gptq_
 from quant4 import reference
-from conftest import REPO
+from helpers import REPO
 
 
 def _correlated(n, k, seed=0):

@@ -18,7 +18,7 @@ from models.llama2c import CheckpointError
 from models.load import build_quantized, load_model, load_tokenizer
 from models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
 from quant4 import Int4Linear, layouts, quantize_model_, reference
-from conftest import REPO
+from helpers import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "int4_layouts.safetensors"
 ISA_LAYOUT = {"AVX512": "cpu-avx512", "AVX2": "cpu-avx2", "DEFAULT": "cpu-scalar"}

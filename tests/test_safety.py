@@ -12,7 +12,7 @@ from torch import nn
 
 from quant4 import Int4Linear
 from quant4.serialization import atomic_write
-from conftest import REPO
+from helpers import REPO
 
 
 def test_concurrent_forward_matches_serial():

@@ -9,7 +9,7 @@ from models.llama import ModelArgs, Transformer
 from models.llama2c import write_llama2c
 from models.load import EMBEDDED_MODEL, load_model
 from quant4 import Int4Linear, quantize_model_
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
