@@ -51,7 +51,11 @@ def atomic_write(path, write_fn, *, overwrite: bool = False) -> Path:
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp made it 0600: give it the mode a new file would get
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -65,6 +69,36 @@ def atomic_write(path, write_fn, *, overwrite: bool = False) -> Path:
     except OSError:
         pass
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask sets it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _rename_no_clobber(tmp: str, path: Path) -> None:
+    """Move tmp to path, failing if path exists by then (another writer won the race): a hard link is created
+    atomically or not at all. File systems without hard links fall back to a check and a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} was created by someone else meanwhile; pass overwrite=True "
+                              f"(scripts: --force) to replace it") from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(f"{path} exists; pass overwrite=True (scripts: --force) to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def quantized_tensors(model: nn.Module):
@@ -95,7 +129,16 @@ def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optio
     meta = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION, "layers": layers, "tied": tied,
             "model": model_info, "tokenizer": tokenizer}
     header = {"quant4": json.dumps(meta)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite=overwrite)
+
+    def write(tmp):
+        from safetensors import SafetensorError
+
+        try:
+            save_file(tensors, tmp, metadata=header)
+        except SafetensorError as exc:     # the writer's I/O errors (disk full, file too large) as OSError
+            raise OSError(f"cannot write {path}: {exc}") from None
+
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def read_header(path) -> dict:

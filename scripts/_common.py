@@ -26,12 +26,29 @@ def add_thread_arg(ap):
 
 def apply_threads(n):
     import quant4
+    from quant4.ops import MAX_THREADS
 
     if n is not None:
-        if n < 1:
-            raise SystemExit(f"--threads must be >= 1, got {n}")
+        if not 1 <= n <= MAX_THREADS:
+            raise SystemExit(f"error: --threads must be in 1..{MAX_THREADS} (4x this machine's CPUs, at least 64), "
+                             f"got {n}")
         torch.set_num_threads(n)
         quant4.set_num_threads(n)
+
+
+def run_main(main):
+    """Run a script's main(): expected failures (bad files, bad arguments, I/O errors, an impossible request)
+    end in one line on stderr and exit status 1, Ctrl-C in status 130; never a traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, RuntimeError, MemoryError) as exc:
+        # RuntimeError includes NotImplementedError and torch's own errors (e.g. allocation failures)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
 
 
 def add_layer_args(ap):
@@ -54,13 +71,16 @@ def add_calibration_args(ap):
                     help="GPTQ: rounds of least-squares scale/zero refits (2 measured best; 5-10x the time)")
 
 
-def calibration_tokens(args, tok, max_seq_len: int):
+def calibration_tokens(args, tok, max_seq_len: int, vocab_size: int):
     """The calibration windows the --calibration arguments ask for (token ids [n, len])."""
     from models.calibration import TRAIN_FILE, calibration_windows, read_stories
 
     path = Path(args.calibration) if args.calibration else REPO.parent / "shared" / "data" / TRAIN_FILE
     if not path.is_file():
-        raise SystemExit(f"calibration text {path} not found; pass --calibration FILE")
+        raise SystemExit(f"error: calibration text {path} not found; pass --calibration FILE")
+    if tok.vocab_size > vocab_size:
+        raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}: "
+                         f"it is not this model's tokenizer (pass the right one with --tokenizer)")
     try:
         return calibration_windows(tok, read_stories(path), args.calib_sequences, min(args.calib_len, max_seq_len))
     except ValueError as exc:

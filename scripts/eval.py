@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from _common import (REPO, add_calibration_args, add_thread_arg, apply_threads, calibration_tokens, load_or_exit,
-                     tokenizer_or_exit)
+                     run_main, tokenizer_or_exit)
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,11 @@ def evaluate(args, checkpoint, tokenizer):
             raise SystemExit(f"--text {args.text}: not found")
         text = Path(args.text).read_text(encoding="utf-8", errors="ignore")
     else:
-        text = heldout_text(REPO.parent / "shared" / "data")
+        data = REPO.parent / "shared" / "data"
+        if not (data / "tinystories_val_head.txt").is_file():
+            raise SystemExit(f"error: the default evaluation text {data / 'tinystories_val_head.txt'} is not "
+                             f"here; pass --text FILE")
+        text = heldout_text(data)
     ids = encode_blocks(tok, text, args.tokens)
     label = Path(loaded.path).stem if checkpoint else "embedded"
     t0 = time.perf_counter()
@@ -96,7 +100,7 @@ def evaluate(args, checkpoint, tokenizer):
     ppl, _, _, ref = score(base, ids, args.window)
     rows = [{"model": label, "variant": "float", "group_size": None, "ppl": ppl, "kl": 0.0, "top1": 1.0,
              "bytes": weight_bytes(base), "basis": ppl}]
-    cal = (calibration_tokens(args, tok, loaded.args.max_seq_len)
+    cal = (calibration_tokens(args, tok, loaded.args.max_seq_len, loaded.args.vocab_size)
            if any(m.startswith("gptq") for m in args.methods) else None)
     dec_ids = ids[: args.decode_tokens]
     ref_dec = None
@@ -154,8 +158,9 @@ def main(argv=None):
     add_thread_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
-    if args.tokens < 2 or args.window < 2:
-        raise SystemExit(f"--tokens and --window must be >= 2, got {args.tokens} and {args.window}")
+    if args.tokens < 2 or args.window < 2 or args.decode_tokens < 2:
+        raise SystemExit(f"error: --tokens, --window and --decode-tokens must be >= 2, got {args.tokens}, "
+                         f"{args.window} and {args.decode_tokens}")
     checkpoints = [None if c in (None, "embedded") else c for c in args.checkpoint]
     toks = args.tokenizer or [None] * len(checkpoints)
     if len(toks) != len(checkpoints):
@@ -182,4 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

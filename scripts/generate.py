@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import (add_layer_args, add_thread_arg, apply_threads, load_or_exit, peak_rss_mb,
+from _common import (add_layer_args, add_thread_arg, apply_threads, load_or_exit, peak_rss_mb, run_main,
                      tokenizer_or_exit)
 
 
@@ -45,6 +45,10 @@ def main(argv=None):
     add_thread_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SystemExit("error: --prompt is not valid UTF-8 text") from None
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")
     if not args.temperature >= 0:
@@ -77,6 +81,9 @@ def main(argv=None):
             if loaded.kind == "quant4" else (f"int4 g{args.group_size}" if quantize else "float")
         runs = [(label, quantize and loaded.kind != "quant4")]
     prompt_ids = tok.encode(args.prompt)
+    if len(prompt_ids) >= loaded.args.max_seq_len:
+        raise SystemExit(f"error: the prompt is {len(prompt_ids)} tokens; this model's context is "
+                         f"{loaded.args.max_seq_len} tokens")
     texts = []
     for label, do_quantize in runs:
         model = loaded.model
@@ -93,20 +100,16 @@ def main(argv=None):
         print(f"--- {label} ---")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        new_ids = []
-        shown = [0]
+        stream = tok.stream(prompt_ids)      # prints exactly what the new tokens decode to, after the prompt
 
         def on_token(t):
-            new_ids.append(t)
-            text = tok.decode(prompt_ids[1:] + new_ids)[len(args.prompt):]
-            sys.stdout.write(text[shown[0]:])
+            sys.stdout.write(stream.push(t))
             sys.stdout.flush()
-            shown[0] = len(text)
 
         ids, st = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            stop_ids=(tok.bos_id, tok.eos_id), on_token=on_token)
-        print()
+        print(stream.flush())
         print(f"[{label}] prefill {st.prompt_tokens} tokens at {st.prefill_tok_s:.1f} tok/s, "
               f"decode {st.new_tokens} tokens at {st.decode_tok_s:.1f} tok/s, peak RSS {peak_rss_mb():.0f} MB")
         texts.append(ids)
@@ -117,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

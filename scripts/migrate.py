@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO  # noqa: F401  (puts the repo on sys.path)
+from _common import run_main  # (also puts the repo on sys.path)
 
 import torch
 
@@ -174,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -18,7 +18,7 @@ import sys
 import time
 
 from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
-                     load_or_exit, peak_rss_mb, tokenizer_or_exit)
+                     load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
 
 import torch
 from torch import nn
@@ -58,8 +58,12 @@ def main(argv=None):
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise SystemExit(f"--out must end in .safetensors, got {out}")
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a directory; give a file name ending in .safetensors")
     if out.exists() and not args.force:
-        raise SystemExit(f"{out} exists; pass --force to replace it")
+        raise SystemExit(f"error: {out} exists; pass --force to replace it")
+    if args.checkpoint is not None and out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+        raise SystemExit(f"error: --out {out} is the --checkpoint being read; write to another file")
     t0 = time.perf_counter()
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
     model = loaded.model
@@ -78,7 +82,8 @@ def main(argv=None):
 
         shapes = {name: tuple(lin.weight.shape) for name, lin in targets}
         targets = []        # hold no references: each float weight is freed once its int4 layer exists
-        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len)
+        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len,
+                                 loaded.args.vocab_size)
         print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
         bar = tqdm(total=len(model.layers), desc="gptq", unit="block", file=sys.stderr)
         if args.gptq_refine < 0:
@@ -107,4 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -140,6 +140,28 @@ def test_bf16_decode_kernel_is_exact_for_bf16_inputs(g, N, K):
 
 
 @pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_bf16_decode_error_bound_with_outlier_groups(g):
+    # one outlier per group sets the scale, the rest sit near zero: the kernel's two terms per weight,
+    # scale * (16 + q) and (zero - 24 scale), nearly cancel. The README's bound is relative to their size.
+    N, K = 64, 4096
+    gen = torch.Generator().manual_seed(g)
+    w = torch.randn(N, K, generator=gen) * 1e-3
+    w.view(N, K // g, g)[:, :, 0] = 4.0
+    qweight, scales, zeros = quant4.quantize(w, g)
+    s = scales.float().repeat_interleave(g, 1)
+    z = zeros.float().repeat_interleave(g, 1)
+    m = s.abs() * (16 + reference.unpack(qweight).float()) + (z - 24 * s).abs()
+    for M in (1, 2):
+        x = torch.randn(M, K, generator=gen).bfloat16()
+        out = torch.empty(M, N)
+        ops._k.matmul_bf16_decode(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales),
+                                  ops._half_bits(zeros), g, None, out.numpy(), 2)
+        ref = reference.linear(x.float(), qweight, scales, zeros, g)
+        assert ((out - ref).abs() <= 1e-6 * (x.float().abs() @ m.t()) + 1e-6).all()
+
+
+@pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
 def test_bf16_activation_option_rounds_only_the_activations():
     # activation="bf16" on fp32 inputs = the bf16 kernels on x rounded to bf16, result kept in fp32
     qweight, scales, zeros = quant4.quantize(_rand_weight(96, 512), 32)
