@@ -166,9 +166,10 @@ class Int4Linear(nn.Module):
     def _prepared(self) -> ops.Prepared:
         # validated kernel views of the buffers, rebuilt whenever a buffer's memory, shape, strides or version
         # changed (see ops.Prepared.matches); never copied or pickled (__getstate__)
+        b = self._buffers        # not self.qweight: nn.Module's attribute lookup costs more than the check
         p = self.__dict__.get("_prep")
-        if p is None or not p.matches(self.qweight, self.scales, self.zeros, self.bias):
-            p = ops.Prepared(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, self.bias)
+        if p is None or not p.matches(b["qweight"], b["scales"], b["zeros"], b["bias"]):
+            p = ops.Prepared(b["qweight"], b["scales"], b["zeros"], self.group_size, self.in_features, b["bias"])
             self.__dict__["_prep"] = p
         return p
 
