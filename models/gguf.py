@@ -192,8 +192,8 @@ def _tokenizer_bytes(reader, path) -> Optional[bytes]:
     if raw:
         try:
             return base64.b64decode(raw, validate=True)
-        except ValueError:
-            raise CheckpointError(f"{path}: {TOKENIZER_KEY} is not base64") from None
+        except (ValueError, TypeError):
+            raise CheckpointError(f"{path}: {TOKENIZER_KEY} is not a base64 string") from None
     if _field(reader, "tokenizer.ggml.model") != "llama":
         return None
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -205,6 +205,14 @@ def _tokenizer_bytes(reader, path) -> Optional[bytes]:
         from sentencepiece import sentencepiece_model_pb2 as spm_pb2
     except ImportError:
         return None
+    try:
+        return _sentencepiece_proto(reader, spm_pb2, tokens, scores, types)
+    except (TypeError, ValueError, IndexError) as exc:     # fields of the wrong type or length
+        raise CheckpointError(f"{path}: GGUF tokenizer.ggml.* fields are malformed ({exc})") from None
+
+
+def _sentencepiece_proto(reader, spm_pb2, tokens, scores, types) -> bytes:
+    """A SentencePiece model rebuilt from GGUF's tokenizer.ggml.* (model "llama") fields."""
     proto = spm_pb2.ModelProto()
     for i, piece in enumerate(tokens):
         p = proto.pieces.add()

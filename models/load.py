@@ -70,10 +70,10 @@ def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
                          rope_theta=float(params.get("rope_theta", 10000.0)),
                          max_seq_len=int(params.get("max_seq_len", 2048)),
                          tie_embeddings="output.weight" not in sd)
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        raise CheckpointError(f"{path}: not a Llama state dict in Meta names ({exc})") from None
+        raise CheckpointError(f"{path}: not a Llama state dict in Meta names, or bad model args ({exc})") from None
 
 
 def read_torch_checkpoint(path) -> tuple[ModelArgs, dict]:

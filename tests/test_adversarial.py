@@ -354,3 +354,88 @@ def test_absurd_thread_counts_are_refused(n):
     m, _, x = _pair()
     with pytest.raises(ValueError, match="num_threads"):
         quant4.matmul(x, m.qweight, m.scales, m.zeros, 32, 96, num_threads=n)
+
+
+GGUF_KEYS = ["general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
+             "llama.attention.head_count", "llama.attention.head_count_kv", "llama.feed_forward_length",
+             "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count",
+             "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_space_prefix",
+             "quant4.tokenizer.sentencepiece"]
+
+
+def _gguf_wrong_values():
+    import gguf
+
+    T = gguf.GGUFValueType
+    return [("text", T.STRING), (7, T.UINT32), (-2.5, T.FLOAT32), (True, T.BOOL), ([1, 2, 3], T.ARRAY),
+            (["a", "b"], T.ARRAY), ([0.5] * 3, T.ARRAY)]
+
+
+def _gguf_files_with(tmp_path, monkeypatch, key, *, drop=()):
+    """One GGUF file per wrong value of `key` (keys in `drop` left out), written by the gguf package."""
+    import gguf
+
+    model = quantize_model_(Transformer(ARGS).eval(), 32)
+    original = gguf.GGUFWriter.add_key_value
+    for i, (value, vtype) in enumerate(_gguf_wrong_values()):
+        def patched(self, k, v, t, *rest, **kw):
+            if k in drop:
+                return None
+            if k == key:
+                return original(self, k, value, vtype)
+            return original(self, k, v, t, *rest, **kw)
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_key_value", patched)
+        path = tmp_path / f"m{i}.gguf"
+        write_gguf(model, ARGS, path, tokenizer_path=TOK)
+        monkeypatch.setattr(gguf.GGUFWriter, "add_key_value", original)
+        yield value, path
+
+
+def _assert_each_loads_or_fails_cleanly(key, value_paths):
+    """Each file loads (model, forward, tokenizer) or fails with ValueError/OSError; anything else fails."""
+    from models.load import load_tokenizer
+
+    for value, path in value_paths:
+        try:
+            loaded = load_model(path)
+            loaded.model(torch.tensor([[1, 2]]))
+            load_tokenizer(loaded)
+        except (ValueError, OSError):
+            continue
+        except Exception as exc:
+            pytest.fail(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize("key", GGUF_KEYS)
+def test_gguf_metadata_of_the_wrong_type_is_a_checkpoint_error(tmp_path, monkeypatch, key):
+    from models.gguf import TOKENIZER_KEY
+
+    key = TOKENIZER_KEY if key == "quant4.tokenizer.sentencepiece" else key
+    _assert_each_loads_or_fails_cleanly(key, _gguf_files_with(tmp_path, monkeypatch, key))
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_space_prefix"])
+def test_gguf_vocabulary_fields_of_the_wrong_type(tmp_path, monkeypatch, key):
+    # without quant4's embedded SentencePiece blob the tokenizer is rebuilt from tokenizer.ggml.*
+    from models.gguf import TOKENIZER_KEY
+
+    _assert_each_loads_or_fails_cleanly(key, _gguf_files_with(tmp_path, monkeypatch, key, drop=(TOKENIZER_KEY,)))
+
+
+@pytest.mark.parametrize("field", ["n_heads", "n_kv_heads", "norm_eps", "rope_theta", "max_seq_len"])
+def test_pt_params_of_the_wrong_type_are_a_checkpoint_error(tmp_path, field):
+    m = Transformer(ARGS)
+    m.init_weights(0)
+    sd = {k: v.detach() for k, v in m.state_dict().items() if not k.startswith("rope")}
+    for i, value in enumerate(WRONG_TYPES):
+        path = tmp_path / f"m{i}.pt"
+        torch.save({"model": sd, "model_args": dict({"n_heads": 4, "n_kv_heads": 2}, **{field: value})}, path)
+        try:
+            load_model(path).model(torch.tensor([[1, 2]]))
+        except ValueError:
+            continue
+        except Exception as exc:
+            pytest.fail(f"{field}={value!r}: {type(exc).__name__}: {exc}")
