@@ -27,7 +27,6 @@ import torch
 from models.llama import ModelArgs
 from models.llama2c import CheckpointError
 from quant4 import layouts, reference
-from quant4.scheme import padded_k
 
 TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
 PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",

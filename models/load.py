@@ -192,7 +192,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         quantized = layers
         tok_guess = _tokenizer_beside(path) if tok_bytes is None else None
     elif kind == "quant4":
-        from quant4.serialization import FormatError, load_quantized_, read_quantized
+        from quant4.serialization import FormatError, read_quantized
 
         meta, tensors = read_quantized(path)
         info = meta["model"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +20,6 @@ from models.llama import ModelArgs
 from models.llama2c import CheckpointError
 from quant4 import layouts, reference
 from quant4.scheme import padded_k
-
-MIGRATE_HINT = "python scripts/migrate.py {path} --out {out}"
-
 
 def is_int4_state_dict(sd: dict) -> bool:
     return any(isinstance(k, str) and k.endswith(".scales_and_zeros") for k in sd)
@@ -53,10 +50,6 @@ class Int4Entry:
     N: int
     K_stored: int
     group_size: int
-
-    def describe(self) -> str:
-        return (f"{self.name}: {self.packed.dtype} {tuple(self.packed.shape)} packed, scales_and_zeros "
-                f"{self.sz.dtype} {tuple(self.sz.shape)} -> [{self.N}, {self.K_stored}] int4, group {self.group_size}")
 
 
 def int4_entries(sd: dict, path="state dict") -> dict[str, Int4Entry]:

@@ -297,7 +297,6 @@ static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const f
 #endif
 
 #if defined(__AVX512BF16__)
-#define Q4_HAVE_BF16 1
 static inline int q4_bf16_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16");
@@ -427,7 +426,6 @@ Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t 
 #undef Q4_DOT_BF16_CASE
 }
 #else
-#define Q4_HAVE_BF16 0
 static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *xs) {
     (void)x; (void)Kp; (void)g; (void)xb; (void)xs;
 }
@@ -456,7 +454,6 @@ Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, 
  * where the last sums use the exact float activations. About half the instructions of the fp32 kernel per
  * weight; the cost is the activation rounding (error <= d_b / 2 per element), measured in README. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define Q4_HAVE_VNNI 1
 static inline int q4_vnni_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni");
@@ -561,7 +558,6 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + q4_zero_term(sc, zr, xs, G);
 }
 #else
-#define Q4_HAVE_VNNI 0
 static inline int q4_vnni_available(void) { return 0; }
 static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
                                       float *xs) {

@@ -203,12 +203,6 @@ def best_layouts(scores: dict) -> list:
     return [l for l, s in scores.items() if s >= best - 0.02] if best >= 0.5 else []
 
 
-def detect_layout(packed: torch.Tensor, N: int, K: int, group_size: int, candidates=None):
-    """-> (best_layouts(scores), scores) for one packed weight."""
-    scores = layout_scores(packed, N, K, group_size, candidates)
-    return best_layouts(scores), scores
-
-
 # ---- GGUF (ggml) 32-element blocks --------------------------------------------------------------------------
 
 def _ggml_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -143,8 +143,6 @@ class Int4Linear(nn.Module):
         if self.out_features % 16 or self.in_features % self.group_size:
             raise ValueError(f"torch's int4 op needs out_features % 16 == 0 and in_features % group_size == 0, "
                              f"got [{self.out_features}, {self.in_features}] with group_size {self.group_size}")
-        if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-            raise RuntimeError("this torch has no _convert_weight_to_int4pack_for_cpu (torch >= 2.6 needed)")
         codes = reference.unpack(self.qweight)[:, : self.in_features].to(torch.int32).contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         return packed, layouts.scales_and_zeros(self.scales, self.zeros, dtype)

@@ -50,10 +50,10 @@ def _load_kernels():
 _k = _load_kernels()
 # bf16 activations in prefill use the AVX512-BF16 kernel when this build and CPU have it
 # (QUANT4_DISABLE_BF16=1 turns it off: bf16 inputs then take the fp32 kernel).
-_BF16 = hasattr(_k, "bf16_available") and _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
+_BF16 = _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
 
 
-_INT8 = hasattr(_k, "int8_available") and _k.int8_available()
+_INT8 = _k.int8_available()
 ACTIVATIONS = ("float", "int8", "bf16")
 
 

@@ -11,9 +11,6 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

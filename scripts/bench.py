@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 
 from _common import REPO  # noqa: F401  (puts the repo on sys.path)

@@ -20,7 +20,6 @@ import time
 from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
                      load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
 
-import torch
 from torch import nn
 
 

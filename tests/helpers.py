@@ -30,3 +30,29 @@ def assert_matmul_close(y, x, qweight, scales, zeros, group_size, bias=None, rel
 def sqnr_db(ref, approx):
     ref, approx = ref.float(), approx.float()
     return (20 * torch.log10(ref.norm() / (ref - approx).norm())).item()
+
+
+# Fixed calibration text for tests (written for this project, in the style of the embedded model's stories), so
+# that a test's numbers never change when a document of the repo is edited.
+STORIES = [
+    "Once upon a time, there was a little girl named Mia. She liked to play in the garden with her red ball. "
+    "One day the ball rolled under the fence and Mia felt sad.",
+    "Tom had a big brown dog called Max. Every morning they walked to the park together. Max liked to run after "
+    "the birds, but he never caught one.",
+    "The sun was warm and the sky was blue. A small cat sat on the wall and watched the children play. When it "
+    "got dark, the cat went home to sleep.",
+    "Lily found a shiny stone near the river. She showed it to her mom, who smiled and said it was very pretty. "
+    "Lily put the stone in a box under her bed.",
+    "Ben wanted to build a tall tower with his blocks. He put one block on top of another until the tower was "
+    "as tall as him. Then it fell down, and Ben laughed.",
+    "A little bird could not fly yet. Its mother showed it how to flap its wings. The bird tried again and "
+    "again, and at last it flew up into the tree.",
+    "Sara and her friend made a cake for grandma. They mixed flour, eggs and milk in a big bowl. Grandma said "
+    "it was the best cake she had ever eaten.",
+    "The old man had a small boat. Every day he went out on the lake to catch fish. One day he caught a fish "
+    "that was too big for the boat, so he let it go.",
+    "It was raining, so Jack and Anna stayed inside. They built a fort out of chairs and blankets. Inside the "
+    "fort they read books and ate apples until the rain stopped.",
+    "A kind girl gave her sandwich to a hungry puppy. The puppy wagged its tail and followed her home. Her dad "
+    "said they could keep it, and the girl was very happy.",
+] * 3

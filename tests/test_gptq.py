@@ -13,7 +13,7 @@ from models.llama import ModelArgs, Transformer
 from models.load import load_model, load_tokenizer
 from quant4 import Int4Linear, gptq_quantize, quantize, quantize_model_, quantize_model_gptq_
 from quant4 import reference
-from helpers import REPO
+from helpers import REPO, STORIES
 
 
 def _correlated(n, k, seed=0):
@@ -87,10 +87,8 @@ def test_gptq_bad_inputs():
 def test_model_driver_beats_rtn_on_the_embedded_model():
     loaded = load_model()
     tok = load_tokenizer(loaded)
-    text = (REPO / "README.md").read_text()                    # any English text will do for the mechanics
-    stories = [p for p in text.split("\n\n") if len(p) > 80]
-    cal = calibration_windows(tok, stories, n_sequences=24, seq_len=64)
-    held = calibration_windows(tok, stories, n_sequences=8, seq_len=64, seed=1)
+    cal = calibration_windows(tok, STORIES, n_sequences=24, seq_len=64)
+    held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
     base = loaded.model
     gptq = quantize_model_gptq_(copy.deepcopy(base), cal, 32)
     rtn = quantize_model_(copy.deepcopy(base), 32)
@@ -98,8 +96,8 @@ def test_model_driver_beats_rtn_on_the_embedded_model():
     assert len(swapped) == 6 * 7 and all("gptq" in r.reason and r.sqnr_db > 15 for r in swapped)
     assert all(isinstance(m, Int4Linear) for n, m in gptq.named_modules() if n.endswith(("wq", "w2")))
     with torch.no_grad():
-        ref = torch.log_softmax(base(cal), -1)
-        kl = {name: torch.nn.functional.kl_div(torch.log_softmax(m(cal), -1), ref, log_target=True,
+        ref = torch.log_softmax(base(held), -1)
+        kl = {name: torch.nn.functional.kl_div(torch.log_softmax(m(held), -1), ref, log_target=True,
                                                reduction="batchmean").item()
               for name, m in (("gptq", gptq), ("rtn", rtn))}
     assert kl["gptq"] < 0.8 * kl["rtn"], kl
@@ -138,7 +136,7 @@ def test_quantize_script_gptq(tmp_path, capsys):
     quantize_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quantize_script)
     text = tmp_path / "cal.txt"
-    text.write_text("\n\n".join(p for p in (REPO / "README.md").read_text().split("\n\n") if len(p) > 80))
+    text.write_text("\n\n".join(STORIES))
     out = tmp_path / "g.safetensors"
     quantize_script.main(["--method", "gptq", "--calibration", str(text), "--calib-sequences", "8",
                           "--calib-len", "64", "--out", str(out)])

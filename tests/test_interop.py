@@ -6,13 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from models.gguf import read_gguf, write_gguf
+from models.gguf import write_gguf
 from models.llama import ModelArgs, Transformer
 from models.llama2c import CheckpointError
 from models.load import build_quantized, load_model, load_tokenizer
@@ -22,7 +21,6 @@ from helpers import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "int4_layouts.safetensors"
 ISA_LAYOUT = {"AVX512": "cpu-avx512", "AVX2": "cpu-avx2", "DEFAULT": "cpu-scalar"}
-HAS_CPU_OP = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
 def _codes(N, K, seed=0):
@@ -61,7 +59,6 @@ def test_layout_round_trip_is_bit_exact(layout, N, K):
     assert torch.equal(m.sort().values, torch.arange(N * K))        # every weight exactly once
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6 has no _convert_weight_to_int4pack_for_cpu")
 @pytest.mark.parametrize("N,K", [(16, 64), (48, 32), (80, 256), (176, 128)])
 def test_cpu_layout_equals_torch_op_on_this_cpu(N, K):
     layout = ISA_LAYOUT[torch.backends.cpu.get_cpu_capability()]
@@ -69,7 +66,6 @@ def test_cpu_layout_equals_torch_op_on_this_cpu(N, K):
     assert torch.equal(layouts.pack_codes(q, layout), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6 has no _weight_int4pack_mm_for_cpu")
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_other_isa_layouts_drive_torch_op(isa, tmp_path):
     # torch on this machine, forced to another ISA, multiplies by quant4-made bytes of that ISA's layout
@@ -94,7 +90,6 @@ def test_other_isa_layouts_drive_torch_op(isa, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_export_drives_torch_op(dtype, tol):
     lin = Int4Linear.from_linear(nn.Linear(384, 160, bias=False), 64)
@@ -105,7 +100,6 @@ def test_export_drives_torch_op(dtype, tol):
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
 def test_int4linear_to_torch_int4pack():
     lin = Int4Linear.from_linear(nn.Linear(256, 48, bias=False), 128)
     packed, sz = lin.to_torch_int4pack(torch.float32)
@@ -204,7 +198,6 @@ class TorchOpLinear(nn.Module):
         return y.reshape(*x.shape[:-1], -1).float()
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
 def test_exported_model_runs_on_torch_op_with_same_logits():
     m = _quant_model(g=64)
     sd = export_torch_int4(m, dtype=torch.float32)
@@ -231,7 +224,6 @@ class GptFastInt4Linear(nn.Module):
                                                              dtype=torch.bfloat16))
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="torch < 2.6")
 def test_seed_failure_and_its_migration(tmp_path, capsys):
     # the seed: a CPU-packed int4 checkpoint loaded into gpt-fast's module fails with a bare size mismatch
     lin = Int4Linear.from_linear(nn.Linear(2048, 2048, bias=False), 32)

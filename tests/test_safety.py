@@ -1,5 +1,4 @@
 """Concurrency and file-safety properties (part of the hardening work)."""
-import os
 import signal
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import sys
 import threading
 
 import pytest
-import torch
 
 from models.llama import ModelArgs, Transformer
 from models.llama2c import write_llama2c

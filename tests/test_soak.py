@@ -6,7 +6,6 @@ import os
 import threading
 
 import pytest
-import torch
 
 from models.generate import generate
 from models.load import load_model
