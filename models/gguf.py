@@ -26,7 +26,8 @@ import torch
 
 from models.llama import ModelArgs
 from models.llama2c import CheckpointError
-from quant4 import layouts, reference
+from quant4 import layouts, ops
+from quant4.scheme import pack_codes
 
 TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
 PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
@@ -158,7 +159,7 @@ def _convert(t, name, tensors, layers, requant):
         N, K = shape
         codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
                                            qtype.name, K)
-        tensors[f"{name}.qweight"] = reference.pack(codes)
+        tensors[f"{name}.qweight"] = pack_codes(codes)
         tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s, z
         layers[name] = {"in_features": K, "out_features": N, "group_size": 32}
         return
@@ -257,7 +258,7 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: 
             if m.bias is not None:
                 raise ValueError(f"{base}: GGUF llama layers have no bias")
             if m.in_features % 32 == 0:
-                blocks, err = layouts.to_ggml_q4_1(reference.unpack(m.qweight), m.scales, m.zeros, m.group_size,
+                blocks, err = layouts.to_ggml_q4_1(ops.unpack(m.qweight), m.scales, m.zeros, m.group_size,
                                                    m.in_features)
                 max_round = max(max_round, err)
                 items.append((gguf_name(base), blocks.numpy(), gguf.GGMLQuantizationType.Q4_1))

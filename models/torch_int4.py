@@ -18,8 +18,8 @@ import torch
 
 from models.llama import ModelArgs
 from models.llama2c import CheckpointError
-from quant4 import layouts, reference
-from quant4.scheme import padded_k
+from quant4 import layouts, ops
+from quant4.scheme import pack_codes, padded_k
 
 def is_int4_state_dict(sd: dict) -> bool:
     return any(isinstance(k, str) and k.endswith(".scales_and_zeros") for k in sd)
@@ -202,7 +202,7 @@ def read_torch_int4(path, *, layout: Optional[str] = None, params_file=None, rep
         for out_name, r0, r1 in parts:
             c = torch.zeros(r1 - r0, Kp, dtype=torch.uint8)
             c[:, :in_features] = codes[r0:r1, :in_features]
-            tensors[f"{out_name}.qweight"] = reference.pack(c)
+            tensors[f"{out_name}.qweight"] = pack_codes(c)
             tensors[f"{out_name}.scales"] = s16[r0:r1, : Kp // g].contiguous()
             tensors[f"{out_name}.zeros"] = z16[r0:r1, : Kp // g].contiguous()
             layers[out_name] = {"in_features": in_features, "out_features": r1 - r0, "group_size": g}
@@ -241,7 +241,7 @@ def export_torch_int4(model, *, dtype=torch.bfloat16, layout: Optional[str] = No
         out[key] = t.detach().clone()
     for name, m in int4.items():
         K, g = m.in_features, m.group_size
-        codes = reference.unpack(m.qweight)[:, :K].contiguous()
+        codes = ops.unpack(m.qweight)[:, :K].contiguous()
         ok = K % g == 0 and m.out_features % 16 == 0 and (layout != "cuda-tiled" or
                                                           (K % (inner_k_tiles * 16) == 0 and m.out_features % 8 == 0))
         if not ok:

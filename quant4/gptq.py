@@ -17,17 +17,17 @@ quantized block to the next one.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from quant4 import ops
 from quant4.nn import Int4Linear
-from quant4 import reference
-from quant4.reference import pack
-from quant4.scheme import padded_k, qparams_from_minmax
+from quant4.scheme import pack_codes, padded_k, qparams_from_minmax, round_codes
 
 log = logging.getLogger("quant4")
 
@@ -39,13 +39,6 @@ def _group_qparams(w: torch.Tensor, group_size: int, method: str, num_threads):
         s16, z16 = s16[:, 0], z16[:, 0]
         return s16, z16, z16.float() - 8 * s16.float()
     return qparams_from_minmax(w.amin(1), w.amax(1))
-
-
-def _round(w: torch.Tensor, s16: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Codes of one column w [N] under (scale, m): the scheme's rounding (q = 8 where the scale is 0)."""
-    s = s16.float()
-    q = ((w - m) / torch.where(s == 0, torch.ones_like(s), s)).clamp(0, 15).round()
-    return torch.where(s == 0, torch.full_like(q, 8), q)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, *, damp: float = 0.01,
@@ -82,7 +75,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         raise ValueError("hessian has non-finite values")
     qw, s, z = _gptq(weight, hessian, group_size, damp, block_size, method, act_order, None, num_threads)
     for r in range(refine + (1 if refine else 0)):
-        codes = reference.unpack(qw)
+        codes = ops.unpack(qw)
         s2, z2 = refit_qparams(weight, hessian, codes, group_size)
         s, z = _better_qparams(weight, hessian, codes, group_size, (s, z), (s2, z2))
         if r < refine:
@@ -134,7 +127,7 @@ def _gptq(weight, hessian, group_size, damp, block_size, method, act_order, qpar
             if not static and col % g == 0:
                 scales[:, grp], zeros[:, grp], ms[:, grp] = _group_qparams(W1[:, i:i + g], g, method, num_threads)
             w = W1[:, i]
-            q = _round(w, scales[:, grp], ms[:, grp])
+            q = round_codes(w, scales[:, grp], ms[:, grp])
             Q[:, i1 + i] = q
             w_hat = (q - 8) * scales[:, grp].float() + zeros[:, grp].float()
             err = (w - w_hat) / Hi[i, i]
@@ -143,7 +136,7 @@ def _gptq(weight, hessian, group_size, damp, block_size, method, act_order, qpar
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     codes = torch.zeros(N, G * g, dtype=torch.uint8)
     codes[:, perm] = Q.to(torch.uint8)
-    return pack(codes), scales, zeros
+    return pack_codes(codes), scales, zeros
 
 
 def refit_qparams(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, group_size: int,
@@ -188,7 +181,7 @@ def refit_qparams(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tens
 
 def _row_errors(weight, hessian, codes, group_size, s16, z16):
     K = weight.shape[1]
-    d = weight.detach().float() - reference.dequantize(reference.pack(codes), s16, z16, group_size, K)
+    d = weight.detach().float() - ops.dequantize(pack_codes(codes), s16, z16, group_size, K)
     return ((d @ hessian.float()) * d).sum(1)
 
 
@@ -248,23 +241,19 @@ def _input_sets(block: nn.Module, prefix: str, select, args, kwargs):
     return sets
 
 
-def _swap(root: nn.Module, fqn: str, new: nn.Module):
-    parent_name, _, attr = fqn.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
-
-
 @torch.no_grad()
 def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size: int = 32,
                          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, damp: float = 0.01,
                          block_size: int = 128, method: str = "rtn", act_order: bool = False, refine: int = 0,
                          batch_size: int = 16, num_threads: Optional[int] = None,
-                         progress: Optional[Callable[[str], None]] = None) -> nn.Module:
+                         progress: bool = False) -> nn.Module:
     """Quantize the selected nn.Linear layers of `model` with GPTQ, in place; return the model.
 
     calibration: int64 token ids [n_sequences, seq_len] fed to model(tokens) in batches of batch_size.
     The model must hold its repeated blocks in an nn.ModuleList (model.layers) and call them in order as
     block(hidden, *rest) -> hidden. Selected layers outside the blocks are quantized without calibration
     (method). Other arguments as in gptq_quantize and quantize_model_; the report is model.quant4_report.
+    progress=True shows a progress bar over the blocks (tqdm, on stderr).
     """
     from quant4.swap import SwapRecord, is_projection, weight_sqnr_db
 
@@ -279,7 +268,6 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ops.check_group_size(group_size)
     select = filter_fn or is_projection
-    say = progress or (lambda msg: log.info(msg))
     list_name, blocks = _blocks(model, select)
 
     # inputs of the first block, per batch
@@ -301,7 +289,7 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
     hidden = [c[0] for c in captured]
     report = []
     t0 = time.perf_counter()
-    for bi, block in enumerate(blocks):
+    for bi, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress, file=sys.stderr)):
         prefix = f"{list_name}.{bi}"
         sets = _input_sets(block, prefix, select, (hidden[0],) + captured[0][1], captured[0][2])
         for names in sets:
@@ -342,11 +330,11 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
                 report.append(SwapRecord(f"{prefix}.{fqn}", True,
                                          f"int4 g{group_size} gptq ({method}{f', refine {refine}' if refine else ''})",
                                          weight_sqnr_db(lin.weight, q)))
-                _swap(block, fqn, q)
+                block.set_submodule(fqn, q)
             del H
         hidden = [block(x, *rest, **kw) for x, (_, rest, kw) in zip(hidden, captured)]
-        say(f"gptq: block {bi + 1}/{len(blocks)} ({sum(len(s) for s in sets)} layers), "
-            f"{time.perf_counter() - t0:.1f} s")
+        log.info(f"gptq: block {bi + 1}/{len(blocks)} ({sum(len(s) for s in sets)} layers), "
+                 f"{time.perf_counter() - t0:.1f} s")
     done = {r.name for r in report}
     for fqn, mod in list(model.named_modules()):
         if not fqn or fqn in done or isinstance(mod, Int4Linear):
@@ -355,7 +343,7 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
             q = Int4Linear.from_linear(mod, group_size, num_threads=num_threads, method=method)
             report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method} (outside the blocks: no GPTQ)",
                                      weight_sqnr_db(mod.weight, q)))
-            _swap(model, fqn, q)
+            model.set_submodule(fqn, q)
         elif isinstance(mod, nn.Linear):
             report.append(SwapRecord(fqn, False, "not selected"))
     for rec in report:

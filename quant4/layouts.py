@@ -120,6 +120,12 @@ def pack_codes(codes: torch.Tensor, layout: str, inner_k_tiles: int = 8) -> torc
     return packed.view(N, K // 2)
 
 
+def torch_cpu_pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (0..15) -> the packed weight of PyTorch's CPU int4 op, made by that op's own converter
+    (_convert_weight_to_int4pack_for_cpu, torch >= 2.6): the bytes this torch uses on this CPU's ISA."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(_check_codes(codes).to(torch.int32).contiguous(), 1)
+
+
 def unpack_codes(packed: torch.Tensor, layout: str, N: int, K: int) -> torch.Tensor:
     """The inverse of pack_codes: packed tensor of `layout` holding an [N, K] weight -> codes uint8 [N, K].
     Raw bytes are what count: a CPU layout may come as uint8 [N, K/2] or in torch <= 2.5's int32 4-D shape."""

@@ -138,14 +138,13 @@ class Int4Linear(nn.Module):
         _convert_weight_to_int4pack_for_cpu -- this torch, this CPU's ISA --, scales_and_zeros [K/g, N, 2] in
         `dtype`), so that torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, group_size, sz) gives
         this layer's output without the bias. Needs out_features % 16 == 0 and in_features % group_size == 0."""
-        from quant4 import layouts, reference
+        from quant4 import layouts
 
         if self.out_features % 16 or self.in_features % self.group_size:
             raise ValueError(f"torch's int4 op needs out_features % 16 == 0 and in_features % group_size == 0, "
                              f"got [{self.out_features}, {self.in_features}] with group_size {self.group_size}")
-        codes = reference.unpack(self.qweight)[:, : self.in_features].to(torch.int32).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return packed, layouts.scales_and_zeros(self.scales, self.zeros, dtype)
+        codes = ops.unpack(self.qweight)[:, : self.in_features]
+        return layouts.torch_cpu_pack(codes), layouts.scales_and_zeros(self.scales, self.zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quant4.scheme import padded_k, qparams_from_minmax
+from quant4.scheme import padded_k, qparams_from_minmax, round_codes
 
 
 def _grouped(w: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
@@ -23,11 +23,7 @@ def quantize(w: torch.Tensor, group_size: int):
     mins = _grouped(w, group_size, float("inf")).amin(-1)
     maxs = _grouped(w, group_size, float("-inf")).amax(-1)
     scales16, zeros16, m = qparams_from_minmax(mins, maxs)
-    s = scales16.float()
-    wg = _grouped(w, group_size, 0.0)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = ((wg - m[..., None]) / safe[..., None]).clamp(0, 15).round()
-    q = torch.where((s == 0)[..., None], torch.full_like(q, 8), q)
+    q = round_codes(_grouped(w, group_size, 0.0), scales16[..., None], m[..., None])
     q = q.view(N, -1).to(torch.uint8)
     q[:, K:] = 0
     return q, scales16, zeros16

@@ -50,3 +50,19 @@ def qparams_from_minmax(mins: torch.Tensor, maxs: torch.Tensor):
         )
     m = zeros16.float() - 8 * scales16.float()
     return scales16, zeros16, m
+
+
+def round_codes(w: torch.Tensor, scales16: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The scheme's rounding in plain PyTorch, for weights [..] with matching scales16 and m = zero - 8*scale
+    (broadcast): q = clamp(round((w - m) / scale), 0, 15) in fp32, half to even; q = 8 where the scale is 0.
+    Returns float codes (the caller picks the dtype). The kernels implement the same rule."""
+    s = scales16.float()
+    q = ((w.float() - m) / torch.where(s == 0, torch.ones_like(s), s)).clamp(0, 15).round()
+    return torch.where(s == 0, torch.full_like(q, 8), q)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, Kp] (0..15, Kp even) -> qweight uint8 [N, Kp/2] of the stored format."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] % 2:
+        raise ValueError(f"codes must be uint8 [N, Kp] with Kp even, got {codes.dtype} {tuple(codes.shape)}")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()

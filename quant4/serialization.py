@@ -231,14 +231,10 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
     """
     taken = set()
     for name, info in meta["layers"].items():
-        parent_name, _, attr = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
+            old = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"quantized layer {name!r} does not exist in the model") from None
-        if not hasattr(parent, attr):
-            raise FormatError(f"quantized layer {name!r} does not exist in the model")
-        old = getattr(parent, attr)
         want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
         if want != (info.get("out_features"), info.get("in_features")):
             raise FormatError(f"quantized layer {name!r} is [{info.get('out_features')}, {info.get('in_features')}] "
@@ -247,7 +243,7 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
         mod = Int4Linear.from_packed(tensors[keys[0]], tensors[keys[1]], tensors[keys[2]],
                                      in_features=info["in_features"], group_size=info["group_size"],
                                      bias=tensors.get(keys[3]), num_threads=num_threads)
-        setattr(parent, attr, mod)
+        model.set_submodule(name, mod)
         taken.update(k for k in keys if k in tensors)
     rest = {k: v for k, v in tensors.items() if k not in taken}
     for key, target in meta["tied"].items():

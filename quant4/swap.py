@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
+from tqdm import tqdm
 
 from quant4.nn import Int4Linear
 
@@ -52,7 +54,7 @@ def weight_sqnr_db(w, q: Int4Linear) -> float:
 def quantize_model_(model: nn.Module, group_size: int = 32,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
                     num_threads: Optional[int] = None, activation: str = "float", method: str = "rtn",
-                    verbose: bool = False) -> nn.Module:
+                    verbose: bool = False, progress: bool = False) -> nn.Module:
     """Replace selected nn.Linear modules of `model` by Int4Linear, in place; return the model.
 
     activation="int8" opts the new layers into int8-activation decode (see Int4Linear); method="search"
@@ -60,7 +62,8 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
     filter_fn(module, fully_qualified_name) -> bool selects modules (default: is_projection). Only
     nn.Linear modules can be swapped; a selected module of another type raises TypeError.
     What was swapped, and every nn.Linear left in float with the reason, is logged to the "quant4" logger
-    (printed too with verbose=True) and stored as a list of SwapRecord in model.quant4_report.
+    (printed too with verbose=True) and stored as a list of SwapRecord in model.quant4_report
+    (format_report() renders it as a table). progress=True shows a progress bar (tqdm, on stderr).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model_ expects an nn.Module, got {type(model).__name__}")
@@ -85,7 +88,8 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
     # quantize everything first, swap only when every layer succeeded: a bad weight anywhere leaves the
     # model untouched (no half-quantized model)
     swaps = []
-    for linear, names in targets.values():
+    for linear, names in tqdm(targets.values(), desc="quantize", unit="layer", disable=not progress,
+                              file=sys.stderr):
         try:
             q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation,
                                        method=method)
@@ -98,8 +102,7 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
             report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}{shared if fqn == names[0] else ''}",
                                      sqnr))
     for fqn, q in swaps:
-        parent_name, _, attr = fqn.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
+        model.set_submodule(fqn, q)
     for rec in report:
         msg = f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}"
         log.info(msg)
@@ -121,3 +124,26 @@ def set_activation_(model: nn.Module, activation: str) -> int:
             mod.activation = activation
             n += 1
     return n
+
+
+def format_report(report, model: Optional[nn.Module] = None) -> str:
+    """model.quant4_report as a text table: layer, shape (when `model` is given), what was done, weight SQNR;
+    then the mean and worst SQNR of the quantized layers."""
+    rows = []
+    for r in report:
+        shape = ""
+        if model is not None:
+            mod = model.get_submodule(r.name)
+            shape = f"[{getattr(mod, 'out_features', '?')}, {getattr(mod, 'in_features', '?')}]"
+        sqnr = f"{r.sqnr_db:6.2f} dB" if r.sqnr_db is not None else ""
+        rows.append((r.name, shape, r.reason if r.swapped else f"kept: {r.reason}", sqnr))
+    if not rows:
+        return "no nn.Linear layers"
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"  {a:{w[0]}}  {b:{w[1]}}  {c:{w[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    done = [r for r in report if r.swapped and r.sqnr_db is not None]
+    if done:
+        worst = min(done, key=lambda r: r.sqnr_db)
+        lines.append(f"  {len(done)} layers int4; weight SQNR mean {sum(r.sqnr_db for r in done) / len(done):.2f} dB, "
+                     f"worst {worst.sqnr_db:.2f} dB ({worst.name})")
+    return "\n".join(lines)

@@ -33,7 +33,6 @@ from torch import nn
 
 import quant4
 from quant4 import Int4Linear, ops
-from quant4.reference import unpack as ref_unpack
 
 SHAPES = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)], "8b": [(14336, 4096), (4096, 14336)]}
 CYCLE_BYTES = 256 << 20
@@ -65,10 +64,9 @@ def random_packed(N, K, g, gen):
 
 
 def torch_pack(qweight, scales, zeros, dtype):
-    q = ref_unpack(qweight).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
-    return packed, sz
+    layer = Int4Linear.from_packed(qweight, scales, zeros, in_features=qweight.shape[1] * 2,
+                                   group_size=qweight.shape[1] * 2 // scales.shape[1])
+    return layer.to_torch_int4pack(dtype)
 
 
 def bench_shape(N, K, g, threads, Ms, gen, skip_torch_fp32_above=4):
@@ -156,7 +154,7 @@ class TorchInt4Linear(nn.Module):
     def __init__(self, q: Int4Linear):
         super().__init__()
         self.g, self.n = q.group_size, q.out_features
-        packed, sz = torch_pack(q.qweight, q.scales, q.zeros, torch.bfloat16)
+        packed, sz = q.to_torch_int4pack(torch.bfloat16)
         self.register_buffer("packed", packed)
         self.register_buffer("sz", sz)
 
@@ -176,10 +174,8 @@ def build_7b_int4(gen, g=32, n_layers=32):
         model = Transformer(args)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear):
-            parent, _, attr = name.rpartition(".")
             qw, s, z = random_packed(mod.out_features, mod.in_features, g, gen)
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    Int4Linear.from_packed(qw, s, z, in_features=mod.in_features, group_size=g))
+            model.set_submodule(name, Int4Linear.from_packed(qw, s, z, in_features=mod.in_features, group_size=g))
     model.tok_embeddings.weight = nn.Parameter(torch.randn(32000, 4096, generator=gen) * 0.02, requires_grad=False)
     for name, p in list(model.named_parameters()):
         if p.is_meta:
@@ -228,8 +224,7 @@ def bench_e2e(gen, threads, bw):
     q4_bf16 = decode_tok_s(model)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Int4Linear):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, TorchInt4Linear(mod))
+            model.set_submodule(name, TorchInt4Linear(mod))
     model.to(torch.bfloat16)
     tq = decode_tok_s(model)
     quant4.set_num_threads(None)

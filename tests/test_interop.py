@@ -204,9 +204,7 @@ def test_exported_model_runs_on_torch_op_with_same_logits():
     ref = Transformer(m.args)
     for name, mod in list(ref.named_modules()):
         if name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            parent, _, attr = name.rpartition(".")
-            setattr(ref.get_submodule(parent), attr,
-                    TorchOpLinear(mod.in_features, mod.out_features, 64, torch.float32))
+            ref.set_submodule(name, TorchOpLinear(mod.in_features, mod.out_features, 64, torch.float32))
     ref.load_state_dict(sd, strict=True)
     tokens = torch.tensor([[1, 5, 9, 33, 70, 2, 8]])
     a, b = ref(tokens), m(tokens)
