@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant4.ops import check_int
+
 
 # Sanity limits on a model's shape, checked for every config from any file (a damaged header must not
 # make us allocate terabytes): 8x the largest public Llama's dims.
@@ -49,9 +51,7 @@ class ModelArgs:
         for name, limit in (("dim", MAX_DIM), ("n_layers", MAX_LAYERS), ("n_heads", MAX_DIM),
                             ("n_kv_heads", MAX_DIM), ("vocab_size", MAX_VOCAB), ("hidden_dim", 8 * MAX_DIM),
                             ("max_seq_len", MAX_SEQ), ("multiple_of", MAX_DIM)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= limit:
-                raise ValueError(f"model config {name}={v!r} is out of range (an int in 1..{limit})")
+            check_int(f"model config {name}", getattr(self, name), 1, limit)
         for name in ("norm_eps", "rope_theta", "dropout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

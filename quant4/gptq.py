@@ -67,8 +67,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
                          f"got {tuple(getattr(hessian, 'shape', ()))}")
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
+    ops.check_int("refine", refine, 0)
     if not torch.isfinite(weight).all():
         raise ValueError("weight has non-finite values; quant4 refuses NaN/Inf weights")
     if not torch.isfinite(hessian).all():

@@ -70,10 +70,7 @@ class Int4Linear(nn.Module):
                  num_threads: Optional[int] = None, activation: str = "float"):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-            if v > 1 << 31:
-                raise ValueError(f"{name}={v} is too large (limit 2**31)")
+            ops.check_int(name, v, 1, 1 << 31)
         ops.check_group_size(group_size)
         ops.check_num_threads(num_threads, allow_none=True)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

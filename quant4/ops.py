@@ -77,6 +77,15 @@ def openmp_enabled() -> bool:
     return bool(_k.openmp_enabled())
 
 
+def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None) -> int:
+    """v if it is an int (not a bool) in lo..hi, else ValueError naming `name`: the one integer check of the
+    public API, the file readers and the model config."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        what = (f"an int in {lo}..{hi}" if hi is not None else "a positive int" if lo == 1 else f"an int >= {lo}")
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return v
+
+
 # More threads than this only oversubscribe the CPU; tens of thousands make OpenMP abort the process.
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
@@ -85,10 +94,7 @@ def check_num_threads(n, *, allow_none: bool = False) -> Optional[int]:
     """n, if it is a thread count quant4 accepts: a positive int up to MAX_THREADS (or None if allow_none)."""
     if n is None and allow_none:
         return None
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"num_threads must be an int in 1..{MAX_THREADS} (4x this machine's CPUs, at least 64)"
-                         f"{' or None' if allow_none else ''}, got {n!r}")
-    return n
+    return check_int("num_threads", n, 1, MAX_THREADS)
 
 
 def set_num_threads(n: Optional[int]) -> None:
@@ -137,8 +143,7 @@ def _check_tensor(name: str, t, *, ndim: int, dtypes=None):
 def check_packed(qweight, scales, zeros, group_size: int, in_features: int):
     """Check stored tensors against each other and the metadata; return (N, Kp, G)."""
     check_group_size(group_size)
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    check_int("in_features", in_features)
     _check_tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
     _check_tensor("scales", scales, ndim=2, dtypes=(torch.float16,))
     _check_tensor("zeros", zeros, ndim=2, dtypes=(torch.float16,))

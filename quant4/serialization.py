@@ -200,7 +200,7 @@ def read_quantized(path) -> tuple[dict, dict]:
         try:
             N, _, _ = ops.check_packed(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
                                        tensors[f"{name}.zeros"], info.get("group_size"),
-                                       _positive_int(info.get("in_features")))
+                                       ops.check_int("in_features", info.get("in_features")))
         except (ValueError, TypeError) as exc:
             raise FormatError(f"{path}: layer {name!r}: {exc}") from None
         if N != info.get("out_features"):
@@ -215,12 +215,6 @@ def read_quantized(path) -> tuple[dict, dict]:
         raise FormatError(f"{path}: quant4 metadata field 'tokenizer' must be a relative path or null, "
                           f"got {meta['tokenizer']!r}")
     return meta, tensors
-
-
-def _positive_int(v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"in_features must be a positive int, got {v!r}")
-    return v
 
 
 def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> nn.Module:
