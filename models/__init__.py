@@ -1,4 +1,4 @@
 """Llama-family model and checkpoint loaders used by quant4's scripts and tests."""
-from models.llama import ModelArgs, Transformer
+from .llama import ModelArgs, Transformer
 
 __all__ = ["ModelArgs", "Transformer"]

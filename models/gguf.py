@@ -24,8 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.llama import ModelArgs
-from models.llama2c import CheckpointError
+from .llama import ModelArgs
+from .llama2c import CheckpointError
 from quant4 import layouts, ops
 from quant4.scheme import pack_codes
 

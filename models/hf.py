@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from models.llama import ModelArgs
-from models.llama2c import CheckpointError
+from .llama import ModelArgs
+from .llama2c import CheckpointError
 
 _NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),

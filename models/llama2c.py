@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.llama import MAX_DIM, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, ModelArgs
+from .llama import MAX_DIM, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, ModelArgs
 
 MAGIC = 0x616B3432
 HEADER_BYTES = 256
@@ -194,6 +194,6 @@ def write_llama2c(path, args: ModelArgs, sd: dict, version: int = 1) -> None:
 
 
 def _rope_legacy(args):
-    from models.llama import rope_tables
+    from .llama import rope_tables
 
     return rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)

@@ -25,9 +25,9 @@ from typing import Optional
 
 import torch
 
-from models.llama import ModelArgs, Transformer
-from models.llama2c import CheckpointError, read_llama2c
-from models.tokenizer import Tokenizer
+from .llama import ModelArgs, Transformer
+from .llama2c import CheckpointError, read_llama2c
+from .tokenizer import Tokenizer
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "tiny"
 EMBEDDED_MODEL = EMBEDDED_DIR / "model.safetensors"
@@ -93,7 +93,7 @@ def read_torch_checkpoint(path) -> tuple[ModelArgs, dict]:
         params = json.loads(sidecar.read_text())
     sd = {k: v for k, v in _strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}
     sd.pop("freqs_cis", None), sd.pop("freqs_cos", None), sd.pop("freqs_sin", None)
-    from models.torch_int4 import describe_checkpoint, is_int4_state_dict
+    from .torch_int4 import describe_checkpoint, is_int4_state_dict
 
     if is_int4_state_dict(sd):
         out = path.with_name(path.stem + "-quant4.safetensors")
@@ -184,7 +184,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     tok_guess = None
     tok_bytes = None
     if kind == "gguf":
-        from models.gguf import read_gguf
+        from .gguf import read_gguf
 
         args, layers, tensors, tok_bytes = read_gguf(path)
         tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
@@ -208,7 +208,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             tok_guess = path.parent / meta["tokenizer"]
     else:
         if kind == "hf":
-            from models.hf import read_hf
+            from .hf import read_hf
 
             args, sd = read_hf(path)
             tok_guess = path / "tokenizer.model"

@@ -70,7 +70,7 @@ def add_calibration_args(ap):
 
 def calibration_tokens(args, tok, max_seq_len: int, vocab_size: int):
     """The calibration windows the --calibration arguments ask for (token ids [n, len])."""
-    from models.calibration import TRAIN_FILE, calibration_windows, read_stories
+    from quant4.models.calibration import TRAIN_FILE, calibration_windows, read_stories
 
     path = Path(args.calibration) if args.calibration else REPO.parent / "shared" / "data" / TRAIN_FILE
     if not path.is_file():
@@ -85,8 +85,8 @@ def calibration_tokens(args, tok, max_seq_len: int, vocab_size: int):
 
 
 def load_or_exit(path, **kw):
-    """models.load.load_model, with a damaged or missing checkpoint reported as a one-line exit message."""
-    from models.load import load_model
+    """quant4.models.load.load_model, with a damaged or missing checkpoint reported as a one-line exit message."""
+    from quant4.models.load import load_model
 
     try:
         return load_model(path, **kw)
@@ -95,7 +95,7 @@ def load_or_exit(path, **kw):
 
 
 def tokenizer_or_exit(loaded):
-    from models.load import load_tokenizer
+    from quant4.models.load import load_tokenizer
 
     try:
         return load_tokenizer(loaded)

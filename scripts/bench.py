@@ -166,7 +166,7 @@ class TorchInt4Linear(nn.Module):
 
 
 def build_7b_int4(gen, g=32, n_layers=32):
-    from models.llama import ModelArgs, Transformer
+    from quant4.models.llama import ModelArgs, Transformer
 
     args = ModelArgs(dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
                      max_seq_len=256, tie_embeddings=False)

@@ -49,7 +49,7 @@ def weight_bytes(model) -> int:
 @torch.inference_mode()
 def score(model, ids, window, ref_logprobs=None, decode=False):
     """-> (perplexity, mean KL vs reference, top-1 agreement, per-window log-probs)."""
-    from models.evaluate import window_logprobs
+    from quant4.models.evaluate import window_logprobs
 
     if decode:
         windows = []
@@ -76,7 +76,7 @@ def score(model, ids, window, ref_logprobs=None, decode=False):
 
 def evaluate(args, checkpoint, tokenizer):
     """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
-    from models.evaluate import encode_blocks, heldout_text
+    from quant4.models.evaluate import encode_blocks, heldout_text
     from quant4 import quantize_model_, quantize_model_gptq_, set_activation_
 
     loaded = load_or_exit(checkpoint, tokenizer=tokenizer)

@@ -5,7 +5,7 @@
         --tokenizer ../shared/models/stories260K/tok512.model --quantize
     python scripts/generate.py --compare               # float and int4 side by side
 
-Checkpoints: anything models.load reads (quant4 int4 files, llama2.c .bin, .pt/.pth, Hugging Face
+Checkpoints: anything quant4.models.load reads (quant4 int4 files, llama2.c .bin, .pt/.pth, Hugging Face
 directories, quant4 float files). --quantize converts a float model to int4 in memory first; it is the
 default for the embedded model (use --no-quantize for float).
 """
@@ -58,7 +58,7 @@ def main(argv=None):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
 
-    from models.generate import generate
+    from quant4.models.generate import generate
     from quant4 import kernel_isa, projection_filter, quantize_model_, set_activation_
 
     t0 = time.perf_counter()

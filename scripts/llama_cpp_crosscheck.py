@@ -70,8 +70,8 @@ def main(argv=None):
     ap.add_argument("--prompt", default="Once upon a time, there was a little girl named Lily. She loved to")
     args = ap.parse_args(argv)
 
-    from models.gguf import write_gguf
-    from models.load import load_model, load_tokenizer
+    from quant4.models.gguf import write_gguf
+    from quant4.models.load import load_model, load_tokenizer
     from quant4 import quantize_model_
 
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer)

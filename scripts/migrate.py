@@ -33,8 +33,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def read_any(path: Path, args, report: list):
     """-> (model, ModelArgs, kind, tokenizer path or None, tokenizer bytes or None)."""
-    from models.load import build_quantized, load_model
-    from models.torch_int4 import is_int4_state_dict, read_torch_int4
+    from quant4.models.load import build_quantized, load_model
+    from quant4.models.torch_int4 import is_int4_state_dict, read_torch_int4
 
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
@@ -84,7 +84,7 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
 
-    from models.llama2c import CheckpointError
+    from quant4.models.llama2c import CheckpointError
     from quant4 import layouts
 
     src = Path(args.input)
@@ -118,7 +118,7 @@ def main(argv=None):
     report.clear()
     suffix = out.suffix.lower()
     if suffix == ".safetensors":
-        from models.load import relative_tokenizer_ref
+        from quant4.models.load import relative_tokenizer_ref
         from quant4.serialization import atomic_write, save_quantized
 
         if tok_bytes is not None and tok_path is None:        # a tokenizer carried inside a GGUF: write it out
@@ -131,7 +131,7 @@ def main(argv=None):
         save_quantized(model, out, model_info=info, tokenizer=relative_tokenizer_ref(tok_path, out),
                        overwrite=args.force)
     elif suffix == ".gguf":
-        from models.gguf import write_gguf
+        from quant4.models.gguf import write_gguf
 
         tmp_tok = None
         if tok_path is None and tok_bytes is not None:
@@ -148,7 +148,7 @@ def main(argv=None):
         if tok_path is None:
             report.append("no tokenizer found: the GGUF has none (pass --tokenizer)")
     else:
-        from models.torch_int4 import export_torch_int4
+        from quant4.models.torch_int4 import export_torch_int4
         from quant4.serialization import atomic_write
 
         sd = export_torch_int4(model, dtype=DTYPES[args.dtype], layout=args.torch_layout,

@@ -3,7 +3,7 @@
     python scripts/quantize.py --checkpoint ../shared/models/stories260K/stories260K.bin \
         --tokenizer ../shared/models/stories260K/tok512.model --out stories260K-int4.safetensors
 
-Reads any checkpoint models.load understands (float weights are memory-mapped where the format allows),
+Reads any checkpoint quant4.models.load understands (float weights are memory-mapped where the format allows),
 quantizes the selected nn.Linear layers one at a time (each float weight is released as soon as its int4
 copy exists), prints each layer's SQNR and the sizes, and writes one safetensors file atomically
 (temporary file + rename). An existing --out is kept unless --force.
@@ -49,7 +49,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from models.load import relative_tokenizer_ref
+    from quant4.models.load import relative_tokenizer_ref
     from quant4 import Int4Linear, projection_filter
     from quant4.serialization import save_quantized
     from quant4.swap import weight_sqnr_db

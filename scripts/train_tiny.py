@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.llama import ModelArgs, Transformer  # noqa: E402
+from quant4.models.llama import ModelArgs, Transformer  # noqa: E402
 
 HOLDOUT_BYTES = 300_000
 VALID_END = 400_000

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import quant4
-from models.gguf import write_gguf
-from models.hf import write_hf
-from models.llama import ModelArgs, Transformer
-from models.load import load_model
+from quant4.models.gguf import write_gguf
+from quant4.models.hf import write_hf
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.load import load_model
 from quant4 import Int4Linear, quantize_model_
 from quant4.serialization import FormatError, save_quantized
 from helpers import REPO
@@ -269,7 +269,7 @@ def test_hf_config_of_the_wrong_type_is_a_checkpoint_error(tmp_path, field):
 _MEASURE = textwrap.dedent("""
     import resource, sys, torch
     sys.path.insert(0, {repo!r})
-    from models.load import load_model
+    from quant4.models.load import load_model
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         load_model({path!r})
@@ -316,7 +316,7 @@ def _huge_gguf(path):
     # same tensors, a header that claims the big shapes
     reader = gguf.GGUFReader(str(path))
     w = gguf.GGUFWriter(str(path) + ".tmp", "llama")
-    from models.gguf import add_llama_metadata
+    from quant4.models.gguf import add_llama_metadata
 
     add_llama_metadata(w, big)
     for t in reader.tensors:
@@ -395,7 +395,7 @@ def _gguf_files_with(tmp_path, monkeypatch, key, *, drop=()):
 
 def _assert_each_loads_or_fails_cleanly(key, value_paths):
     """Each file loads (model, forward, tokenizer) or fails with ValueError/OSError; anything else fails."""
-    from models.load import load_tokenizer
+    from quant4.models.load import load_tokenizer
 
     for value, path in value_paths:
         try:
@@ -410,7 +410,7 @@ def _assert_each_loads_or_fails_cleanly(key, value_paths):
 
 @pytest.mark.parametrize("key", GGUF_KEYS)
 def test_gguf_metadata_of_the_wrong_type_is_a_checkpoint_error(tmp_path, monkeypatch, key):
-    from models.gguf import TOKENIZER_KEY
+    from quant4.models.gguf import TOKENIZER_KEY
 
     key = TOKENIZER_KEY if key == "quant4.tokenizer.sentencepiece" else key
     _assert_each_loads_or_fails_cleanly(key, _gguf_files_with(tmp_path, monkeypatch, key))
@@ -420,7 +420,7 @@ def test_gguf_metadata_of_the_wrong_type_is_a_checkpoint_error(tmp_path, monkeyp
                                  "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_space_prefix"])
 def test_gguf_vocabulary_fields_of_the_wrong_type(tmp_path, monkeypatch, key):
     # without quant4's embedded SentencePiece blob the tokenizer is rebuilt from tokenizer.ggml.*
-    from models.gguf import TOKENIZER_KEY
+    from quant4.models.gguf import TOKENIZER_KEY
 
     _assert_each_loads_or_fails_cleanly(key, _gguf_files_with(tmp_path, monkeypatch, key, drop=(TOKENIZER_KEY,)))
 

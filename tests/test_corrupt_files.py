@@ -9,12 +9,12 @@ import struct
 import pytest
 import torch
 
-from models.gguf import write_gguf
-from models.hf import write_hf
-from models.llama import ModelArgs, Transformer
-from models.llama2c import write_llama2c
-from models.load import load_model
-from models.torch_int4 import export_torch_int4
+from quant4.models.gguf import write_gguf
+from quant4.models.hf import write_hf
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import write_llama2c
+from quant4.models.load import load_model
+from quant4.models.torch_int4 import export_torch_int4
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from helpers import REPO
@@ -191,7 +191,7 @@ def _gguf_model(tmp_path, args=ARGS, arch="llama", drop=(), meta=None, qtype="Q4
     """A GGUF made with the gguf package, optionally broken: wrong arch, missing tensors, bad keys."""
     import gguf
 
-    from models.gguf import add_llama_metadata, gguf_name
+    from quant4.models.gguf import add_llama_metadata, gguf_name
 
     m = Transformer(args)
     m.init_weights(0)
@@ -304,7 +304,7 @@ INT4_PTH_CASES = {
 
 @pytest.mark.parametrize("case", list(INT4_PTH_CASES))
 def test_foreign_int4_damage(tmp_path, good, case):
-    from models.torch_int4 import read_torch_int4
+    from quant4.models.torch_int4 import read_torch_int4
 
     edit, params, match = INT4_PTH_CASES[case]
     path = _int4_pth(tmp_path, good, edit, params)

@@ -7,13 +7,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.llama import ModelArgs, Transformer
-from models.llama2c import write_llama2c
-from models.load import load_model
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import write_llama2c
+from quant4.models.load import load_model
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
-from models.gguf import write_gguf
-from models.torch_int4 import export_torch_int4
+from quant4.models.gguf import write_gguf
+from quant4.models.torch_int4 import export_torch_int4
 from helpers import REPO
 
 CLEAN = (ValueError, OSError)   # CheckpointError and FormatError are ValueErrors

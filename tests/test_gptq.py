@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.calibration import calibration_windows, read_stories
-from models.llama import ModelArgs, Transformer
-from models.load import load_model, load_tokenizer
+from quant4.models.calibration import calibration_windows, read_stories
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.load import load_model, load_tokenizer
 from quant4 import Int4Linear, gptq_quantize, quantize, quantize_model_, quantize_model_gptq_
 from quant4 import reference
 from helpers import REPO, STORIES

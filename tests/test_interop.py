@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from models.gguf import write_gguf
-from models.llama import ModelArgs, Transformer
-from models.llama2c import CheckpointError
-from models.load import build_quantized, load_model, load_tokenizer
-from models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
+from quant4.models.gguf import write_gguf
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import CheckpointError
+from quant4.models.load import build_quantized, load_model, load_tokenizer
+from quant4.models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
 from quant4 import Int4Linear, layouts, quantize_model_, reference
 from helpers import REPO
 
@@ -256,7 +256,7 @@ def _gguf_from_float(path, m, qtype, arch="llama"):
     """A llama GGUF written directly with the gguf package (quantized by gguf.quants), like llama.cpp would."""
     import gguf
 
-    from models.gguf import add_llama_metadata, gguf_name
+    from quant4.models.gguf import add_llama_metadata, gguf_name
 
     a = m.args
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -325,14 +325,14 @@ def test_gguf_round_trip_and_tokenizer(tmp_path):
 def test_gguf_tokenizer_rebuilt_from_vocab(tmp_path):
     pytest.importorskip("google.protobuf")
     import gguf
-    from models.gguf import TOKENIZER_KEY
+    from quant4.models.gguf import TOKENIZER_KEY
 
     loaded = load_model()
     write_gguf(loaded.model, loaded.args, tmp_path / "f.gguf", tokenizer_path=loaded.tokenizer_path)
     # the same file as llama.cpp's converter would write it: vocab arrays only, no SentencePiece blob
     r = gguf.GGUFReader(str(tmp_path / "f.gguf"))
     assert r.get_field(TOKENIZER_KEY) is not None
-    from models import gguf as mg
+    from quant4.models import gguf as mg
     raw = mg._field
     mg._field = lambda reader, key, default=None: default if key == TOKENIZER_KEY else raw(reader, key, default)
     try:

@@ -5,12 +5,12 @@ import struct
 import pytest
 import torch
 
-from models.evaluate import encode_blocks, heldout_text, perplexity, perplexity_decode
-from models.generate import generate, sample
-from models.hf import permute, read_hf, unpermute, write_hf
-from models.llama import ModelArgs, Transformer
-from models.llama2c import CheckpointError, read_llama2c, write_llama2c
-from models.load import EMBEDDED_MODEL, load_model, load_tokenizer, read_torch_checkpoint
+from quant4.models.evaluate import encode_blocks, heldout_text, perplexity, perplexity_decode
+from quant4.models.generate import generate, sample
+from quant4.models.hf import permute, read_hf, unpermute, write_hf
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import CheckpointError, read_llama2c, write_llama2c
+from quant4.models.load import EMBEDDED_MODEL, load_model, load_tokenizer, read_torch_checkpoint
 from quant4 import Int4Linear, quantize_model_
 from quant4.serialization import FormatError, read_quantized, save_quantized
 from helpers import sqnr_db

@@ -6,7 +6,7 @@ from torch import nn
 
 import quant4
 from quant4 import Int4Linear, quantize_model_
-from models.llama import ModelArgs, Transformer
+from quant4.models.llama import ModelArgs, Transformer
 from helpers import assert_matmul_close, sqnr_db
 
 

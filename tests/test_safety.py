@@ -53,9 +53,9 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 def test_killed_quantize_run_leaves_previous_output(tmp_path):
     """SIGKILL a quantize.py run midway (while it writes): the earlier output is intact and loadable."""
-    from models.llama import ModelArgs, Transformer
-    from models.llama2c import write_llama2c
-    from models.load import load_model
+    from quant4.models.llama import ModelArgs, Transformer
+    from quant4.models.llama2c import write_llama2c
+    from quant4.models.load import load_model
 
     m = Transformer(ModelArgs(dim=256, n_layers=8, n_heads=4, vocab_size=512, hidden_dim=768, max_seq_len=64))
     m.init_weights(0)

@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from models.llama import ModelArgs, Transformer
-from models.llama2c import write_llama2c
-from models.load import EMBEDDED_MODEL, load_model
-from models.tokenizer import Tokenizer
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import write_llama2c
+from quant4.models.load import EMBEDDED_MODEL, load_model
+from quant4.models.tokenizer import Tokenizer
 from quant4.serialization import atomic_write
 from helpers import REPO
 
@@ -165,7 +165,7 @@ def _printed_continuation(prompt, n=24):
 
 @pytest.mark.parametrize("prompt", ["Once   upon  a    time", "Es war einmal ein Mädchen, 日本", "  Lily"])
 def test_generate_prints_exactly_the_generated_text(prompt):
-    from models.generate import generate
+    from quant4.models.generate import generate
     from quant4 import quantize_model_
 
     shown = _printed_continuation(prompt)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from models.llama import ModelArgs, Transformer
-from models.llama2c import write_llama2c
-from models.load import EMBEDDED_MODEL, load_model
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.llama2c import write_llama2c
+from quant4.models.load import EMBEDDED_MODEL, load_model
 from quant4 import Int4Linear, quantize_model_
 from helpers import REPO
 

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from models.generate import generate
-from models.load import load_model
-from models.tokenizer import Tokenizer
+from quant4.models.generate import generate
+from quant4.models.load import load_model
+from quant4.models.tokenizer import Tokenizer
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from helpers import REPO
