@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .llama import ModelArgs
-from .llama2c import CheckpointError
+from .load import CheckpointError
 from quant4 import layouts, ops
 from quant4.scheme import pack_codes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .llama import ModelArgs
-from .llama2c import CheckpointError
+from .load import CheckpointError
 
 _NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),

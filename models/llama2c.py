@@ -23,13 +23,10 @@ import numpy as np
 import torch
 
 from .llama import MAX_DIM, MAX_LAYERS, MAX_SEQ, MAX_VOCAB, ModelArgs
+from .load import CheckpointError
 
 MAGIC = 0x616B3432
 HEADER_BYTES = 256
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is malformed; the message names the file and what is wrong."""
 
 
 def _args_from_header(path, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) -> ModelArgs:

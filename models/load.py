@@ -4,10 +4,10 @@ Kinds, detected from the path:
   directory with config.json      Hugging Face Llama (safetensors)
   *.bin                           llama2.c (legacy, v1 fp32, v2 int8)
   *.pt / *.pth                    PyTorch state dict in Meta / llama2.c names (torch.load(weights_only=True,
-                                  mmap=True)); model args embedded ("model_args"/"params"/"config") or in a
-                                  params.json beside the file; int4 state dicts of other tools (gpt-fast,
-                                  torchchat, torchao) are refused with their layout named and the
-                                  scripts/migrate.py command to convert them
+                                  mmap=True)); model args embedded ("model_args"/"params"/"config"), or in
+                                  <name>.params.json or params.json beside the file. Int4 state dicts of
+                                  other tools (gpt-fast, torchchat, torchao) load as int4 (models/torch_int4.py),
+                                  the same policy as GGUF Q4_0/Q4_1
   *.gguf                          llama.cpp GGUF, architecture llama (models/gguf.py): Q4_0/Q4_1 kept int4
   *.safetensors                   quant4 quantized file (quant4.serialization) or quant4 float file
                                   (metadata "format": "quant4-float", as shipped for the embedded model)
@@ -26,8 +26,11 @@ from typing import Optional
 import torch
 
 from .llama import ModelArgs, Transformer
-from .llama2c import CheckpointError, read_llama2c
 from .tokenizer import Tokenizer
+
+class CheckpointError(ValueError):
+    """A checkpoint file is malformed; the message names the file and what is wrong. Every reader raises it."""
+
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "tiny"
 EMBEDDED_MODEL = EMBEDDED_DIR / "model.safetensors"
@@ -47,12 +50,47 @@ class Loaded:
 # ------------------------------------------------------------------------------------------------
 # readers that produce (ModelArgs, float state_dict)
 
-def _strip_prefixes(sd: dict) -> dict:
+def strip_prefixes(sd: dict) -> dict:
+    """State-dict names without the wrappers' prefixes (torch.compile's _orig_mod., DDP's module., a
+    `model.` before the Meta names)."""
     out = {}
     for k, v in sd.items():
-        k = re.sub(r"^(_orig_mod\.|module\.)+", "", k)
+        if isinstance(k, str):
+            k = re.sub(r"^(_orig_mod\.|module\.)+", "", k)
+            k = re.sub(r"^model\.(?=(layers|tok_embeddings|norm|output)\b)", "", k)
         out[k] = v
     return out
+
+
+def read_torch_state(path, params_file=None) -> tuple[dict, dict]:
+    """A .pt/.pth checkpoint -> (tensors by stripped name, model hyperparameters). Loaded weights-only and
+    memory-mapped. Hyperparameters: params_file if given, else embedded ("model_args" / "params" / "config"
+    beside "model"), else <name>.params.json beside the file, else params.json there; {} if none."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types; report them uniformly
+        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    params = {}
+    if isinstance(obj.get("model"), dict):
+        params = obj.get("model_args") or obj.get("params") or obj.get("config") or {}
+        obj = obj["model"]
+    for source in ([Path(params_file)] if params_file else
+                   ([] if params else [path.with_suffix(".params.json"), path.parent / "params.json"])):
+        if source.is_file() or params_file:
+            try:
+                params = json.loads(source.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{source}: cannot read model parameters ({exc})") from None
+            break
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: model parameters are a {type(params).__name__}, not an object")
+    sd = {k: v for k, v in strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}
+    for k in ("freqs_cis", "freqs_cos", "freqs_sin"):
+        sd.pop(k, None)
+    return sd, params
 
 
 def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
@@ -74,32 +112,6 @@ def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: not a Llama state dict in Meta names, or bad model args ({exc})") from None
-
-
-def read_torch_checkpoint(path) -> tuple[ModelArgs, dict]:
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types; report them uniformly
-        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
-    params = {}
-    if isinstance(obj.get("model"), dict):
-        params = obj.get("model_args") or obj.get("params") or obj.get("config") or {}
-        obj = obj["model"]
-    sidecar = path.parent / "params.json"
-    if not params and sidecar.exists():
-        params = json.loads(sidecar.read_text())
-    sd = {k: v for k, v in _strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}
-    sd.pop("freqs_cis", None), sd.pop("freqs_cos", None), sd.pop("freqs_sin", None)
-    from .torch_int4 import describe_checkpoint, is_int4_state_dict
-
-    if is_int4_state_dict(sd):
-        out = path.with_name(path.stem + "-quant4.safetensors")
-        raise CheckpointError(f"{describe_checkpoint(sd, path)}. quant4 does not run other tools' packed "
-                              f"layouts; convert it once with: python scripts/migrate.py {path} --out {out}")
-    return _infer_args(sd, params if isinstance(params, dict) else {}, path), sd
 
 
 def read_float_safetensors(path) -> tuple[ModelArgs, dict]:
@@ -176,13 +188,33 @@ def _detect(path: Path) -> str:
 
 
 def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None,
-               num_threads: Optional[int] = None) -> Loaded:
-    """Load a checkpoint (default: the embedded model) -> Loaded(model, args, kind, path, tokenizer_path, ...)."""
+               num_threads: Optional[int] = None, layout: Optional[str] = None, params=None,
+               report: Optional[list] = None) -> Loaded:
+    """Load a checkpoint (default: the embedded model) -> Loaded(model, args, kind, path, tokenizer_path, ...).
+
+    Int4 checkpoints of other tools load as int4 like GGUF Q4_0/Q4_1: gpt-fast / torchchat / torchao .pth
+    (kind "torch-int4"; `layout` names their packed layout when the bytes cannot tell, `params` is a
+    params.json giving n_heads when the file does not). What was detected or converted is appended to `report`.
+    """
     path = Path(path) if path is not None else EMBEDDED_MODEL
     kind = _detect(path)
     quantized = {}
     tok_guess = None
     tok_bytes = None
+    sd = None
+    if kind == "torch":
+        sd, torch_params = read_torch_state(path, params)
+        from .torch_int4 import convert_torch_int4, is_int4_state_dict
+
+        if is_int4_state_dict(sd):
+            kind = "torch-int4"
+            args, layers, tensors = convert_torch_int4(sd, torch_params, path, layout=layout, report=report)
+            tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+            model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
+            quantized = layers
+            tok_guess = _tokenizer_beside(path)
+        else:
+            args = _infer_args(sd, torch_params, path)
     if kind == "gguf":
         from .gguf import read_gguf
 
@@ -191,6 +223,8 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
         quantized = layers
         tok_guess = _tokenizer_beside(path) if tok_bytes is None else None
+    elif kind == "torch-int4":
+        pass
     elif kind == "quant4":
         from quant4.serialization import FormatError, read_quantized
 
@@ -213,10 +247,11 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             args, sd = read_hf(path)
             tok_guess = path / "tokenizer.model"
         elif kind == "llama2c":
+            from .llama2c import read_llama2c
+
             args, sd = read_llama2c(path)
             tok_guess = _tokenizer_beside(path)
         elif kind == "torch":
-            args, sd = read_torch_checkpoint(path)
             tok_guess = _tokenizer_beside(path)
         else:
             args, sd = read_float_safetensors(path)

@@ -17,21 +17,12 @@ from typing import Optional
 import torch
 
 from .llama import ModelArgs
-from .llama2c import CheckpointError
+from .load import CheckpointError, strip_prefixes
 from quant4 import layouts, ops
 from quant4.scheme import pack_codes, padded_k
 
 def is_int4_state_dict(sd: dict) -> bool:
     return any(isinstance(k, str) and k.endswith(".scales_and_zeros") for k in sd)
-
-
-def _strip(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^(_orig_mod\.|module\.)+", "", k)
-        k = re.sub(r"^model\.(?=(layers|tok_embeddings|norm|output)\b)", "", k)
-        out[k] = v
-    return out
 
 
 def _candidates(packed: torch.Tensor) -> list[str]:
@@ -94,7 +85,7 @@ def detect(entries: dict[str, Int4Entry], layout: Optional[str] = None, sample: 
 
 def describe_checkpoint(sd: dict, path) -> str:
     """One paragraph: what kind of int4 state dict this is (for error messages and migrate --inspect)."""
-    entries = int4_entries(_strip(sd), path)
+    entries = int4_entries(strip_prefixes(sd), path)
     if not entries:
         return f"{path}: no int4 layers (no *.scales_and_zeros)"
     first = next(iter(entries.values()))
@@ -107,35 +98,24 @@ def describe_checkpoint(sd: dict, path) -> str:
             f"{kind}; {verdict} (layout scores: {seen})")
 
 
-def _params(path: Path, obj_params: dict, params_file) -> dict:
-    if params_file:
-        return json.loads(Path(params_file).read_text())
-    if obj_params:
-        return obj_params
-    side = path.parent / "params.json"
-    return json.loads(side.read_text()) if side.exists() else {}
-
-
 def read_torch_int4(path, *, layout: Optional[str] = None, params_file=None, report: Optional[list] = None):
-    """An int4 .pth of gpt-fast / torchchat / torchao -> (ModelArgs, layers, tensors) in quant4's format.
+    """An int4 .pth of gpt-fast / torchchat / torchao -> (ModelArgs, layers, tensors) in quant4's format."""
+    from .load import read_torch_state
+
+    sd, params = read_torch_state(path, params_file)
+    return convert_torch_int4(sd, params, path, layout=layout, report=report)
+
+
+def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = None,
+                       report: Optional[list] = None):
+    """Another tool's int4 state dict (names already stripped, see load.read_torch_state) -> (ModelArgs,
+    layers, tensors) in quant4's format.
 
     layout: one of quant4.layouts.LAYOUTS, or None to detect it (CheckpointError if the bytes are ambiguous,
-    naming the candidates). Model shape: params.json beside the file, an embedded "model_args", or
-    params_file (n_heads is required; the rest is read from the tensors)."""
+    naming the candidates). params: the model's hyperparameters (n_heads is required; the rest is read from the
+    tensors)."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
-    obj_params = {}
-    if isinstance(obj.get("model"), dict):
-        obj_params = obj.get("model_args") or obj.get("params") or {}
-        obj = obj["model"]
-    sd = {k: v for k, v in _strip(obj).items() if isinstance(v, torch.Tensor)}
-    for k in ("freqs_cis", "freqs_cos", "freqs_sin"):
-        sd.pop(k, None)
+    sd = dict(sd)
     entries = int4_entries(sd, path)
     if not entries:
         raise CheckpointError(f"{path}: no int4 layers (no *.scales_and_zeros entries)")
@@ -152,7 +132,6 @@ def read_torch_int4(path, *, layout: Optional[str] = None, params_file=None, rep
     note = report.append if report is not None else (lambda s: None)
     note(f"layout {layout} (score {scores.get(layout, float('nan')):.2f}: share of groups whose codes reach 0 and 15)")
 
-    params = _params(path, obj_params, params_file)
     n_heads = int(params.get("n_heads") or 0)
     if n_heads <= 0:
         raise CheckpointError(f"{path}: the model's n_heads is unknown; put a params.json beside the file or "

@@ -33,28 +33,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def read_any(path: Path, args, report: list):
     """-> (model, ModelArgs, kind, tokenizer path or None, tokenizer bytes or None)."""
-    from quant4.models.load import build_quantized, load_model
-    from quant4.models.torch_int4 import is_int4_state_dict, read_torch_int4
+    from quant4.models.load import load_model
 
-    suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        try:
-            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:
-            raise SystemExit(f"{path}: cannot load as a weights-only PyTorch checkpoint ({exc})")
-        inner = sd.get("model") if isinstance(sd, dict) and isinstance(sd.get("model"), dict) else sd
-        if isinstance(inner, dict) and is_int4_state_dict(inner):
-            margs, layers, tensors = read_torch_int4(path, layout=args.layout, params_file=args.params,
-                                                     report=report)
-            tied = {"output.weight": "tok_embeddings.weight"} if margs.tie_embeddings else {}
-            model = build_quantized(margs, {"layers": layers, "tied": tied}, tensors)
-            tok = Path(args.tokenizer) if args.tokenizer else None
-            if tok is None and (path.parent / "tokenizer.model").exists():
-                tok = path.parent / "tokenizer.model"
-            return model, margs, "torch-int4", tok, None
-    loaded = load_model(path, tokenizer=args.tokenizer)
+    loaded = load_model(path, tokenizer=args.tokenizer, layout=args.layout, params=args.params, report=report)
     if not loaded.quantized:
-        raise SystemExit(f"{path} holds no int4 layers; quantize it with scripts/quantize.py")
+        raise SystemExit(f"error: {path} holds no int4 layers; quantize it with scripts/quantize.py")
     report.append(f"{loaded.kind}: {len(loaded.quantized)} int4 layers")
     return loaded.model, loaded.args, loaded.kind, loaded.tokenizer_path, loaded.tokenizer_bytes
 
@@ -84,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
 
-    from quant4.models.llama2c import CheckpointError
+    from quant4.models.load import CheckpointError
     from quant4 import layouts
 
     src = Path(args.input)

@@ -13,7 +13,7 @@ from torch import nn
 
 from quant4.models.gguf import write_gguf
 from quant4.models.llama import ModelArgs, Transformer
-from quant4.models.llama2c import CheckpointError
+from quant4.models.load import CheckpointError
 from quant4.models.load import build_quantized, load_model, load_tokenizer
 from quant4.models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
 from quant4 import Int4Linear, layouts, quantize_model_, reference
@@ -241,12 +241,18 @@ def test_seed_failure_and_its_migration(tmp_path, capsys):
                        reference.unpack(lin.qweight))
 
 
-def test_load_model_names_foreign_layout(tmp_path):
+def test_load_model_reads_a_foreign_int4_pth_like_gguf(tmp_path):
+    # one policy for other tools' int4 files: load_model reads them as int4 (as it does GGUF Q4_0/Q4_1)
     m = _quant_model()
-    torch.save(export_torch_int4(m, layout="cuda-tiled"), tmp_path / "gf.pth")
+    torch.save(export_torch_int4(m, layout="cuda-tiled", dtype=torch.float32), tmp_path / "gf.pth")
     _params(m, tmp_path)
-    with pytest.raises(CheckpointError, match=r"int32 4-D.*looks like cuda-tiled.*python scripts/migrate.py"):
-        load_model(tmp_path / "gf.pth")
+    report = []
+    loaded = load_model(tmp_path / "gf.pth", report=report)
+    assert loaded.kind == "torch-int4" and len(loaded.quantized) == len(
+        [n for n, mod in m.named_modules() if isinstance(mod, Int4Linear)])
+    assert any("layout cuda-tiled" in line for line in report)
+    tokens = torch.tensor([[1, 5, 9, 33]])
+    assert torch.equal(loaded.model(tokens), m(tokens))
     assert "looks like cuda-tiled" in describe_checkpoint(torch.load(tmp_path / "gf.pth"), "gf.pth")
 
 

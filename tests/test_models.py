@@ -9,8 +9,9 @@ from quant4.models.evaluate import encode_blocks, heldout_text, perplexity, perp
 from quant4.models.generate import generate, sample
 from quant4.models.hf import permute, read_hf, unpermute, write_hf
 from quant4.models.llama import ModelArgs, Transformer
-from quant4.models.llama2c import CheckpointError, read_llama2c, write_llama2c
-from quant4.models.load import EMBEDDED_MODEL, load_model, load_tokenizer, read_torch_checkpoint
+from quant4.models.llama2c import read_llama2c, write_llama2c
+from quant4.models.load import CheckpointError
+from quant4.models.load import EMBEDDED_MODEL, load_model, load_tokenizer
 from quant4 import Int4Linear, quantize_model_
 from quant4.serialization import FormatError, read_quantized, save_quantized
 from helpers import sqnr_db
@@ -113,9 +114,10 @@ def test_torch_checkpoint_with_params_and_embedded_args(tmp_path):
     # llama2.c train.py style: {"model": state_dict (compiled names), "model_args": {...}}
     sd = {"_orig_mod." + k: v for k, v in _sd(m).items()}
     torch.save({"model": sd, "model_args": dict(ARGS), "iter_num": 5}, tmp_path / "ckpt.pt")
-    args, sd2 = read_torch_checkpoint(tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt")
+    args = loaded.args
     assert args.n_kv_heads == 2 and args.hidden_dim == 172 and not args.tie_embeddings
-    assert torch.allclose(load_model(tmp_path / "ckpt.pt").model(TOKENS), m(TOKENS), atol=1e-5)
+    assert torch.allclose(loaded.model(TOKENS), m(TOKENS), atol=1e-5)
 
 
 def test_torch_checkpoint_refuses_pickled_code(tmp_path):
