@@ -1,11 +1,14 @@
 """Calibration token windows for GPTQ, drawn from training text (never from the evaluation hold-out)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 TRAIN_FILE = "tinystories_train.txt"
+# The project's data folder (TinyStories text): ../shared/data beside a checkout, or $QUANT4_DATA.
+DATA_DIR = Path(os.environ.get("QUANT4_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def read_stories(path) -> list[str]:

@@ -8,7 +8,6 @@ models.load.build_quantized needs (ModelArgs, quant4 layer metadata, tensors in 
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -70,9 +70,9 @@ def add_calibration_args(ap):
 
 def calibration_tokens(args, tok, max_seq_len: int, vocab_size: int):
     """The calibration windows the --calibration arguments ask for (token ids [n, len])."""
-    from quant4.models.calibration import TRAIN_FILE, calibration_windows, read_stories
+    from quant4.models.calibration import DATA_DIR, TRAIN_FILE, calibration_windows, read_stories
 
-    path = Path(args.calibration) if args.calibration else REPO.parent / "shared" / "data" / TRAIN_FILE
+    path = Path(args.calibration) if args.calibration else DATA_DIR / TRAIN_FILE
     if not path.is_file():
         raise SystemExit(f"error: calibration text {path} not found; pass --calibration FILE")
     if tok.vocab_size > vocab_size:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (REPO, add_calibration_args, add_thread_arg, apply_threads, calibration_tokens, load_or_exit,
+from _common import (add_calibration_args, add_thread_arg, apply_threads, calibration_tokens, load_or_exit,
                      run_main, tokenizer_or_exit)
 
 import torch
@@ -88,7 +88,8 @@ def evaluate(args, checkpoint, tokenizer):
             raise SystemExit(f"--text {args.text}: not found")
         text = Path(args.text).read_text(encoding="utf-8", errors="ignore")
     else:
-        data = REPO.parent / "shared" / "data"
+        from quant4.models.calibration import DATA_DIR as data
+
         if not (data / "tinystories_val_head.txt").is_file():
             raise SystemExit(f"error: the default evaluation text {data / 'tinystories_val_head.txt'} is not "
                              f"here; pass --text FILE")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant4.models.calibration import DATA_DIR  # noqa: E402
 from quant4.models.llama import ModelArgs, Transformer  # noqa: E402
 
 HOLDOUT_BYTES = 300_000
@@ -71,7 +72,7 @@ def encode(sp, bl):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder with the TinyStories text")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "tiny")
     ap.add_argument("--steps", type=int, default=1400, help="optimizer steps (cosine schedule over them)")
     ap.add_argument("--minutes", type=float, default=60.0, help="stop early after this much wall time")
