@@ -94,12 +94,8 @@ def test_eval_decode_tokens_one():
 
 
 def test_eval_without_its_default_data(tmp_path):
-    # the scripts find ../shared beside the checkout: run a copy of the scripts from a checkout without it
-    fake = tmp_path / "repo"
-    shutil.copytree(REPO / "scripts", fake / "scripts")
-    env = {"PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, str(fake / "scripts" / "eval.py"), "--methods", "rtn"],
-                         capture_output=True, timeout=300, env=dict(os.environ, **env))
+    # the data folder is ../shared/data beside the checkout, or $QUANT4_DATA: point it at an empty folder
+    res = _run("eval", "--methods", "rtn", env={"QUANT4_DATA": str(tmp_path)})
     _assert_one_line_error(res, "--text")
 
 
