@@ -29,7 +29,12 @@ from .llama import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
 class CheckpointError(ValueError):
-    """A checkpoint file is malformed; the message names the file and what is wrong. Every reader raises it."""
+    """A checkpoint file is malformed; the message names the file and what is wrong. Every reader raises it.
+    `option`: the load_model keyword that would resolve it (e.g. "layout"), if any; front ends translate it."""
+
+    def __init__(self, message: str, option: Optional[str] = None):
+        super().__init__(message)
+        self.option = option
 
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "tiny"
@@ -283,5 +288,5 @@ def load_tokenizer(loaded: Loaded) -> Tokenizer:
     if loaded.tokenizer_bytes is not None:
         return Tokenizer.from_serialized(loaded.tokenizer_bytes, f"{loaded.path} (tokenizer inside)")
     if loaded.tokenizer_path is None:
-        raise FileNotFoundError(f"no tokenizer found for {loaded.path}; pass --tokenizer path/to/tokenizer.model")
+        raise FileNotFoundError(f"no tokenizer found for {loaded.path}; give load_model(tokenizer=PATH)")
     return Tokenizer(loaded.tokenizer_path)

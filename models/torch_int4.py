@@ -126,7 +126,7 @@ def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = 
             why = (f"the bytes fit {' and '.join(found)} equally" if found
                    else "no candidate looks like min/max-quantized codes")
             raise CheckpointError(f"{describe_checkpoint(sd, path)}. Cannot pick the layout: {why}; "
-                                  f"name it with --layout (one of {', '.join(layouts.LAYOUTS)})")
+                                  f"name it (one of {', '.join(layouts.LAYOUTS)})", option="layout")
         layout = found[0]
     note = report.append if report is not None else (lambda s: None)
     note(f"layout {layout} (score {scores.get(layout, float('nan')):.2f}: share of groups whose codes reach 0 and 15)")
@@ -134,7 +134,7 @@ def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = 
     n_heads = int(params.get("n_heads") or 0)
     if n_heads <= 0:
         raise CheckpointError(f"{path}: the model's n_heads is unknown; put a params.json beside the file or "
-                              f"pass --params FILE")
+                              f"give a params file", option="params")
     emb = sd.get("tok_embeddings.weight")
     if emb is None or emb.dim() != 2:
         raise CheckpointError(f"{path}: no tok_embeddings.weight")

@@ -202,7 +202,8 @@ class Int4Linear(nn.Module):
             error_msgs.append(
                 f"{prefix}weight: checkpoint holds {_foreign_layout(foreign, sz)} where quant4 format "
                 f"v{FORMAT_VERSION} expects qweight uint8 {tuple(self.qweight.shape)} + scales/zeros float16. "
-                f"Convert the checkpoint once with: python scripts/migrate.py CHECKPOINT --out OUT.safetensors")
+                f"quant4.models.load.load_model reads such checkpoints and converts them (scripts/migrate.py saves "
+                f"the result in quant4's format).")
             state_dict = {k: v for k, v in state_dict.items() if k not in (prefix + "weight", prefix + "scales_and_zeros")}
         for name in ("qweight", "scales", "zeros"):
             key = prefix + name

@@ -43,7 +43,7 @@ def atomic_write(path, write_fn, *, overwrite: bool = False) -> Path:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (scripts: --force) to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -92,10 +92,10 @@ def _rename_no_clobber(tmp: str, path: Path) -> None:
         os.link(tmp, path)
     except FileExistsError:
         raise FileExistsError(f"{path} was created by someone else meanwhile; pass overwrite=True "
-                              f"(scripts: --force) to replace it") from None
+                              f"to replace it") from None
     except OSError:
         if path.exists():
-            raise FileExistsError(f"{path} exists; pass overwrite=True (scripts: --force) to replace it") from None
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)

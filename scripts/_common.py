@@ -33,6 +33,20 @@ def apply_threads(n):
         quant4.set_num_threads(n)
 
 
+def advice(exc: BaseException) -> str:
+    """A library error as one line for a script's user: the library speaks of keywords (tokenizer=,
+    overwrite=True, option="layout"); the scripts name their flags."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, FileExistsError):
+        return msg.replace("pass overwrite=True", "pass --force")
+    if isinstance(exc, FileNotFoundError) and "give load_model(tokenizer=PATH)" in msg:
+        return msg.replace("give load_model(tokenizer=PATH)", "pass --tokenizer path/to/tokenizer.model")
+    option = getattr(exc, "option", None)
+    if option:
+        return f"{msg}; pass --{option.replace('_', '-')}"
+    return msg
+
+
 def run_main(main):
     """Run a script's main(): expected failures (bad files, bad arguments, I/O errors, an impossible request)
     end in one line on stderr and exit status 1, Ctrl-C in status 130; never a traceback."""
@@ -43,8 +57,7 @@ def run_main(main):
         sys.exit(130)
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
         # RuntimeError includes NotImplementedError and torch's own errors (e.g. allocation failures)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {advice(exc)}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -91,7 +104,7 @@ def load_or_exit(path, **kw):
     try:
         return load_model(path, **kw)
     except (ValueError, OSError) as exc:     # CheckpointError / FormatError are ValueErrors
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {advice(exc)}")
 
 
 def tokenizer_or_exit(loaded):
@@ -100,4 +113,4 @@ def tokenizer_or_exit(loaded):
     try:
         return load_tokenizer(loaded)
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {advice(exc)}")

@@ -166,8 +166,13 @@ def test_torch_int4_state_dict_import(layout, tmp_path):
     _params(m, tmp_path)
     ambiguous = layout in ("cpu-avx2", "cpu-scalar")
     if ambiguous:
-        with pytest.raises(CheckpointError, match="cpu-avx2 and cpu-scalar equally.*--layout"):
+        with pytest.raises(CheckpointError, match="cpu-avx2 and cpu-scalar equally") as info:
             read_torch_int4(tmp_path / "model_int4.g32.pth")
+        assert info.value.option == "layout"             # the scripts turn it into "pass --layout"
+        sys.path.insert(0, str(REPO / "scripts"))
+        from _common import advice
+
+        assert advice(info.value).endswith("; pass --layout")
     report = []
     args, lay, tensors = read_torch_int4(tmp_path / "model_int4.g32.pth", layout=layout if ambiguous else None,
                                          report=report)
