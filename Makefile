@@ -20,7 +20,7 @@ test-long: install
 # the README's quality table: float vs rtn / search / gptq, g32/64/128, embedded model and stories260K
 quality: install
 	$(PY) scripts/eval.py --checkpoint embedded ../shared/models/stories260K/stories260K.bin \
-		--json bench_out/quality.json
+		--method rtn search gptq gptq-refine --group-size 32 64 128 --json bench_out/quality.json
 
 bench: install
 	$(PY) scripts/bench.py

@@ -9,7 +9,9 @@ perplexity = exp(total negative log-likelihood / number of scored tokens).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,40 +37,53 @@ def encode_blocks(tok, text: str, max_tokens: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_logprobs(model, ids: torch.Tensor, window: int = 512):
-    """Yield (logits [T-1, V] fp32, targets [T-1]) for each window."""
+def window_logprobs(model, ids: torch.Tensor, window: int = 512, *, decode: bool = False):
+    """Yield (logits [T-1, V] fp32, targets [T-1]) for each window. decode=True feeds one token per forward
+    through a KV cache (the decode path: M = 1 matmuls), e.g. to measure what a decode-only option such as
+    int8 activations costs; the logits are those of the same protocol."""
     window = min(window, model.args.max_seq_len)
     for s in range(0, len(ids) - 1, window):
         chunk = ids[s:s + window]
         if len(chunk) < 2:
             break
-        yield model(chunk[None])[0, :-1].float(), chunk[1:]
+        if decode:
+            cache = model.new_cache(1, len(chunk))
+            rows = [model(chunk[None, i:i + 1], i, cache)[0, -1].float() for i in range(len(chunk) - 1)]
+            yield torch.stack(rows), chunk[1:]
+        else:
+            yield model(chunk[None])[0, :-1].float(), chunk[1:]
+
+
+@dataclass
+class Score:
+    perplexity: float
+    kl: float                      # mean KL(reference || model) per scored token (0 without a reference)
+    top1: float                    # share of tokens whose argmax agrees with the reference's (1 without one)
+    logprobs: list                 # per window [T-1, V], to serve as the reference of another score()
+
+
+def score(model, ids: torch.Tensor, window: int = 512, reference: Optional[list] = None, *,
+          decode: bool = False) -> Score:
+    """Perplexity of `model` on ids under the protocol above and, against `reference` (the logprobs of another
+    model's score on the same ids), the mean KL and top-1 agreement."""
+    nll, kl, agree, count, logps = 0.0, 0.0, 0, 0, []
+    for w, (logits, targets) in enumerate(window_logprobs(model, ids, window, decode=decode)):
+        lp = torch.log_softmax(logits, -1)
+        logps.append(lp)
+        nll -= lp.gather(1, targets[:, None]).sum().item()
+        if reference is not None:
+            kl += F.kl_div(lp, reference[w], log_target=True, reduction="sum").item()
+            agree += (lp.argmax(-1) == reference[w].argmax(-1)).sum().item()
+        count += len(targets)
+    if reference is None:
+        kl, agree = 0.0, count
+    return Score(math.exp(nll / count), kl / count, agree / count, logps)
 
 
 def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
-    nll, count = 0.0, 0
-    for logits, targets in window_logprobs(model, ids, window):
-        nll += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += len(targets)
-    return math.exp(nll / count)
+    return score(model, ids, window).perplexity
 
 
-@torch.inference_mode()
 def perplexity_decode(model, ids: torch.Tensor, window: int = 512) -> float:
-    """Same protocol as perplexity(), but one token per forward through the KV cache (the decode path:
-    M = 1 matmuls), e.g. to measure what a decode-only option such as int8 activations costs."""
-    window = min(window, model.args.max_seq_len)
-    nll, count = 0.0, 0
-    for s in range(0, len(ids) - 1, window):
-        chunk = ids[s:s + window]
-        if len(chunk) < 2:
-            break
-        model.setup_cache(1, len(chunk))
-        try:
-            for i in range(len(chunk) - 1):
-                logits = model(chunk[None, i:i + 1], i)[0, -1].float()
-                nll += F.cross_entropy(logits[None], chunk[i + 1:i + 2], reduction="sum").item()
-                count += 1
-        finally:
-            model.clear_cache()
-    return math.exp(nll / count)
+    """perplexity() through the decode path (one token per forward)."""
+    return score(model, ids, window, decode=True).perplexity

@@ -14,6 +14,9 @@ from quant4.nn import Int4Linear
 log = logging.getLogger("quant4")
 
 PROJECTION_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# How a model's layers can be quantized: quantize_model_(method="rtn" | "search"), or quantize_model_gptq_
+# (calibration text; its group scales by "search").
+MODEL_METHODS = ("rtn", "search", "gptq")
 
 
 def is_projection(module: nn.Module, fqn: str) -> bool:

@@ -21,6 +21,29 @@ def add_thread_arg(ap):
                     help="threads for torch and quant4's kernels (default: torch's default)")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_activation_args(ap):
+    """--dtype (the model's compute dtype) and --activation (what the int4 layers do with their inputs)."""
+    from quant4.ops import ACTIVATIONS
+
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                    help="the model's dtype: norms, embeddings, KV cache, activations; int4 layers keep their "
+                         "format (default: %(default)s)")
+    ap.add_argument("--activation", default="float", choices=ACTIVATIONS,
+                    help="int4 layers' inputs: float (as given), bf16 (fp32 inputs rounded to bf16: the bf16 "
+                         "kernels), int8 (per-32 int8 in decode, AVX512-VNNI) (default: %(default)s)")
+
+
+def apply_activation(model, args) -> None:
+    import quant4
+
+    quant4.set_activation_(model, args.activation)
+    if args.dtype != "fp32":
+        model.to(DTYPES[args.dtype])
+
+
 def apply_threads(n):
     import quant4
     from quant4.ops import MAX_THREADS
@@ -61,11 +84,24 @@ def run_main(main):
         sys.exit(1)
 
 
-def add_layer_args(ap):
-    ap.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256))
-    ap.add_argument("--method", default="rtn", choices=("rtn", "search", "gptq"),
-                    help="min/max scale and zero (rtn), a per-group clipping search (search), or GPTQ on "
-                         "calibration text with searched scales (gptq)")
+METHOD_HELP = {"rtn": "min/max scale and zero", "search": "a per-group clipping search",
+               "gptq": "GPTQ on calibration text, group scales by the search",
+               "gptq-refine": "GPTQ with two rounds of scale/zero refits"}
+
+
+def add_layer_args(ap, methods=None, sweep=False):
+    """--group-size, --method (one each, or lists where a script sweeps), --include, --exclude."""
+    from quant4 import GROUP_SIZES, MODEL_METHODS
+
+    methods = tuple(methods or MODEL_METHODS)
+    many = {"nargs": "+"} if sweep else {}
+    ap.add_argument("--group-size", type=int, default=[32, 64, 128] if sweep else 32, choices=GROUP_SIZES,
+                    metavar="G", help=f"inputs per scale and zero, one of {', '.join(map(str, GROUP_SIZES))}"
+                                      f"{' (several: one row each)' if sweep else ''} (default: %(default)s)",
+                    **many)
+    ap.add_argument("--method", default=["rtn"] if sweep else "rtn", choices=methods, metavar="M",
+                    help="; ".join(f"{m}: {METHOD_HELP[m]}" for m in methods) + " (default: %(default)s)",
+                    **many)
     ap.add_argument("--include", nargs="*", default=[], metavar="NAME",
                     help="also quantize these nn.Linear layers (attribute or full name), e.g. output")
     ap.add_argument("--exclude", nargs="*", default=[], metavar="NAME",

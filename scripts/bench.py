@@ -294,7 +294,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="11008x4096, g32, 2 threads, M in 1 4 32 128")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--group-size", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 32, 128, 512])
     ap.add_argument("--shapes", nargs="+", default=["7b", "8b"], choices=sorted(SHAPES))
     ap.add_argument("--no-e2e", action="store_true")
@@ -302,7 +302,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shapes = [s for k in args.shapes for s in SHAPES[k]]
     if args.quick:
-        shapes, args.group_sizes, args.threads, args.m = [(11008, 4096)], [32], [2], [1, 4, 32, 128]
+        shapes, args.group_size, args.threads, args.m = [(11008, 4096)], [32], [2], [1, 4, 32, 128]
     gen = torch.Generator().manual_seed(0)
     print(f"quant4 {quant4.__version__}, kernels {ops.kernel_isa()}, bf16 kernel {ops.bf16_kernel_enabled()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads available")
@@ -313,7 +313,7 @@ def main(argv=None):
         print(f"read bandwidth probe, {t} thread(s): {bw:.1f} GB/s")
     print("median ms per layer:")
     for N, K in shapes:
-        for g in args.group_sizes:
+        for g in args.group_size:
             for t in args.threads:
                 res["matmul"] += bench_shape(N, K, g, t, args.m, gen)
     res["quantize_Mw_s"] = bench_quantize(gen, max(args.threads))
@@ -323,7 +323,7 @@ def main(argv=None):
         print(f"interleaved torch F.linear + quant4 matmul, {r['threads']} thread(s): {r['interleaved_ms']:.3f} ms "
               f"vs {r['torch_ms']:.3f} + {r['quant4_ms']:.3f} ms alone (ratio {r['ratio']:.2f})")
     res["bytes_per_weight"] = {}
-    for g in args.group_sizes:
+    for g in args.group_size:
         q = Int4Linear(4096, 4096, group_size=g)
         res["bytes_per_weight"][g] = sum(b.numel() * b.element_size() for b in q.buffers()) / (4096 * 4096)
     print("resident bytes per weight: " + ", ".join(f"g{g} {b:.4f}" for g, b in res["bytes_per_weight"].items()))

@@ -15,10 +15,11 @@ import argparse
 import sys
 import time
 
-import torch
 
-from _common import (add_layer_args, add_thread_arg, apply_threads, load_or_exit, peak_rss_mb, run_main,
-                     tokenizer_or_exit)
+from _common import (add_activation_args, add_layer_args, add_thread_arg, apply_activation, apply_threads,
+                     load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
+
+from quant4.ops import METHODS          # in-memory quantization: rtn or search (GPTQ: scripts/quantize.py)
 
 
 def main(argv=None):
@@ -34,14 +35,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--int8-activations", action="store_true",
-                    help="decode with activations quantized to int8 per 32-input block (AVX512-VNNI; faster, "
-                         "slightly less exact)")
-    ap.add_argument("--bf16-activations", action="store_true",
-                    help="keep the model in fp32 but round the int4 layers' inputs to bf16 (bf16 kernels)")
-    ap.add_argument("--bf16", action="store_true",
-                    help="run the model in bfloat16 (int4 layers then use the bf16 decode kernel where available)")
-    add_layer_args(ap)
+    add_activation_args(ap)
+    add_layer_args(ap, methods=METHODS)
     add_thread_arg(ap)
     args = ap.parse_args(argv)
     apply_threads(args.threads)
@@ -59,7 +54,7 @@ def main(argv=None):
         raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
 
     from quant4.models.generate import generate
-    from quant4 import kernel_isa, projection_filter, quantize_model_, set_activation_
+    from quant4 import kernel_isa, projection_filter, quantize_model_
 
     t0 = time.perf_counter()
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
@@ -73,13 +68,14 @@ def main(argv=None):
 
     runs = []
     if args.compare:
-        if loaded.kind == "quant4":
-            raise SystemExit("--compare needs a float checkpoint")
+        if loaded.quantized:
+            raise SystemExit(f"error: --compare needs a float checkpoint; {loaded.path} is already int4")
         runs = [("float", False), (f"int4 g{args.group_size}", True)]
+    elif loaded.quantized:       # an int4 file of any kind (quant4, GGUF Q4, another tool's .pth)
+        sizes = sorted({info["group_size"] for info in loaded.quantized.values()})
+        runs = [(f"int4 g{'/'.join(map(str, sizes))}", False)]
     else:
-        label = f"int4 g{loaded.quantized and next(iter(loaded.quantized.values()))['group_size']}" \
-            if loaded.kind == "quant4" else (f"int4 g{args.group_size}" if quantize else "float")
-        runs = [(label, quantize and loaded.kind != "quant4")]
+        runs = [(f"int4 g{args.group_size}" if quantize else "float", quantize)]
     prompt_ids = tok.encode(args.prompt)
     if len(prompt_ids) >= loaded.args.max_seq_len:
         raise SystemExit(f"error: the prompt is {len(prompt_ids)} tokens; this model's context is "
@@ -93,10 +89,7 @@ def main(argv=None):
                             method=args.method)
             n = sum(r.swapped for r in model.quant4_report)
             print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
-        if args.int8_activations or args.bf16_activations:
-            set_activation_(model, "int8" if args.int8_activations else "bf16")
-        if args.bf16:
-            model.to(torch.bfloat16)       # norms, embeddings, KV cache, activations; int4 layers keep their format
+        apply_activation(model, args)
         print(f"--- {label} ---")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()

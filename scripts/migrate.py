@@ -12,7 +12,7 @@ AVX-512 / AVX2 / scalar; detected from the codes where the bytes allow, else nam
 llama files, quant4 files. The model's n_heads comes from params.json beside a .pth (or --params).
 Outputs by --out's suffix: .safetensors (quant4's format), .pth/.pt (a torchchat/gpt-fast style state dict:
 packed by this torch's _convert_weight_to_int4pack_for_cpu, or --torch-layout for another, e.g.
-cuda-tiled for gpt-fast on a GPU; scales_and_zeros in --dtype; a params.json written beside it unless one
+cuda-tiled for gpt-fast on a GPU; scales_and_zeros in --torch-dtype; a params.json written beside it unless one
 is there), .gguf (llama.cpp, Q4_1). Nothing is re-quantized; the conversions are bit-exact except the
 documented float16 roundings (GGUF Q4_1's offset; bf16 scales_and_zeros). Writes are atomic and never
 replace an existing file without --force.
@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import run_main  # (also puts the repo on sys.path)
+from _common import add_thread_arg, apply_threads, run_main  # (also puts the repo on sys.path)
 
 import torch
 
@@ -60,12 +60,15 @@ def main(argv=None):
     ap.add_argument("--layout", default=None, help="the input's packed layout, when it cannot be detected")
     ap.add_argument("--params", default=None, help="params.json with the model's n_heads (torch inputs)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer .model to reference / embed")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="scales_and_zeros dtype (.pth out)")
+    ap.add_argument("--torch-dtype", default="bf16", choices=sorted(DTYPES),
+                    help="the activation dtype the .pth is for: its scales_and_zeros dtype (default: %(default)s)")
     ap.add_argument("--torch-layout", default=None, help="packed layout for .pth out (default: this torch's "
                                                           "CPU op); e.g. cuda-tiled for gpt-fast on CUDA")
     ap.add_argument("--inner-k-tiles", type=int, default=8, choices=(2, 4, 8))
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_thread_arg(ap)
     args = ap.parse_args(argv)
+    apply_threads(args.threads)
 
     from quant4.models.load import CheckpointError
     from quant4 import layouts
@@ -134,11 +137,11 @@ def main(argv=None):
         from quant4.models.torch_int4 import export_torch_int4
         from quant4.serialization import atomic_write
 
-        sd = export_torch_int4(model, dtype=DTYPES[args.dtype], layout=args.torch_layout,
+        sd = export_torch_int4(model, dtype=DTYPES[args.torch_dtype], layout=args.torch_layout,
                                inner_k_tiles=args.inner_k_tiles, report=report)
         atomic_write(out, lambda tmp: torch.save(sd, tmp), overwrite=args.force)
         where = args.torch_layout or f"this torch's CPU op ({torch.backends.cpu.get_cpu_capability()})"
-        report.append(f"packed by {where}; scales_and_zeros {args.dtype}")
+        report.append(f"packed by {where}; scales_and_zeros {args.torch_dtype}")
         params = {"dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
                   "n_kv_heads": margs.n_kv_heads, "vocab_size": margs.vocab_size, "norm_eps": margs.norm_eps,
                   "rope_theta": margs.rope_theta, "max_seq_len": margs.max_seq_len}

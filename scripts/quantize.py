@@ -14,7 +14,6 @@ copy exists), prints each layer's SQNR and the sizes, and writes one safetensors
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
@@ -47,61 +46,47 @@ def main(argv=None):
 
     from pathlib import Path
 
-    from tqdm import tqdm
-
+    from quant4 import format_report, projection_filter, quantize_model_, quantize_model_gptq_
     from quant4.models.load import relative_tokenizer_ref
-    from quant4 import Int4Linear, projection_filter
     from quant4.serialization import save_quantized
-    from quant4.swap import weight_sqnr_db
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise SystemExit(f"--out must end in .safetensors, got {out}")
+        raise SystemExit(f"error: --out must end in .safetensors, got {out}")
     if out.is_dir():
         raise SystemExit(f"error: --out {out} is a directory; give a file name ending in .safetensors")
     if out.exists() and not args.force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
     if args.checkpoint is not None and out.exists() and out.resolve() == Path(args.checkpoint).resolve():
         raise SystemExit(f"error: --out {out} is the --checkpoint being read; write to another file")
+    if args.method != "gptq":
+        given = [f for f, v, default in (("--calibration", args.calibration, None),
+                                         ("--calib-sequences", args.calib_sequences, 256),
+                                         ("--calib-len", args.calib_len, 256),
+                                         ("--gptq-refine", args.gptq_refine, 0)) if v != default]
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} only apply to --method gptq")
+    if args.gptq_refine < 0:
+        raise SystemExit(f"error: --gptq-refine must be >= 0, got {args.gptq_refine}")
     t0 = time.perf_counter()
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
     model = loaded.model
-    if loaded.kind == "quant4":
-        raise SystemExit(f"{loaded.path} is already quantized")
+    if loaded.quantized:
+        raise SystemExit(f"error: {loaded.path} is already int4 ({loaded.kind}); quantize its float checkpoint")
     before = tensor_bytes(model)
     select = projection_filter(args.include, args.exclude)
-    targets = [(n, m) for n, m in model.named_modules() if n and select(m, n)]
-    if not targets:
-        raise SystemExit("no layers selected")
-    print(f"{loaded.path} ({loaded.kind}): {len(targets)} layers to int4 g{args.group_size} ({args.method})")
-    rows = []
-
+    n_selected = sum(1 for n, m in model.named_modules() if n and select(m, n))
+    if not n_selected:
+        raise SystemExit("error: no layers selected")
+    print(f"{loaded.path} ({loaded.kind}): {n_selected} layers to int4 g{args.group_size} ({args.method})")
     if args.method == "gptq":
-        from quant4 import quantize_model_gptq_
-
-        shapes = {name: tuple(lin.weight.shape) for name, lin in targets}
-        targets = []        # hold no references: each float weight is freed once its int4 layer exists
-        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len,
-                                 loaded.args.vocab_size)
+        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len, loaded.args.vocab_size)
         print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
-        bar = tqdm(total=len(model.layers), desc="gptq", unit="block", file=sys.stderr)
-        if args.gptq_refine < 0:
-            raise SystemExit(f"--gptq-refine must be >= 0, got {args.gptq_refine}")
         quantize_model_gptq_(model, cal, args.group_size, select, method="search", refine=args.gptq_refine,
-                             progress=lambda msg: bar.update(1) if msg.startswith("gptq: block") else None)
-        bar.close()
-        rows += [(r.name, shapes.get(r.name), r.sqnr_db) for r in model.quant4_report if r.swapped]
-    for name, lin in tqdm(targets, desc="quantize", unit="layer",
-                          file=sys.stderr):
-        q = Int4Linear.from_linear(lin, args.group_size, method=args.method)
-        rows.append((name, tuple(lin.weight.shape), weight_sqnr_db(lin.weight, q)))
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
-        del lin
-    for name, shape, sqnr in rows:
-        print(f"  {name:40s} {str(shape):14s} SQNR {sqnr:6.2f} dB")
-    worst = min(rows, key=lambda r: r[2])
-    print(f"  mean SQNR {sum(r[2] for r in rows) / len(rows):.2f} dB, worst {worst[2]:.2f} dB ({worst[0]})")
+                             progress=True)
+    else:
+        quantize_model_(model, args.group_size, select, method=args.method, progress=True)
+    print(format_report([r for r in model.quant4_report if r.swapped], model))
     info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": str(loaded.path)}
     save_quantized(model, out, model_info=info, tokenizer=relative_tokenizer_ref(loaded.tokenizer_path, out),
                    overwrite=args.force)

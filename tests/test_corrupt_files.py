@@ -361,7 +361,7 @@ SCRIPT_CASES = [
     ("generate", ["--max-new-tokens", "-1"]), ("generate", ["--temperature", "-1"]),
     ("generate", ["--top-p", "1.5"]), ("generate", ["--checkpoint", "{tmp}/missing.bin"]),
     ("generate", ["--threads", "-2"]), ("generate", ["--top-k", "-3"]),
-    ("eval", ["--tokens", "1"]), ("eval", ["--window", "1"]), ("eval", ["--methods", "awq"]),
+    ("eval", ["--tokens", "1"]), ("eval", ["--window", "1"]), ("eval", ["--method", "awq"]),
     ("eval", ["--checkpoint", "embedded", "{tmp}/missing.bin", "--tokenizer", "-"]),
     ("eval", ["--text", "{tmp}/missing.txt"]),
     ("migrate", ["{tmp}/missing.pth", "--inspect"]), ("migrate", ["{tmp}/empty.txt", "--inspect"]),

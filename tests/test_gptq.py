@@ -141,7 +141,7 @@ def test_quantize_script_gptq(tmp_path, capsys):
     quantize_script.main(["--method", "gptq", "--calibration", str(text), "--calib-sequences", "8",
                           "--calib-len", "64", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "GPTQ calibration: 8 windows of 64 tokens" in printed and "mean SQNR" in printed
+    assert "GPTQ calibration: 8 windows of 64 tokens" in printed and "weight SQNR mean" in printed
     loaded = load_model(out)
     assert len(loaded.quantized) == 42
     tokens = torch.tensor([[1, 50, 60, 70]])

@@ -380,7 +380,7 @@ def test_migrate_script_all_directions(tmp_path, capsys):
     save_quantized(q, src, model_info={"type": "llama", "config": loaded.args.to_dict()})
     tokens = torch.tensor([[1, 430, 440, 261, 397]])
     ref = q(tokens)
-    _migrate([str(src), "--out", str(tmp_path / "t.pth"), "--dtype", "fp32", "--torch-layout", "cuda-tiled"])
+    _migrate([str(src), "--out", str(tmp_path / "t.pth"), "--torch-dtype", "fp32", "--torch-layout", "cuda-tiled"])
     _migrate([str(tmp_path / "t.pth"), "--inspect"])
     out = capsys.readouterr().out
     assert "layout cuda-tiled" in out and "42 int4 layers, group size 32" in out

@@ -90,12 +90,12 @@ def test_absurd_thread_counts(threads):
 
 
 def test_eval_decode_tokens_one():
-    _assert_one_line_error(_run("eval", "--decode-tokens", "1", "--int8-activations"), "--decode-tokens")
+    _assert_one_line_error(_run("eval", "--decode-tokens", "1", "--activation", "int8"), "--decode-tokens")
 
 
 def test_eval_without_its_default_data(tmp_path):
     # the data folder is ../shared/data beside the checkout, or $QUANT4_DATA: point it at an empty folder
-    res = _run("eval", "--methods", "rtn", env={"QUANT4_DATA": str(tmp_path)})
+    res = _run("eval", "--method", "rtn", env={"QUANT4_DATA": str(tmp_path)})
     _assert_one_line_error(res, "--text")
 
 

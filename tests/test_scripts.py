@@ -67,7 +67,7 @@ def test_generate_script_on_embedded_model(capsys):
 def test_generate_script_quantized_file_bf16_and_int8(tmp_path, capsys):
     out = tmp_path / "e.safetensors"
     _script("quantize").main(["--out", str(out)])
-    for extra in (["--bf16"], ["--int8-activations"], ["--bf16-activations"]):
+    for extra in (["--dtype", "bf16"], ["--activation", "int8"], ["--activation", "bf16"]):
         _script("generate").main(["--checkpoint", str(out), "--max-new-tokens", "6"] + extra)
         text = capsys.readouterr().out
         assert "Once upon a time" in text and "decode 6 tokens" in text
