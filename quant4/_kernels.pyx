@@ -33,7 +33,6 @@ cdef extern from "_q4util.h" nogil:
 
 
 cdef enum:
-    L1_ACTIVATIONS = 6144   # fp32 activations (24 KB) that still leave L1 (32 KB) room for weights
     NB = 16         # weight rows per prefill task: 16 rows x KCMAX floats = 128 KB of scratch (L2)
     KCMAX = 2048    # prefill k panel; a multiple of every group size, long enough to amortize the
                     # 16 horizontal sums that end each 4 x 4 tile
@@ -262,6 +261,7 @@ def search_qparams(const float[:, ::1] w,       # IN  [N, K]
 def unpack(const uint8_t[:, ::1] qweight,       # IN  [N, Kp/2]
            uint8_t[:, ::1] q,                   # OUT [N, Kp] codes 0..15
            int num_threads):
+    """Codes of the stored layout, one byte each: q[n, 2i] = low nibble, q[n, 2i + 1] = high nibble of byte i."""
     cdef Py_ssize_t N = qweight.shape[0], H = qweight.shape[1], n, i
     cdef const uint8_t* src
     cdef uint8_t* dst
@@ -301,6 +301,7 @@ def dequantize(const uint8_t[:, ::1] qweight,   # IN  [N, Kp/2]
                Py_ssize_t group_size,
                float[:, ::1] out,               # OUT [N, K] (K <= Kp: padding dropped)
                int num_threads):
+    """w[n, k] = (q - 8) * scale + zero for the K = out.shape[1] real inputs (fp32 scales and zeros)."""
     cdef Py_ssize_t N = out.shape[0], K = out.shape[1], n
     if N == 0:
         return
@@ -314,10 +315,11 @@ def dequantize(const uint8_t[:, ::1] qweight,   # IN  [N, Kp/2]
 #
 # Activations are first permuted into the k order of _q4simd.h (evens then odds inside every 32-k block),
 # which is the order 16 packed bytes unpack into.
-# Decode path (M <= small_m): parallel over weight rows. Each row is streamed from memory once; every
+# Which path runs is decided by the caller, quant4.ops.plan_matmul (the one place kernels are chosen).
+# Decode path: parallel over weight rows. Each row is streamed from memory once; every
 # 16-byte chunk is unpacked and dequantized once (w = q * scale + (zero - 8 * scale)) and multiplied into
 # up to four activation rows (q4_dot1 / q4_dot4).
-# Prefill path (M > small_m): parallel over blocks of NB weight rows. For each k panel of up to KCMAX, the
+# Prefill path: parallel over blocks of NB weight rows. For each k panel of up to KCMAX, the
 # block's rows are dequantized into per-thread scratch (L2-resident) and multiplied by all activation rows
 # in register tiles (q4_tile), accumulating into the output across panels.
 
@@ -336,6 +338,11 @@ cdef extern from "_q4simd.h" nogil:
     void q4_dequant_perm(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
                          Py_ssize_t c1, Py_ssize_t cpg, float* dst) noexcept
     void q4_tile(const float* const* x, const float* const* w, Py_ssize_t kc, float* out) noexcept
+    enum:
+        Q4_TM   # activation rows per prefill register tile (4 on AVX-512, else 2)
+        Q4_TN   # weight rows per prefill register tile (4)
+
+cdef extern from "_q4avx512.h" nogil:
     int q4_bf16_available() noexcept
     void q4_permute_x_bf16(const uint16_t* x, Py_ssize_t Kp, uint16_t* xp) noexcept
     void q4_dequant_perm_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, Py_ssize_t c0,
@@ -349,32 +356,67 @@ cdef extern from "_q4simd.h" nogil:
                             float* xs) noexcept
     float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
                        const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg) noexcept
-    enum:
-        Q4_TM   # activation rows per prefill register tile (4 on AVX-512, else 2)
-        Q4_TN   # weight rows per prefill register tile (4)
 
 
-cdef void _decode_rows(const uint8_t* qw, Py_ssize_t ldq, const uint16_t* sc, const uint16_t* zr,
-                       const float* xp, Py_ssize_t M, Py_ssize_t Kp, Py_ssize_t G, Py_ssize_t cpg,
-                       const float* bias, Py_ssize_t n0, Py_ssize_t N, float* out, Py_ssize_t ldo) noexcept nogil:
+ctypedef struct Q4Rows:
+    # One weight in the stored layout, as the kernel helpers read it (the way llama2.c passes one weights
+    # struct): rows n0.. of it are at qw + n0 * ldq, sc + n0 * G, zr + n0 * G, bias + n0.
+    const uint8_t* qw       # [N, Kp/2] packed codes
+    const uint16_t* sc      # [N, G] float16 bits of the scales
+    const uint16_t* zr      # [N, G] float16 bits of the zeros
+    const float* bias       # [N], or NULL
+    Py_ssize_t N, Kp, G
+    Py_ssize_t ldq          # bytes per packed row: Kp / 2
+    Py_ssize_t cpg          # 16-byte chunks (32 codes) per group: group_size / 32
+
+
+cdef inline Q4Rows _rows(const uint8_t[:, ::1] qweight, const uint16_t[:, ::1] scales,
+                         const uint16_t[:, ::1] zeros, Py_ssize_t group_size, const float[::1] bias) noexcept:
+    cdef Q4Rows w
+    w.qw = &qweight[0, 0]
+    w.sc = &scales[0, 0]
+    w.zr = &zeros[0, 0]
+    w.bias = &bias[0] if bias is not None else NULL
+    w.N = qweight.shape[0]
+    w.ldq = qweight.shape[1]
+    w.Kp = qweight.shape[1] * 2
+    w.G = scales.shape[1]
+    w.cpg = group_size // 32
+    return w
+
+
+cdef inline Q4Rows _block(const Q4Rows* w, Py_ssize_t n0) noexcept nogil:
+    # the same weight from row n0 on (N counts the rows left)
+    cdef Q4Rows b = w[0]
+    b.qw = w.qw + n0 * w.ldq
+    b.sc = w.sc + n0 * w.G
+    b.zr = w.zr + n0 * w.G
+    b.bias = (w.bias + n0) if w.bias != NULL else NULL
+    b.N = w.N - n0
+    return b
+
+
+cdef void _decode_rows(const Q4Rows* w, const float* xp, Py_ssize_t M, Py_ssize_t n0, float* out,
+                       Py_ssize_t ldo, bint multi_row) noexcept nogil:
+    # This is where decode spends its time: every weight byte is read from memory once per call, here.
     # Weight rows n0 .. n0 + Q4_DR - 1 (those < N) against all M activation rows:
-    # out[m * ldo + n] = dot(w_n, x_m) (+ bias[n]). M = 1: q4_dot1 per row, or q4_dot1xr when the activation
-    # row does not fit L1; otherwise four activation rows at a
-    # time (the last group repeats its last row) against the Q4_DR weight rows.
+    # out[m * ldo + n] = dot(w_n, x_m) (+ bias[n]). M = 1: q4_dot1 per row, or, with multi_row (chosen by
+    # quant4.ops.plan_matmul), q4_dot1xr over Q4_DR rows sharing each activation load; otherwise four activation
+    # rows at a time (the last group repeats its last row) against the Q4_DR weight rows.
     cdef float r[Q4_DR * 4]
     cdef const uint8_t* wr[Q4_DR]
     cdef const uint16_t* sr[Q4_DR]
     cdef const uint16_t* zp[Q4_DR]
     cdef const float* xr[4]
-    cdef Py_ssize_t m0, i, j, n, rows = min(<Py_ssize_t>Q4_DR, N - n0)
+    cdef Py_ssize_t m0, i, j, n, rows = min(<Py_ssize_t>Q4_DR, w.N - n0), Kp = w.Kp, G = w.G, cpg = w.cpg
+    cdef const float* bias = w.bias
     for j in range(Q4_DR):
         n = n0 + min(j, rows - 1)
-        wr[j] = qw + n * ldq
-        sr[j] = sc + n * G
-        zp[j] = zr + n * G
+        wr[j] = w.qw + n * w.ldq
+        sr[j] = w.sc + n * G
+        zp[j] = w.zr + n * G
     if M == 1:
-        if Kp <= L1_ACTIVATIONS or rows == 1:
-            # the activation row stays in L1: one weight row at a time (measured faster)
+        if not multi_row or rows == 1:
             for j in range(rows):
                 out[n0 + j] = q4_dot1(wr[j], sr[j], zp[j], xp, G, cpg) + (bias[n0 + j] if bias != NULL else 0.0)
         else:
@@ -396,17 +438,17 @@ cdef void _decode_rows(const uint8_t* qw, Py_ssize_t ldq, const uint16_t* sc, co
         m0 += 4
 
 
-cdef void _prefill_block(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw,
-                         const uint16_t* sc, const uint16_t* zr, Py_ssize_t G, Py_ssize_t cpg,
-                         Py_ssize_t rows, Py_ssize_t kc_max, const float* bias, float* out, Py_ssize_t ldo,
-                         void* wbuf, bint bf16) noexcept nogil:
-    # One block of `rows` <= NB weight rows; out points at column 0 of the block. xp / wbuf hold fp32, or
-    # bf16 bits when bf16 is set; wbuf: NB * kc_max elements.
-    # Tiles that run past M or `rows` repeat the last row's pointer; their extra results are dropped.
+cdef void _prefill_block(const Q4Rows* w, const void* xp, Py_ssize_t M, Py_ssize_t kc_max, float* out,
+                         Py_ssize_t ldo, void* wbuf, bint bf16) noexcept nogil:
+    # One block of w.N <= NB weight rows (w from _block); out points at column 0 of the block. xp / wbuf hold
+    # fp32, or bf16 bits when bf16 is set; wbuf: NB * kc_max elements.
+    # Tiles that run past M or the block's rows repeat the last row's pointer; their extra results are dropped.
     cdef float t[Q4_TM * Q4_TN]
     cdef const void* xr[Q4_TM]
     cdef const void* wr[Q4_TN]
     cdef Py_ssize_t k0, kc, r, m0, j0, i, j, esize = 2 if bf16 else 4
+    cdef Py_ssize_t rows = w.N, Kp = w.Kp, G = w.G, cpg = w.cpg
+    cdef const float* bias = w.bias
     cdef const char* xb = <const char*>xp
     cdef char* wb = <char*>wbuf
     k0 = 0
@@ -414,10 +456,10 @@ cdef void _prefill_block(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint
         kc = min(kc_max, Kp - k0)
         for r in range(rows):
             if bf16:
-                q4_dequant_perm_bf16(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32,
+                q4_dequant_perm_bf16(w.qw + r * w.ldq, w.sc + r * G, w.zr + r * G, k0 // 32, (k0 + kc) // 32,
                                      cpg, <uint16_t*>(wb + r * kc_max * esize))
             else:
-                q4_dequant_perm(qw + r * (Kp // 2), sc + r * G, zr + r * G, k0 // 32, (k0 + kc) // 32, cpg,
+                q4_dequant_perm(w.qw + r * w.ldq, w.sc + r * G, w.zr + r * G, k0 // 32, (k0 + kc) // 32, cpg,
                                 <float*>(wb + r * kc_max * esize))
         m0 = 0
         while m0 < M:
@@ -442,13 +484,13 @@ cdef void _prefill_block(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint
         k0 += kc
 
 
-cdef int _prefill(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw, const uint16_t* sc,
-                  const uint16_t* zr, Py_ssize_t N, Py_ssize_t G, Py_ssize_t cpg, const float* bias, float* out,
-                  Py_ssize_t ldo, bint bf16, int num_threads) noexcept nogil:
+cdef int _prefill(const Q4Rows* w, const void* xp, Py_ssize_t M, float* out, Py_ssize_t ldo, bint bf16,
+                  int num_threads) noexcept nogil:
     # Parallel over blocks of NB weight rows, per-thread weight scratch. Returns -1 if scratch allocation failed.
-    cdef Py_ssize_t kc_max = min(Kp, <Py_ssize_t>KCMAX), nblk = (N + NB - 1) // NB, blk
+    cdef Py_ssize_t kc_max = min(w.Kp, <Py_ssize_t>KCMAX), nblk = (w.N + NB - 1) // NB, blk
     cdef size_t esize = 2 if bf16 else 4
     cdef void* wbuf
+    cdef Q4Rows b
     cdef int failed = 0
     cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
     with parallel(num_threads=num_threads):
@@ -458,9 +500,9 @@ cdef int _prefill(const void* xp, Py_ssize_t M, Py_ssize_t Kp, const uint8_t* qw
                 failed_p[0] = 1
             else:
                 for blk in prange(nblk, schedule="dynamic", chunksize=1):
-                    _prefill_block(xp, M, Kp, qw + blk * NB * (Kp // 2), sc + blk * NB * G, zr + blk * NB * G,
-                                   G, cpg, min(<Py_ssize_t>NB, N - blk * NB), kc_max,
-                                   (bias + blk * NB) if bias != NULL else NULL, out + blk * NB, ldo, wbuf, bf16)
+                    b = _block(w, blk * NB)
+                    b.N = min(<Py_ssize_t>NB, b.N)
+                    _prefill_block(&b, xp, M, kc_max, out + blk * NB, ldo, wbuf, bf16)
         finally:
             free(wbuf)
     return -1 if failed else 0
@@ -473,17 +515,19 @@ def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
            Py_ssize_t group_size,
            const float[::1] bias,               # IN  [N] or None
            float[:, ::1] out,                   # OUT [M, N]
-           Py_ssize_t small_m,
+           bint decode,
+           bint multi_row,
            int num_threads):
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1]
-    cdef Py_ssize_t cpg = group_size // 32, ldo = out.shape[1], n, m
-    cdef const float* bptr = NULL
+    """out = x . dequantize(w)^T (+ bias) with fp32 activations and fp32 accumulation. The caller
+    (quant4.ops.plan_matmul) chooses the path: decode (stream each weight row once, for a few activation rows;
+    multi_row: M = 1 with Q4_DR weight rows per pass) or prefill (dequantized panels x register tiles)."""
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], m, n
+    cdef Q4Rows w
     cdef float* xp
     cdef int failed = 0
-    if M == 0 or N == 0:
+    if M == 0 or qweight.shape[0] == 0:
         return
-    if bias is not None:
-        bptr = &bias[0]
+    w = _rows(qweight, scales, zeros, group_size, bias)
     xp = <float*>malloc(M * Kp * sizeof(float))
     if xp == NULL:
         raise MemoryError(f"cannot allocate {M * Kp * 4} bytes of activation scratch")
@@ -491,13 +535,11 @@ def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
         with nogil:
             for m in prange(M, num_threads=num_threads, schedule="static"):
                 q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
-            if M <= small_m:
-                for n in prange((N + Q4_DR - 1) // Q4_DR, num_threads=num_threads, schedule="static"):
-                    _decode_rows(&qweight[0, 0], Kp // 2, &scales[0, 0], &zeros[0, 0], xp, M, Kp, G, cpg, bptr,
-                                 n * Q4_DR, N, &out[0, 0], ldo)
+            if decode:
+                for n in prange((w.N + Q4_DR - 1) // Q4_DR, num_threads=num_threads, schedule="static"):
+                    _decode_rows(&w, xp, M, n * Q4_DR, &out[0, 0], out.shape[1], multi_row)
             else:
-                failed = _prefill(xp, M, Kp, &qweight[0, 0], &scales[0, 0], &zeros[0, 0], N, G, cpg, bptr,
-                                  &out[0, 0], ldo, False, num_threads)
+                failed = _prefill(&w, xp, M, &out[0, 0], out.shape[1], False, num_threads)
     finally:
         free(xp)
     if failed:
@@ -518,16 +560,15 @@ def matmul_bf16(const uint16_t[:, ::1] x,       # IN  [M, Kp] bfloat16 bits (zer
                 float[:, ::1] out,              # OUT [M, N]
                 int num_threads):
     """Prefill with bf16 activations and bf16-rounded weights, fp32 accumulation (needs bf16_available())."""
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1], m
-    cdef const float* bptr = NULL
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], m
+    cdef Q4Rows w
     cdef uint16_t* xp
     cdef int failed = 0
-    if M == 0 or N == 0:
+    if M == 0 or qweight.shape[0] == 0:
         return
     if not q4_bf16_available():
         raise RuntimeError("the bf16 kernel is not available in this build / on this CPU")
-    if bias is not None:
-        bptr = &bias[0]
+    w = _rows(qweight, scales, zeros, group_size, bias)
     xp = <uint16_t*>malloc(M * Kp * sizeof(uint16_t))
     if xp == NULL:
         raise MemoryError(f"cannot allocate {M * Kp * 2} bytes of activation scratch")
@@ -535,8 +576,7 @@ def matmul_bf16(const uint16_t[:, ::1] x,       # IN  [M, Kp] bfloat16 bits (zer
         with nogil:
             for m in prange(M, num_threads=num_threads, schedule="static"):
                 q4_permute_x_bf16(&x[m, 0], Kp, xp + m * Kp)
-            failed = _prefill(xp, M, Kp, &qweight[0, 0], &scales[0, 0], &zeros[0, 0], N, G, group_size // 32,
-                              bptr, &out[0, 0], out.shape[1], True, num_threads)
+            failed = _prefill(&w, xp, M, &out[0, 0], out.shape[1], True, num_threads)
     finally:
         free(xp)
     if failed:
@@ -556,7 +596,7 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1], m, n, i
     cdef Py_ssize_t per = Kp + G * 2    # uint16 slots per activation row: the bf16 pairs, then the fp32 group sums
     cdef int lg = 5, nx
-    cdef const float* bptr = NULL
+    cdef Q4Rows w
     cdef uint16_t* buf
     cdef const uint16_t* xb[4]
     cdef const float* xs[4]
@@ -569,8 +609,7 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
     while (1 << lg) != group_size:
         lg += 1
     nx = 1 if M == 1 else (2 if M == 2 else 4)
-    if bias is not None:
-        bptr = &bias[0]
+    w = _rows(qweight, scales, zeros, group_size, bias)
     buf = <uint16_t*>malloc(M * per * sizeof(uint16_t))
     if buf == NULL:
         raise MemoryError(f"cannot allocate {M * per * 2} bytes of activation scratch")
@@ -583,21 +622,19 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
             for m in range(M):
                 q4_prep_x_dec_bf16(&x[m, 0], Kp, group_size, buf + m * per, <float*>(buf + m * per + Kp))
             for n in prange(N, num_threads=num_threads, schedule="static"):
-                _dot_bf16_row(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xb, xs, Kp, G, lg, nx, M, bptr,
-                              n, &out[0, 0], out.shape[1])
+                _dot_bf16_row(&w, n, xb, xs, lg, nx, M, &out[0, 0], out.shape[1])
     finally:
         free(buf)
 
 
-cdef inline void _dot_bf16_row(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const uint16_t** xb,
-                               const float** xs, Py_ssize_t Kp, Py_ssize_t G, int lg, int nx,
-                               Py_ssize_t M, const float* bias, Py_ssize_t n, float* out,
-                               Py_ssize_t ldo) noexcept nogil:
+cdef inline void _dot_bf16_row(const Q4Rows* w, Py_ssize_t n, const uint16_t** xb, const float** xs, int lg,
+                               int nx, Py_ssize_t M, float* out, Py_ssize_t ldo) noexcept nogil:
+    # bf16 decode: weight row n against nx prepared activation rows (M of them real)
     cdef float r[4]
     cdef Py_ssize_t m
-    q4_dot_bf16(w, sc, zr, xb, xs, Kp, G, lg, nx, r)
+    q4_dot_bf16(w.qw + n * w.ldq, w.sc + n * w.G, w.zr + n * w.G, xb, xs, w.Kp, w.G, lg, nx, r)
     for m in range(M):
-        out[m * ldo + n] = r[m] + (bias[n] if bias != NULL else 0.0)
+        out[m * ldo + n] = r[m] + (w.bias[n] if w.bias != NULL else 0.0)
 
 
 def int8_available():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +19,30 @@ from quant4.scheme import GROUP_SIZES, padded_k, qparams_from_minmax
 _LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 _MODULES = {"generic": "quant4._kernels", "avx2": "quant4._kernels_avx2", "avx512": "quant4._kernels_avx512"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to this many activation rows the decode kernel (stream each weight row once) beats the
-# panel-dequantize + register-tiled GEMM kernel (measured, 11008x4096: equal at M = 5..8, the GEMM kernel
-# 1.8x faster at M = 16; the decode kernel re-reads the activations for every weight row).
-SMALL_M = 4
 
 _num_threads: Optional[int] = None
 
 
-def _load_kernels():
-    requested = os.environ.get("QUANT4_ISA", "").strip().lower()
-    level = _base.cpu_level()
+def choose_isa(level: int, requested: str = "") -> list:
+    """The kernel builds to try, best first, for a CPU of `level` (q4_cpu_level: 2 AVX-512, 1 AVX2, 0 other)
+    and a QUANT4_ISA request ("" for none)."""
+    requested = requested.strip().lower()
     if requested:
         if requested not in _LEVELS:
             raise ValueError(f"QUANT4_ISA={requested!r}: expected one of {sorted(_LEVELS)}")
         if _LEVELS[requested] > level:
             raise ValueError(f"QUANT4_ISA={requested!r}: this CPU does not support it")
-        order = [requested]
-    else:
-        order = [name for name, lv in sorted(_LEVELS.items(), key=lambda kv: -kv[1]) if lv <= level]
-    for name in order:
+        return [requested]
+    return [name for name, lv in sorted(_LEVELS.items(), key=lambda kv: -kv[1]) if lv <= level]
+
+
+def _load_kernels():
+    requested = os.environ.get("QUANT4_ISA", "")
+    for name in choose_isa(_base.cpu_level(), requested):
         try:
             return importlib.import_module(_MODULES[name])
         except ImportError:
-            if requested:
+            if requested.strip():
                 raise
     return _base
 
@@ -63,7 +63,7 @@ def int8_kernel_available() -> bool:
 
 
 def bf16_kernel_enabled() -> bool:
-    """True if bf16 activations with M > SMALL_M run on the AVX512-BF16 dot-product kernel."""
+    """True if bf16 activations run on the AVX512-BF16 kernels (see plan_matmul)."""
     return _BF16
 
 
@@ -280,6 +280,41 @@ class Prepared:
         return self.keys == (_tensor_key(qweight), _tensor_key(scales), _tensor_key(zeros), _tensor_key(bias))
 
 
+class Plan(NamedTuple):
+    kernel: str          # "int8-decode", "bf16-decode", "fp32-decode", "bf16-prefill" or "fp32-prefill"
+    multi_row: bool      # fp32-decode at M = 1: Q4_DR weight rows share each activation load
+
+
+# Kernel thresholds, measured on 7B-shaped layers (README "Speed"); each is used in exactly one row below.
+SMALL_M = 4                  # decode kernels up to this many activation rows (see below)
+FP32_ROW_IN_L1 = 6144        # an fp32 activation row of up to 6144 inputs (24 KB) leaves L1 (32 KB) room
+BF16_DECODE_4ROWS_K = 6144   # four bf16 activation rows past this K crowd L1 in the bf16 decode kernel
+
+
+def plan_matmul(M: int, Kp: int, bf16_inputs: bool, activation: str, small_m: int = SMALL_M) -> Plan:
+    """The kernel one matmul call runs: the one place quant4 chooses. The first row that applies wins.
+    bf16_inputs: the activations reach the kernel in bf16 (bf16 x, or activation="bf16"), on a CPU whose build
+    has the AVX512-BF16 kernels."""
+    decode = M <= small_m
+    # int8 activations (opt-in): one vpdpbusd per 32 weights, M = 1 only (for M = 2..4 the fp32 multi-row
+    # kernel measured faster); 0.9-1.4x torch's bf16 op.
+    if activation == "int8" and _INT8 and M == 1:
+        return Plan("int8-decode", False)
+    # bf16 decode, exact weights via vdpbf16ps: 1.4-1.9x the fp32 kernel at M = 1..2 and 1.35-1.66x at M = 3..4,
+    # but 0.9x at M = 3..4 past BF16_DECODE_4ROWS_K; needs whole 128-input runs.
+    if bf16_inputs and M <= min(small_m, 4) and Kp % 128 == 0 and (M <= 2 or Kp <= BF16_DECODE_4ROWS_K):
+        return Plan("bf16-decode", False)
+    # fp32 decode: stream each weight row once (re-reading the activations per row); equal to the prefill kernel
+    # at M = 5..8, 1.8x slower at M = 16. At M = 1 a long activation row is shared by Q4_DR weight rows.
+    if decode:
+        return Plan("fp32-decode", M == 1 and Kp > FP32_ROW_IN_L1)
+    # prefill: panels dequantized to bf16 and vdpbf16ps (torch's int4 op precision for bf16 inputs) ...
+    if bf16_inputs:
+        return Plan("bf16-prefill", False)
+    # ... or to fp32 and register-tiled FMAs.
+    return Plan("fp32-prefill", False)
+
+
 def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features: int, bias=None, *,
            num_threads: Optional[int] = None, small_m: int = SMALL_M, activation: str = "float") -> torch.Tensor:
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
@@ -308,23 +343,19 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     nt = _threads(num_threads, M * N * Kp)
     out_dtype = x.dtype
     if activation == "bf16" and _BF16 and x.dtype != torch.bfloat16:
-        x = x.detach().to(torch.bfloat16)
-    bf16_in = x.dtype == torch.bfloat16 and _BF16
-    use_bf16 = bf16_in and M > small_m
-    # bf16 decode kernel (interleaved A/B against the fp32 kernel on 7B-shaped layers: M = 1 1.4-1.9x; M = 3..4
-    # 1.35-1.66x, but 0.9x when K > 6144, where four activation rows of bf16 pairs crowd L1)
-    dec_bf16 = (bf16_in and Kp % 128 == 0 and (M <= min(small_m, 2) or (M <= min(small_m, 4) and Kp <= 6144))
-                and not (activation == "int8" and _INT8 and M == 1))
-    xk = x.detach() if (use_bf16 or dec_bf16) else x.detach().float()
+        x = x.detach().to(torch.bfloat16)       # the option: round the inputs, then compute as for bf16 ones
+    plan = plan_matmul(M, Kp, _BF16 and x.dtype == torch.bfloat16, activation, small_m)
+    xk = x.detach().to(torch.bfloat16 if plan.kernel.startswith("bf16") else torch.float32)
     if Kp != w.in_features:
         xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
-    if activation == "int8" and _INT8 and M == 1:
+    if plan.kernel == "int8-decode":
         _k.matmul_int8(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
-    elif dec_bf16:
+    elif plan.kernel == "bf16-decode":
         _k.matmul_bf16_decode(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
-    elif use_bf16:
+    elif plan.kernel == "bf16-prefill":
         _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
     else:
-        _k.matmul(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), small_m, nt)
+        _k.matmul(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), plan.kernel == "fp32-decode",
+                  plan.multi_row, nt)
     return out if out_dtype == torch.float32 else out.to(out_dtype)

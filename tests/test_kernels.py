@@ -1,6 +1,7 @@
 """Kernels against the pure-torch reference: codes bit-exact, floats within stated bounds."""
 import importlib
 import os
+import platform
 
 import pytest
 import torch
@@ -234,11 +235,13 @@ def _available_builds():
 def test_every_isa_build_matches_reference(build):
     N, K, g = 45, 288, 32
     qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
-    for M in (1, 3, 20):
+    # every path of the fp32 kernel: decode one row per pass, decode Q4_DR rows per pass, multi-row decode, prefill
+    for M, decode, multi_row in ((1, True, False), (1, True, True), (3, True, False), (20, True, False),
+                                 (1, False, False), (20, False, False)):
         x = torch.randn(M, K)
         out = torch.empty(M, N)
         build.matmul(x.numpy(), qweight.numpy(), scales.view(torch.int16).numpy().view("uint16"),
-                     zeros.view(torch.int16).numpy().view("uint16"), g, None, out.numpy(), 16, 2)
+                     zeros.view(torch.int16).numpy().view("uint16"), g, None, out.numpy(), decode, multi_row, 2)
         assert_matmul_close(out, x, qweight, scales, zeros, g)
 
 
@@ -259,12 +262,58 @@ def test_openmp_enabled():
     assert quant4.openmp_enabled(), "quant4 was built without OpenMP: kernels run on one thread"
 
 
-def test_kernel_isa_is_best_available():
-    level = importlib.import_module("quant4._kernels").cpu_level()
-    expected = {0: "generic", 1: "avx2", 2: "avx512"}[level]
-    if os.environ.get("QUANT4_ISA"):
-        expected = os.environ["QUANT4_ISA"]
-    assert quant4.kernel_isa() == expected
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="reads x86 CPU flags from /proc/cpuinfo")
+def test_kernel_build_in_use_follows_the_cpu_flags():
+    # stated independently of quant4's code: which build each flag set must get
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "generic"
+    assert quant4.kernel_isa() == (os.environ.get("QUANT4_ISA") or expected)
+
+
+@pytest.mark.parametrize("level, requested, expected", [
+    (2, "", ["avx512", "avx2", "generic"]), (1, "", ["avx2", "generic"]), (0, "", ["generic"]),
+    (2, "avx2", ["avx2"]), (2, " AVX512 ", ["avx512"]), (1, "generic", ["generic"]),
+    (1, "avx512", ValueError), (0, "avx2", ValueError), (2, "sse9", ValueError)])
+def test_isa_choice(level, requested, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="QUANT4_ISA"):
+            ops.choose_isa(level, requested)
+    else:
+        assert ops.choose_isa(level, requested) == expected
+
+
+@pytest.mark.parametrize("M, Kp, bf16, activation, int8_cpu, expected", [
+    (1, 4096, False, "float", False, ("fp32-decode", False)),      # the activation row fits L1
+    (1, 11008, False, "float", False, ("fp32-decode", True)),      # it does not: Q4_DR rows per pass
+    (4, 11008, False, "float", False, ("fp32-decode", False)),
+    (5, 4096, False, "float", False, ("fp32-prefill", False)),
+    (1, 4096, False, "int8", True, ("int8-decode", False)),
+    (2, 4096, False, "int8", True, ("fp32-decode", False)),        # int8 only at M = 1
+    (1, 4096, False, "int8", False, ("fp32-decode", False)),       # no VNNI: the exact kernel
+    (1, 4096, True, "float", False, ("bf16-decode", False)),
+    (2, 11008, True, "float", False, ("bf16-decode", False)),
+    (3, 11008, True, "float", False, ("fp32-decode", False)),      # four bf16 rows of K > 6144 crowd L1
+    (4, 6144, True, "float", False, ("bf16-decode", False)),
+    (1, 4000, True, "float", False, ("fp32-decode", False)),       # not whole 128-input runs
+    (5, 4096, True, "float", False, ("bf16-prefill", False)),
+])
+def test_kernel_plan(monkeypatch, M, Kp, bf16, activation, int8_cpu, expected):
+    monkeypatch.setattr(ops, "_INT8", int8_cpu)
+    assert tuple(ops.plan_matmul(M, Kp, bf16, activation)) == expected
 
 
 @pytest.mark.skipif(not ops.int8_kernel_available(), reason="no AVX512-VNNI kernel on this CPU/build")

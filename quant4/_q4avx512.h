@@ -1,0 +1,321 @@
+/* quant4's AVX-512 kernels, written with intrinsics: instructions that GCC/Clang vector extensions cannot
+ * express and the auto-vectorizer does not emit from plain loops.
+ *
+ *   vdpbf16ps (AVX512-BF16)  bf16 pair dot products into fp32: the bf16 prefill tile (q4_tile_bf16) and the
+ *                            exact-weight bf16 decode (q4_dot_bf16)
+ *   vpternlogd (AVX512-F)    one op that merges two nibbles into the bf16 pair (16 + q_j, 16 + q_j+4)
+ *   vpdpbusd (AVX512-VNNI)   u8 x s8 dot products of four pairs into int32: the int8-activation decode
+ *                            (q4_dot1_int8)
+ *   vcvtph2ps, reductions    the per-group zero terms (q4_zero_term_off)
+ *
+ * Only the _kernels_avx512 build has these instructions (setup.py adds -mavx512bf16 / -mavx512vnni when the
+ * compiler accepts them); every other build compiles the stubs at the end of each section, which are never
+ * called: q4_bf16_available() / q4_vnni_available() also check the CPU at run time, and quant4/ops.py only
+ * dispatches to a kernel that is available. */
+#ifndef QUANT4_Q4AVX512_H
+#define QUANT4_Q4AVX512_H
+#include "_q4simd.h"
+
+/* ---------------------------------------------------------------------------------------------------
+ * bf16 prefill (AVX512-BF16 builds only): for bfloat16 activations in prefill, weights are
+ * dequantized to bfloat16 (round to nearest even) and multiplied with vdpbf16ps, which does 32
+ * multiply-adds per instruction into fp32 accumulators: twice the fp32 FMA rate. Precision is that of
+ * bf16 inputs (PyTorch's int4 op also dequantizes to bf16 for bf16 activations). Same permuted k order:
+ * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
+ * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
+#if defined(__AVX512F__)
+/* sum_g (zero_g - off * scale_g) * xs_g over one row's G groups */
+static inline float q4_zero_term_off(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G, float off) {
+    __m512 acc = _mm512_setzero_ps();
+    ptrdiff_t gi = 0;
+    for (; gi + 16 <= G; gi += 16) {
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + gi)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi)));
+        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(off), s, z), _mm512_loadu_ps(xs + gi), acc);
+    }
+    float t = _mm512_reduce_add_ps(acc);
+    for (; gi < G; gi++) {
+        const float s = q4_half_to_float(sc[gi]);
+        t += (q4_half_to_float(zr[gi]) - off * s) * xs[gi];
+    }
+    return t;
+}
+static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
+    return q4_zero_term_off(sc, zr, xs, G, 8.0f);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+static inline int q4_bf16_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+}
+static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
+    for (ptrdiff_t c = 0; c < Kp; c += 32)
+        for (int j = 0; j < 16; j++) {
+            xp[c + j] = x[c + 2 * j];
+            xp[c + 16 + j] = x[c + 2 * j + 1];
+        }
+}
+static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
+                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const q4_lut lut = q4_row_group(sc, zr, c / cpg);
+        q4_vf lo[Q4_NV], hi[Q4_NV];
+        q4_unpack16(w + 16 * c, lut, lo, hi);
+        __m512bh packed = _mm512_cvtne2ps_pbh((__m512)hi[0], (__m512)lo[0]);   /* [lo 0..15 | hi 0..15] */
+        memcpy(dst + 32 * (c - c0), &packed, 64);
+    }
+}
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+    __m512 c[Q4_TM][Q4_TN];
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < kc; k += 32) {
+        __m512bh b[Q4_TN];
+        for (int j = 0; j < Q4_TN; j++) b[j] = (__m512bh)_mm512_loadu_si512((const void *)(w[j] + k));
+        for (int i = 0; i < Q4_TM; i++) {
+            const __m512bh a = (__m512bh)_mm512_loadu_si512((const void *)(x[i] + k));
+            for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
+        }
+    }
+    for (int i = 0; i < Q4_TM; i++)
+        for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum((q4_vf)c[i][j]);
+}
+
+/* Decode with bf16 activations, exact weights (M = 1..4; Kp % 128 == 0). A 64-byte run of one weight row holds
+ * 128 codes as 16 int32 lanes; lane i holds k = 8i..8i+7, nibble j at bits 4j. One shift and one ternary
+ * logic op turn nibbles j and j+4 of every lane into the bf16 pair (16 + q_j, 16 + q_{j+4}) (exponent 2^4,
+ * the code in the top mantissa bits: exact), and vdpbf16ps multiplies them with the activation pairs
+ * (x[8i+j], x[8i+j+4]) in fp32 -- products of two bf16 are exact. Per 128 weights that is 4 shifts, 4
+ * ternlogs and 4 dot products against 16 lookups + 16 FMAs in the fp32 kernel. The per-lane sums
+ * sum x (16 + q) are scaled by the lane's group scale; the 16 sum x they carry joins the zero term, which is
+ * then sum_g (zero_g - 24 scale_g) * (sum of x over group g). */
+/* x bf16 [Kp] -> xb (pairs in the lane order above), xs[G] = group sums */
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *xs) {
+    for (ptrdiff_t c = 0; c < Kp / 128; c++)
+        for (int i = 0; i < 16; i++) {
+            const uint16_t *v = x + 128 * c + 8 * i;
+            for (int p = 0; p < 4; p++) {
+                xb[128 * c + 32 * p + 2 * i] = v[p];
+                xb[128 * c + 32 * p + 2 * i + 1] = v[p + 4];
+            }
+        }
+    for (ptrdiff_t gi = 0; gi < Kp / g; gi++) {
+        float sum = 0.0f;
+        for (ptrdiff_t k = gi * g; k < (gi + 1) * g; k++) {
+            uint32_t bits = (uint32_t)x[k] << 16;
+            float f;
+            memcpy(&f, &bits, 4);
+            sum += f;
+        }
+        xs[gi] = sum;
+    }
+}
+/* the 16 lane scales of 128-k chunk c of a row (lane i belongs to group (128 c + 8 i) >> lg) */
+static inline __m512 q4_chunk_scales(const uint16_t *sc, ptrdiff_t c, const int lg) {
+    if (lg == 5) {
+        const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(sc + 4 * c)));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                     _mm512_castps128_ps512(s4));
+    }
+    if (lg == 6) {
+        int32_t two;
+        memcpy(&two, sc + 2 * c, 4);
+        const __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                     _mm512_castps128_ps512(s2));
+    }
+    return _mm512_set1_ps(q4_half_to_float(sc[lg == 7 ? c : c >> 1]));
+}
+/* software prefetch of the weight stream (rows are contiguous), into L2: measured 256 B - 16 KB ahead, T0 vs T1
+ * (T1 was 10% faster for K = 11008, where the activation scratch fills L1) */
+#ifndef Q4_PF_HINT
+#define Q4_PF_HINT _MM_HINT_T1
+#endif
+#ifndef Q4_PF_BYTES
+#define Q4_PF_BYTES 4096
+#endif
+static inline void q4_dot_bf16_impl(const uint8_t *w, const uint16_t *sc, const uint16_t *zr,
+                                    const uint16_t *const *xb, const float *const *xs,
+                                    ptrdiff_t Kp, ptrdiff_t G, float *out, const int nx, const int lg) {
+    const __m512i nib = _mm512_set1_epi32(0x00780078), exp16 = _mm512_set1_epi32(0x41804180);
+    __m512 tot[4];
+    for (int i = 0; i < nx; i++) tot[i] = _mm512_setzero_ps();
+    for (ptrdiff_t c = 0; c < Kp / 128; c++) {
+        _mm_prefetch((const char *)(w + 64 * c + Q4_PF_BYTES), Q4_PF_HINT);
+        const __m512i v = _mm512_loadu_si512((const void *)(w + 64 * c));
+        const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi32(v, 3), nib, exp16, 0xEA);
+        const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 1), nib, exp16, 0xEA);
+        const __m512bh w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 5), nib, exp16, 0xEA);
+        const __m512bh w3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 9), nib, exp16, 0xEA);
+        const __m512 s = q4_chunk_scales(sc, c, lg);
+        for (int i = 0; i < nx; i++) {
+            const uint16_t *xc = xb[i] + 128 * c;
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)xc), w0);
+            b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512((const void *)(xc + 32)), w1);
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const void *)(xc + 64)), w2);
+            b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512((const void *)(xc + 96)), w3);
+            tot[i] = _mm512_fmadd_ps(s, _mm512_add_ps(a, b), tot[i]);
+        }
+    }
+    for (int i = 0; i < nx; i++) out[i] = _mm512_reduce_add_ps(tot[i]) + q4_zero_term_off(sc, zr, xs[i], G, 24.0f);
+}
+/* one weight row against nx (1, 2 or 4) activation rows: out[i] = dot(w, x_i); group size 1 << lg */
+Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
+                           const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg, int nx, float *out) {
+#define Q4_DOT_BF16_CASE(NX, LG) q4_dot_bf16_impl(w, sc, zr, xb, xs, Kp, G, out, NX, LG)
+#define Q4_DOT_BF16_NX(NX) switch (lg) { case 5: Q4_DOT_BF16_CASE(NX, 5); break; case 6: Q4_DOT_BF16_CASE(NX, 6); break; \
+                                         case 7: Q4_DOT_BF16_CASE(NX, 7); break; default: Q4_DOT_BF16_CASE(NX, 8); }
+    if (nx == 1) { Q4_DOT_BF16_NX(1) }
+    else if (nx == 2) { Q4_DOT_BF16_NX(2) }
+    else { Q4_DOT_BF16_NX(4) }
+#undef Q4_DOT_BF16_NX
+#undef Q4_DOT_BF16_CASE
+}
+#else
+static inline void q4_prep_x_dec_bf16(const uint16_t *x, ptrdiff_t Kp, ptrdiff_t g, uint16_t *xb, float *xs) {
+    (void)x; (void)Kp; (void)g; (void)xb; (void)xs;
+}
+Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const uint16_t *const *xb,
+                           const float *const *xs, ptrdiff_t Kp, ptrdiff_t G, int lg, int nx, float *out) {
+    (void)w; (void)sc; (void)zr; (void)xb; (void)xs; (void)Kp; (void)G; (void)lg; (void)nx; (void)out;
+}
+static inline int q4_bf16_available(void) { return 0; }
+static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
+    (void)x; (void)Kp; (void)xp;
+}
+static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
+                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
+    (void)w; (void)sc; (void)zr; (void)c0; (void)c1; (void)cpg; (void)dst;
+}
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
+    (void)x; (void)w; (void)kc; (void)out;
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------------
+ * int8-activation decode (AVX512-VNNI builds only; opt-in): activations are quantized per 32-k block to
+ * int8 with scale d_b = absmax_b / 127 (round to nearest even), and each 32-weight block's dot product
+ * is one vpdpbusd of the raw 0..15 codes (u8) with the int8 activations, then scaled in float:
+ *     y = sum_b scale_g(b) * d_b * sum_{k in b} xq_k q_k  +  sum_g (zero_g - 8 scale_g) * sum_{k in g} x_k
+ * where the last sums use the exact float activations. About half the instructions of the fp32 kernel per
+ * weight; the cost is the activation rounding (error <= d_b / 2 per element), measured in README. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline int q4_vnni_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+}
+/* x [Kp] fp32 (permuted order) -> xq [Kp] int8, d [Kp/32] block scales, xs [G] group sums (group = cpg blocks) */
+static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
+                                      float *xs) {
+    for (ptrdiff_t b = 0; b < Kp / 32; b++) {
+        const float *v = xp + 32 * b;
+        float amax = 0.0f, sum = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = v[j] < 0 ? -v[j] : v[j];
+            amax = a > amax ? a : amax;
+            sum += v[j];
+        }
+        const float db = amax / 127.0f;
+        const float inv = db > 0 ? 1.0f / db : 0.0f;
+        for (int j = 0; j < 32; j++) xq[32 * b + j] = (int8_t)__builtin_rintf(v[j] * inv);
+        d[b] = db;
+        if (b % cpg == 0) xs[b / cpg] = 0.0f;
+        xs[b / cpg] += sum;
+    }
+    /* pairs of blocks (b, b+1) -> [evens b | evens b+1 | odds b | odds b+1], the order in which 32 packed
+     * bytes (two weight blocks) unpack; a lone last block keeps [evens | odds] */
+    for (ptrdiff_t b = 0; b + 2 <= Kp / 32; b += 2) {
+        int8_t t[64];
+        memcpy(t, xq + 32 * b + 16, 16);        /* odds b */
+        memcpy(t + 16, xq + 32 * b + 32, 16);   /* evens b+1 */
+        memcpy(xq + 32 * b + 16, t + 16, 16);
+        memcpy(xq + 32 * b + 32, t, 16);
+    }
+}
+/* scale[g(b)] * d[b] for the blocks b in [b0, b0 + n) (n <= 16, cpg a power of two) -> f[0..16).
+ * Masked loads never read past the row's G scales or the nblocks factors. */
+static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_t b0, ptrdiff_t n, ptrdiff_t cpg,
+                                    ptrdiff_t G, float *f) {
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
+    const ptrdiff_t g0 = b0 >> sh;
+    const ptrdiff_t ng = (G - g0) < 16 ? (G - g0) : 16;
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << ng) - 1u), sc + g0));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 sb = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(b0 & (cpg - 1)))), sh), s);
+    const __m512 dv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0);
+    _mm512_storeu_ps(f, _mm512_mul_ps(sb, dv));
+}
+Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
+                                 const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi8(15);
+    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const ptrdiff_t nblocks = G * cpg;
+    float f[16];
+    for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
+        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16;
+        q4_block_factors(sc, d, b0, n, cpg, G, f);
+        const __m512 fv = _mm512_loadu_ps(f);
+        ptrdiff_t j = 0;
+        /* two blocks (32 bytes, 64 weights) per step: the low nibbles of both blocks, then the high ones,
+         * each one vpdpbusd against the matching 32 activations; lanes 0-3 belong to the first block */
+        for (; j + 4 <= n; j += 4) {
+            const __m512 fp = _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv);
+            for (int p = 0; p < 2; p++) {
+                const ptrdiff_t c = b0 + j + 2 * p;
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+                const __m256i lo = _mm256_and_si256(v, mask);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                                  _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+                dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+                const __m256 fac = p ? _mm512_extractf32x8_ps(fp, 1) : _mm512_castps512_ps256(fp);
+                if (p)
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc1);
+                else
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
+            }
+        }
+        for (; j + 2 <= n; j += 2) {
+            const ptrdiff_t c = b0 + j;
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+            const __m256i lo = _mm256_and_si256(v, mask);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                              _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+            dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+            const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])),
+                                                    _mm_set1_ps(f[j + 1]), 1);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
+        }
+        if (j < n) {   /* the lone last block: [evens | odds] */
+            const ptrdiff_t c = b0 + j;
+            const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * c));
+            const __m128i m = _mm_set1_epi8(15);
+            const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
+                                                      _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
+            const __m256i dd = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
+                                                   _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc1);
+        }
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + q4_zero_term(sc, zr, xs, G);
+}
+#else
+static inline int q4_vnni_available(void) { return 0; }
+static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
+                                      float *xs) {
+    (void)xp; (void)Kp; (void)cpg; (void)xq; (void)d; (void)xs;
+}
+Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
+                                 const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
+    (void)w; (void)sc; (void)zr; (void)xq; (void)d; (void)xs; (void)G; (void)cpg;
+    return 0.0f;
+}
+#endif
+#endif /* QUANT4_Q4AVX512_H */
