@@ -38,6 +38,21 @@ cdef enum:
                     # 16 horizontal sums that end each 4 x 4 tile
 
 
+cdef void* _scratch(size_t nbytes, str what) except NULL:
+    # activation scratch for one call, allocated before the parallel region (the GIL is held: may raise)
+    cdef void* p = malloc(nbytes if nbytes else 1)
+    if p == NULL:
+        raise MemoryError(f"cannot allocate {nbytes} bytes of {what}")
+    return p
+
+
+cdef int _check_thread_scratch(int failed, size_t nbytes) except -1:
+    # per-thread scratch is allocated inside the parallel region, where nothing may raise: report after it
+    if failed:
+        raise MemoryError(f"cannot allocate {nbytes} bytes of per-thread scratch")
+    return 0
+
+
 def openmp_enabled():
     """True when this build runs its parallel loops with OpenMP."""
     return bool(q4_openmp_enabled())
@@ -170,8 +185,7 @@ def quantize_pack(const float[:, ::1] w,        # IN  [N, K]
                                   scratch, &qweight[n, 0])
         finally:
             free(scratch)
-    if failed:
-        raise MemoryError(f"cannot allocate {Kp} bytes of per-thread quantization scratch")
+    _check_thread_scratch(failed, Kp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,111 +522,108 @@ cdef int _prefill(const Q4Rows* w, const void* xp, Py_ssize_t M, float* out, Py_
     return -1 if failed else 0
 
 
-def matmul(const float[:, ::1] x,               # IN  [M, Kp] (zero beyond K)
+# Kernel codes: quant4.ops.plan_matmul picks one per call by name (KERNELS) and passes it to matmul.
+cdef enum:
+    K_FP32_DECODE = 0
+    K_FP32_PREFILL = 1
+    K_BF16_DECODE = 2
+    K_BF16_PREFILL = 3
+    K_INT8_DECODE = 4
+
+KERNELS = {"fp32-decode": K_FP32_DECODE, "fp32-prefill": K_FP32_PREFILL, "bf16-decode": K_BF16_DECODE,
+           "bf16-prefill": K_BF16_PREFILL, "int8-decode": K_INT8_DECODE}
+
+ctypedef fused act_t:
+    float           # fp32 activations: fp32 and int8 kernels
+    uint16_t        # bfloat16 bits: bf16 kernels
+
+
+def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits (zero beyond K)
            const uint8_t[:, ::1] qweight,       # IN  [N, Kp/2]
            const uint16_t[:, ::1] scales,       # IN  [N, G] float16 bits
            const uint16_t[:, ::1] zeros,        # IN  [N, G] float16 bits
            Py_ssize_t group_size,
            const float[::1] bias,               # IN  [N] or None
            float[:, ::1] out,                   # OUT [M, N]
-           bint decode,
-           bint multi_row,
+           int kernel,                          # one of KERNELS, chosen by quant4.ops.plan_matmul
+           bint multi_row,                      # fp32-decode at M = 1: Q4_DR weight rows per pass
            int num_threads):
-    """out = x . dequantize(w)^T (+ bias) with fp32 activations and fp32 accumulation. The caller
-    (quant4.ops.plan_matmul) chooses the path: decode (stream each weight row once, for a few activation rows;
-    multi_row: M = 1 with Q4_DR weight rows per pass) or prefill (dequantized panels x register tiles)."""
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], m, n
+    """out = x . dequantize(w)^T (+ bias), fp32 accumulation, on the kernel the caller chose:
+    fp32-decode / fp32-prefill (fp32 x), int8-decode (fp32 x rounded to int8 per 32 inputs, M = 1,
+    needs int8_available()), bf16-decode (exact weights, M <= 4, Kp % 128 == 0) / bf16-prefill (bf16 x, needs
+    bf16_available()). Decode streams each weight row once for a few activation rows; prefill dequantizes panels
+    of weight rows into per-thread scratch and multiplies them in register tiles."""
+    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1]
     cdef Q4Rows w
-    cdef float* xp
-    cdef int failed = 0
     if M == 0 or qweight.shape[0] == 0:
         return
     w = _rows(qweight, scales, zeros, group_size, bias)
-    xp = <float*>malloc(M * Kp * sizeof(float))
-    if xp == NULL:
-        raise MemoryError(f"cannot allocate {M * Kp * 4} bytes of activation scratch")
+    if act_t is float:
+        if kernel == K_FP32_DECODE or kernel == K_FP32_PREFILL:
+            _matmul_permuted(&w, &x[0, 0], M, &out[0, 0], out.shape[1], kernel == K_FP32_DECODE, multi_row,
+                             num_threads)
+        elif kernel == K_INT8_DECODE:
+            if not q4_vnni_available():
+                raise RuntimeError("the int8-activation kernel is not available in this build / on this CPU")
+            _matmul_int8(&w, &x[0, 0], M, &out[0, 0], out.shape[1], num_threads)
+        else:
+            raise ValueError(f"kernel {kernel} needs bf16 activations")
+    else:
+        if not q4_bf16_available():
+            raise RuntimeError("the bf16 kernels are not available in this build / on this CPU")
+        if kernel == K_BF16_PREFILL:
+            _matmul_permuted(&w, &x[0, 0], M, &out[0, 0], out.shape[1], False, False, num_threads)
+        elif kernel == K_BF16_DECODE:
+            if M > 4 or Kp % 128:
+                raise ValueError(f"bf16 decode needs M <= 4 and Kp % 128 == 0, got M={M}, Kp={Kp}")
+            _matmul_bf16_decode(&w, &x[0, 0], M, group_size, &out[0, 0], out.shape[1], num_threads)
+        else:
+            raise ValueError(f"kernel {kernel} needs fp32 activations")
+
+
+cdef int _matmul_permuted(const Q4Rows* w, const act_t* x, Py_ssize_t M, float* out, Py_ssize_t ldo,
+                          bint decode, bint multi_row, int num_threads) except -1:
+    # fp32 decode, or prefill with fp32 / bf16 activations: the activations permuted into the k order of the
+    # micro-kernels (_q4simd.h), then the weight rows streamed (decode) or dequantized panel by panel (prefill).
+    cdef Py_ssize_t Kp = w.Kp, m, n
+    cdef act_t* xp = <act_t*>_scratch(M * Kp * sizeof(act_t), "activation scratch")
+    cdef int failed = 0
     try:
         with nogil:
             for m in prange(M, num_threads=num_threads, schedule="static"):
-                q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
+                if act_t is float:
+                    q4_permute_x(x + m * Kp, Kp, xp + m * Kp)
+                else:
+                    q4_permute_x_bf16(x + m * Kp, Kp, xp + m * Kp)
             if decode:
                 for n in prange((w.N + Q4_DR - 1) // Q4_DR, num_threads=num_threads, schedule="static"):
-                    _decode_rows(&w, xp, M, n * Q4_DR, &out[0, 0], out.shape[1], multi_row)
+                    if act_t is float:
+                        _decode_rows(w, xp, M, n * Q4_DR, out, ldo, multi_row)
             else:
-                failed = _prefill(&w, xp, M, &out[0, 0], out.shape[1], False, num_threads)
+                failed = _prefill(w, xp, M, out, ldo, act_t is uint16_t, num_threads)
     finally:
         free(xp)
-    if failed:
-        raise MemoryError(f"cannot allocate {NB * KCMAX * 4} bytes of per-thread weight scratch")
+    return _check_thread_scratch(failed, NB * KCMAX * sizeof(act_t))
 
 
 def bf16_available():
-    """True if this build has the AVX512-BF16 prefill kernel and the CPU runs it."""
+    """True if this build has the AVX512-BF16 kernels and the CPU runs them."""
     return bool(q4_bf16_available())
 
 
-def matmul_bf16(const uint16_t[:, ::1] x,       # IN  [M, Kp] bfloat16 bits (zero beyond K)
-                const uint8_t[:, ::1] qweight,  # IN  [N, Kp/2]
-                const uint16_t[:, ::1] scales,  # IN  [N, G] float16 bits
-                const uint16_t[:, ::1] zeros,   # IN  [N, G] float16 bits
-                Py_ssize_t group_size,
-                const float[::1] bias,          # IN  [N] or None
-                float[:, ::1] out,              # OUT [M, N]
-                int num_threads):
-    """Prefill with bf16 activations and bf16-rounded weights, fp32 accumulation (needs bf16_available())."""
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], m
-    cdef Q4Rows w
-    cdef uint16_t* xp
-    cdef int failed = 0
-    if M == 0 or qweight.shape[0] == 0:
-        return
-    if not q4_bf16_available():
-        raise RuntimeError("the bf16 kernel is not available in this build / on this CPU")
-    w = _rows(qweight, scales, zeros, group_size, bias)
-    xp = <uint16_t*>malloc(M * Kp * sizeof(uint16_t))
-    if xp == NULL:
-        raise MemoryError(f"cannot allocate {M * Kp * 2} bytes of activation scratch")
-    try:
-        with nogil:
-            for m in prange(M, num_threads=num_threads, schedule="static"):
-                q4_permute_x_bf16(&x[m, 0], Kp, xp + m * Kp)
-            failed = _prefill(&w, xp, M, &out[0, 0], out.shape[1], True, num_threads)
-    finally:
-        free(xp)
-    if failed:
-        raise MemoryError(f"cannot allocate {NB * KCMAX * 2} bytes of per-thread weight scratch")
-
-
-def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, M <= 4, Kp % 128 == 0
-                       const uint8_t[:, ::1] qweight,  # IN  [N, Kp/2]
-                       const uint16_t[:, ::1] scales,  # IN  [N, G] float16 bits
-                       const uint16_t[:, ::1] zeros,   # IN  [N, G] float16 bits
-                       Py_ssize_t group_size,
-                       const float[::1] bias,          # IN  [N] or None
-                       float[:, ::1] out,              # OUT [M, N]
-                       int num_threads):
-    """Decode (M <= 4) with bf16 activations and exact weights, fp32 accumulation (needs bf16_available()).
-    One weight row per pass (Q4_DR rows sharing each activation load measured 5-25% slower here)."""
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1], m, n, i
+cdef int _matmul_bf16_decode(const Q4Rows* w, const uint16_t* x, Py_ssize_t M, Py_ssize_t group_size,
+                             float* out, Py_ssize_t ldo, int num_threads) except -1:
+    # Decode (M <= 4, Kp % 128 == 0) with bf16 activations and exact weights. One weight row per pass (Q4_DR
+    # rows sharing each activation load measured 5-25% slower here).
+    cdef Py_ssize_t Kp = w.Kp, G = w.G, m, n, i
     cdef Py_ssize_t per = Kp + G * 2    # uint16 slots per activation row: the bf16 pairs, then the fp32 group sums
-    cdef int lg = 5, nx
-    cdef Q4Rows w
-    cdef uint16_t* buf
+    cdef int lg = 5, nx = 1 if M == 1 else (2 if M == 2 else 4)
     cdef const uint16_t* xb[4]
     cdef const float* xs[4]
-    if M == 0 or N == 0:
-        return
-    if not q4_bf16_available():
-        raise RuntimeError("the bf16 kernel is not available in this build / on this CPU")
-    if M > 4 or Kp % 128 or group_size not in (32, 64, 128, 256):
-        raise ValueError(f"bf16 decode needs M <= 4 and Kp % 128 == 0, got M={M}, Kp={Kp}")
+    cdef uint16_t* buf
     while (1 << lg) != group_size:
         lg += 1
-    nx = 1 if M == 1 else (2 if M == 2 else 4)
-    w = _rows(qweight, scales, zeros, group_size, bias)
-    buf = <uint16_t*>malloc(M * per * sizeof(uint16_t))
-    if buf == NULL:
-        raise MemoryError(f"cannot allocate {M * per * 2} bytes of activation scratch")
+    buf = <uint16_t*>_scratch(M * per * sizeof(uint16_t), "activation scratch")
     try:
         with nogil:
             for i in range(4):
@@ -620,11 +631,12 @@ def matmul_bf16_decode(const uint16_t[:, ::1] x,   # IN  [M, Kp] bfloat16 bits, 
                 xb[i] = buf + m * per
                 xs[i] = <const float*>(buf + m * per + Kp)
             for m in range(M):
-                q4_prep_x_dec_bf16(&x[m, 0], Kp, group_size, buf + m * per, <float*>(buf + m * per + Kp))
-            for n in prange(N, num_threads=num_threads, schedule="static"):
-                _dot_bf16_row(&w, n, xb, xs, lg, nx, M, &out[0, 0], out.shape[1])
+                q4_prep_x_dec_bf16(x + m * Kp, Kp, group_size, buf + m * per, <float*>(buf + m * per + Kp))
+            for n in prange(w.N, num_threads=num_threads, schedule="static"):
+                _dot_bf16_row(w, n, xb, xs, lg, nx, M, out, ldo)
     finally:
         free(buf)
+    return 0
 
 
 cdef inline void _dot_bf16_row(const Q4Rows* w, Py_ssize_t n, const uint16_t** xb, const float** xs, int lg,
@@ -642,45 +654,30 @@ def int8_available():
     return bool(q4_vnni_available())
 
 
-def matmul_int8(const float[:, ::1] x,          # IN  [M, Kp] (zero beyond K)
-                const uint8_t[:, ::1] qweight,  # IN  [N, Kp/2]
-                const uint16_t[:, ::1] scales,  # IN  [N, G] float16 bits
-                const uint16_t[:, ::1] zeros,   # IN  [N, G] float16 bits
-                Py_ssize_t group_size,
-                const float[::1] bias,          # IN  [N] or None
-                float[:, ::1] out,              # OUT [M, N]
-                int num_threads):
-    """Decode with activations dynamically quantized to int8 per 32-k block (needs int8_available())."""
-    cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1], N = qweight.shape[0], G = scales.shape[1]
-    cdef Py_ssize_t cpg = group_size // 32, nb = Kp // 32, n, m
-    cdef float* xp
-    cdef float* d
-    cdef float* xs
+cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out, Py_ssize_t ldo,
+                      int num_threads) except -1:
+    # Decode with activations dynamically quantized to int8 per 32-k block
+    cdef Py_ssize_t Kp = w.Kp, G = w.G, cpg = w.cpg, nb = Kp // 32, n, m
+    cdef float* xp = <float*>_scratch(M * (Kp + nb + G) * sizeof(float), "activation scratch")
     cdef int8_t* xq
-    cdef const float* bptr = NULL
-    if M == 0 or N == 0:
-        return
-    if not q4_vnni_available():
-        raise RuntimeError("the int8-activation kernel is not available in this build / on this CPU")
-    if bias is not None:
-        bptr = &bias[0]
-    xp = <float*>malloc(M * (Kp + nb + G) * sizeof(float))
-    xq = <int8_t*>malloc(M * Kp)
-    if xp == NULL or xq == NULL:
+    cdef float* d = xp + M * Kp
+    cdef float* xs = d + M * nb
+    try:
+        xq = <int8_t*>_scratch(M * Kp, "activation scratch")
+    except MemoryError:
         free(xp)
-        free(xq)
-        raise MemoryError(f"cannot allocate {M * (Kp * 5 + (nb + G) * 4)} bytes of activation scratch")
-    d = xp + M * Kp
-    xs = d + M * nb
+        raise
     try:
         with nogil:
             for m in range(M):
-                q4_permute_x(&x[m, 0], Kp, xp + m * Kp)
+                q4_permute_x(x + m * Kp, Kp, xp + m * Kp)
                 q4_quantize_x_int8(xp + m * Kp, Kp, cpg, xq + m * Kp, d + m * nb, xs + m * G)
-            for n in prange(N, num_threads=num_threads, schedule="static"):
+            for n in prange(w.N, num_threads=num_threads, schedule="static"):
                 for m in range(M):
-                    out[m, n] = q4_dot1_int8(&qweight[n, 0], &scales[n, 0], &zeros[n, 0], xq + m * Kp,
-                                             d + m * nb, xs + m * G, G, cpg) + (bptr[n] if bptr != NULL else 0.0)
+                    out[m * ldo + n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, w.zr + n * G, xq + m * Kp,
+                                                    d + m * nb, xs + m * G, G, cpg) + \
+                                       (w.bias[n] if w.bias != NULL else 0.0)
     finally:
         free(xp)
         free(xq)
+    return 0

@@ -60,9 +60,8 @@ static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *
 static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
                                         ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
     for (ptrdiff_t c = c0; c < c1; c++) {
-        const q4_lut lut = q4_row_group(sc, zr, c / cpg);
         q4_vf lo[Q4_NV], hi[Q4_NV];
-        q4_unpack16(w + 16 * c, lut, lo, hi);
+        q4_unpack_chunk(w, sc, zr, c, cpg, lo, hi);
         __m512bh packed = _mm512_cvtne2ps_pbh((__m512)hi[0], (__m512)lo[0]);   /* [lo 0..15 | hi 0..15] */
         memcpy(dst + 32 * (c - c0), &packed, 64);
     }
@@ -248,6 +247,16 @@ static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_
     const __m512 dv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0);
     _mm512_storeu_ps(f, _mm512_mul_ps(sb, dv));
 }
+/* The int8 dot products of 64 weights (the two 16-byte chunks from c on) with their activations: low nibbles
+ * against xq[32c .. 32c + 31], high nibbles against the next 32; 8 int32 lanes, lanes 0-3 from chunk c. */
+static inline __m256i q4_dot64_int8(const uint8_t *w, const int8_t *xq, ptrdiff_t c, __m256i mask) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                            _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+    return _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+}
 Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -265,13 +274,7 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
         for (; j + 4 <= n; j += 4) {
             const __m512 fp = _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv);
             for (int p = 0; p < 2; p++) {
-                const ptrdiff_t c = b0 + j + 2 * p;
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
-                const __m256i lo = _mm256_and_si256(v, mask);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
-                                                  _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-                dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+                const __m256i dot = q4_dot64_int8(w, xq, b0 + j + 2 * p, mask);
                 const __m256 fac = p ? _mm512_extractf32x8_ps(fp, 1) : _mm512_castps512_ps256(fp);
                 if (p)
                     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc1);
@@ -280,13 +283,7 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
             }
         }
         for (; j + 2 <= n; j += 2) {
-            const ptrdiff_t c = b0 + j;
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
-            const __m256i lo = _mm256_and_si256(v, mask);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
-                                              _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            dot = _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+            const __m256i dot = q4_dot64_int8(w, xq, b0 + j, mask);
             const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])),
                                                     _mm_set1_ps(f[j + 1]), 1);
             acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);

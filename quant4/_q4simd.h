@@ -115,6 +115,12 @@ static inline q4_lut q4_row_group(const uint16_t *sc, const uint16_t *zr, ptrdif
     return q4_group_lut(s, q4_half_to_float(zr[gi]) - 8.0f * s);
 }
 
+/* One 16-byte chunk c of a row, dequantized: the group's table, then q4_unpack16. */
+static inline __attribute__((always_inline)) void q4_unpack_chunk(const uint8_t *w, const uint16_t *sc,
+        const uint16_t *zr, ptrdiff_t c, ptrdiff_t cpg, q4_vf lo[Q4_NV], q4_vf hi[Q4_NV]) {
+    q4_unpack16(w + 16 * c, q4_row_group(sc, zr, c / cpg), lo, hi);
+}
+
 /* x [Kp] -> xp [Kp] in the block-permuted k order above (Kp % 32 == 0) */
 static inline void q4_permute_x(const float *x, ptrdiff_t Kp, float *xp) {
     for (ptrdiff_t c = 0; c < Kp; c += 32)
@@ -166,6 +172,19 @@ Q4_KERNEL float q4_dot1(const uint8_t *w, const uint16_t *sc, const uint16_t *zr
 #define Q4_DR 2
 #endif
 
+/* The tables of group gi for Q4_DR weight rows, and their chunk c dequantized (multi-row decode). */
+typedef struct { q4_lut t[Q4_DR]; } q4_rows_lut;
+static inline __attribute__((always_inline)) q4_rows_lut q4_rows_group(const uint16_t *const *sc,
+        const uint16_t *const *zr, ptrdiff_t gi) {
+    q4_rows_lut lut;
+    for (int r = 0; r < Q4_DR; r++) lut.t[r] = q4_row_group(sc[r], zr[r], gi);
+    return lut;
+}
+static inline __attribute__((always_inline)) void q4_rows_unpack(const uint8_t *const *w, ptrdiff_t c,
+        const q4_rows_lut *lut, q4_vf lo[Q4_DR][Q4_NV], q4_vf hi[Q4_DR][Q4_NV]) {
+    for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut->t[r], lo[r], hi[r]);
+}
+
 /* Decode, one activation row against Q4_DR weight rows: out[r] = dot(w_r, x). Each activation chunk is loaded
  * once for Q4_DR rows; with one row per pass a long row (K = 11008: 44 KB of activations, more than L1) was
  * re-streamed from L2 for every weight row. Pointers may repeat (rows past the end). */
@@ -175,11 +194,10 @@ Q4_KERNEL void q4_dot1xr(const uint8_t *const *w, const uint16_t *const *sc, con
     for (int r = 0; r < Q4_DR; r++)
         for (int h = 0; h < Q4_NV; h++) ae[r][h] = ao[r][h] = (q4_vf){0};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
-        q4_lut lut[Q4_DR];
-        for (int r = 0; r < Q4_DR; r++) lut[r] = q4_row_group(sc[r], zr[r], gi);
+        const q4_rows_lut lut = q4_rows_group(sc, zr, gi);
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
             q4_vf lo[Q4_DR][Q4_NV], hi[Q4_DR][Q4_NV];
-            for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut[r], lo[r], hi[r]);
+            q4_rows_unpack(w, c, &lut, lo, hi);
             for (int h = 0; h < Q4_NV; h++) {
                 const q4_vf xe = q4_load(xp + 32 * c + h * Q4_VL);
                 const q4_vf xo = q4_load(xp + 32 * c + 16 + h * Q4_VL);
@@ -205,11 +223,10 @@ static inline void q4_dotm(const uint8_t *const *w, const uint16_t *const *sc, c
         for (int i = 0; i < nx; i++)
             for (int h = 0; h < Q4_NV; h++) a[r][i][h] = (q4_vf){0};
     for (ptrdiff_t gi = 0; gi < G; gi++) {
-        q4_lut lut[Q4_DR];
-        for (int r = 0; r < Q4_DR; r++) lut[r] = q4_row_group(sc[r], zr[r], gi);
+        const q4_rows_lut lut = q4_rows_group(sc, zr, gi);
         for (ptrdiff_t c = gi * cpg; c < (gi + 1) * cpg; c++) {
             q4_vf lo[Q4_DR][Q4_NV], hi[Q4_DR][Q4_NV];
-            for (int r = 0; r < Q4_DR; r++) q4_unpack16(w[r] + 16 * c, lut[r], lo[r], hi[r]);
+            q4_rows_unpack(w, c, &lut, lo, hi);
             for (int i = 0; i < nx; i++)
                 for (int h = 0; h < Q4_NV; h++) {
                     const q4_vf xe = q4_load(x[i] + 32 * c + h * Q4_VL);
@@ -245,9 +262,8 @@ Q4_KERNEL void q4_dot4(const uint8_t *const *w, const uint16_t *const *sc, const
 static inline void q4_dequant_perm(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
                                    ptrdiff_t c1, ptrdiff_t cpg, float *dst) {
     for (ptrdiff_t c = c0; c < c1; c++) {
-        const q4_lut lut = q4_row_group(sc, zr, c / cpg);
         q4_vf lo[Q4_NV], hi[Q4_NV];
-        q4_unpack16(w + 16 * c, lut, lo, hi);
+        q4_unpack_chunk(w, sc, zr, c, cpg, lo, hi);
         for (int h = 0; h < Q4_NV; h++) {
             q4_store(dst + 32 * (c - c0) + h * Q4_VL, lo[h]);
             q4_store(dst + 32 * (c - c0) + 16 + h * Q4_VL, hi[h]);

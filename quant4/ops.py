@@ -349,13 +349,6 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     if Kp != w.in_features:
         xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
-    if plan.kernel == "int8-decode":
-        _k.matmul_int8(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
-    elif plan.kernel == "bf16-decode":
-        _k.matmul_bf16_decode(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
-    elif plan.kernel == "bf16-prefill":
-        _k.matmul_bf16(_half_bits(xk), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), nt)
-    else:
-        _k.matmul(xk.numpy(), w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), plan.kernel == "fp32-decode",
-                  plan.multi_row, nt)
+    xk = _half_bits(xk) if xk.dtype == torch.bfloat16 else xk.numpy()
+    _k.matmul(xk, w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), _k.KERNELS[plan.kernel], plan.multi_row, nt)
     return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -129,8 +129,8 @@ def test_bf16_decode_kernel_is_exact_for_bf16_inputs(g, N, K):
     for M in (1, 2, 3, 4):
         x = torch.randn(M, K).bfloat16()
         out = torch.empty(M, N)
-        ops._k.matmul_bf16_decode(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales),
-                                  ops._half_bits(zeros), g, ops._as_np(bias), out.numpy(), 2)
+        ops._k.matmul(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales), ops._half_bits(zeros), g,
+                      ops._as_np(bias), out.numpy(), ops._k.KERNELS["bf16-decode"], False, 2)
         assert_matmul_close(out, x.float(), qweight, scales, zeros, g, bias, rel=1e-6)
         y = quant4.matmul(x, qweight, scales, zeros, g, K, bias)
         assert y.dtype == torch.bfloat16
@@ -156,8 +156,8 @@ def test_bf16_decode_error_bound_with_outlier_groups(g):
     for M in (1, 2):
         x = torch.randn(M, K, generator=gen).bfloat16()
         out = torch.empty(M, N)
-        ops._k.matmul_bf16_decode(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales),
-                                  ops._half_bits(zeros), g, None, out.numpy(), 2)
+        ops._k.matmul(ops._half_bits(x), ops._as_np(qweight), ops._half_bits(scales), ops._half_bits(zeros), g,
+                      None, out.numpy(), ops._k.KERNELS["bf16-decode"], False, 2)
         ref = reference.linear(x.float(), qweight, scales, zeros, g)
         assert ((out - ref).abs() <= 1e-6 * (x.float().abs() @ m.t()) + 1e-6).all()
 
@@ -240,8 +240,9 @@ def test_every_isa_build_matches_reference(build):
                                  (1, False, False), (20, False, False)):
         x = torch.randn(M, K)
         out = torch.empty(M, N)
+        kernel = build.KERNELS["fp32-decode" if decode else "fp32-prefill"]
         build.matmul(x.numpy(), qweight.numpy(), scales.view(torch.int16).numpy().view("uint16"),
-                     zeros.view(torch.int16).numpy().view("uint16"), g, None, out.numpy(), decode, multi_row, 2)
+                     zeros.view(torch.int16).numpy().view("uint16"), g, None, out.numpy(), kernel, multi_row, 2)
         assert_matmul_close(out, x, qweight, scales, zeros, g)
 
 
@@ -401,3 +402,19 @@ def test_search_reduces_error_and_keeps_codes_consistent():
     assert torch.equal(quant4.unpack(qweight), q)
     with pytest.raises(ValueError, match="method"):
         quant4.quantize(w, 32, method="gptq")
+
+
+def test_kernel_refuses_a_kernel_its_inputs_cannot_take():
+    qweight, scales, zeros = quant4.quantize(_rand_weight(16, 128), 32)
+    out = torch.empty(1, 16)
+    args = (ops._as_np(qweight), ops._half_bits(scales), ops._half_bits(zeros), 32, None, out.numpy())
+    with pytest.raises(ValueError, match="needs bf16"):
+        ops._k.matmul(torch.randn(1, 128).numpy(), *args, ops._k.KERNELS["bf16-prefill"], False, 1)
+    if ops.bf16_kernel_enabled():
+        with pytest.raises(ValueError, match="needs fp32"):
+            ops._k.matmul(ops._half_bits(torch.randn(1, 128).bfloat16()), *args, ops._k.KERNELS["fp32-decode"],
+                          False, 1)
+    else:
+        with pytest.raises(RuntimeError, match="not available"):
+            ops._k.matmul(ops._half_bits(torch.randn(1, 128).bfloat16()), *args, ops._k.KERNELS["bf16-decode"],
+                          False, 1)
