@@ -1,10 +1,9 @@
 """GGUF (llama.cpp) llama models in and out, through the `gguf` package.
 
 Import (read_gguf): general.architecture must be "llama". Q4_0 and Q4_1 projections become quant4 int4
-layers with group size 32 without re-quantization (quant4.layouts.from_ggml_q4: Q4_0 exact, Q4_1's offset
-rounded once to float16); F32/F16/BF16 tensors load as float32; any other type is dequantized with
-gguf.quants.dequantize and then re-quantized to int4 g32 (round to nearest) if it is one of the seven
-projections, kept in float otherwise (embeddings, norms, output). The tokenizer comes from the file: the
+layers with group size 32 without re-quantization; F32/F16/BF16 tensors load as float32; any other type is
+dequantized and re-quantized to int4 g32 if it is one of the seven projections, kept in float otherwise
+(embeddings, norms, output). The tensor conversion itself is quant4.interop.ggml. The tokenizer comes from the file: the
 original SentencePiece model if quant4 wrote it (key quant4.tokenizer.sentencepiece, base64), else rebuilt
 from tokenizer.ggml.tokens / scores / token_type (needs the protobuf package).
 
@@ -22,12 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .llama import ModelArgs
 from .load import CheckpointError
-from quant4 import layouts, ops
-from quant4.scheme import pack_codes
+from quant4.interop import ggml
 
 TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
 PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
@@ -112,11 +109,24 @@ def read_gguf(path, *, report: Optional[list] = None):
             note(f"ignored tensor {t.name}")
             continue
         try:
-            _convert(t, name, tensors, layers, requant)
-        except CheckpointError:
-            raise
+            import gguf
+
+            shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
+            is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
+            type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+            # the output head stays float unless the file holds it in Q4_0 / Q4_1
+            c = ggml.to_quant4(t.data, type_name, shape,
+                               is_proj and (name != "output" or type_name in ("Q4_0", "Q4_1")))
         except Exception as exc:     # short data, bad shapes, unknown types: all mean a damaged file
             raise CheckpointError(f"{path}: tensor {t.name}: {type(exc).__name__}: {exc}") from None
+        if c.weight is not None:
+            tensors[f"{name}.weight"] = c.weight
+        else:
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = \
+                c.qweight, c.scales, c.zeros
+            layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
+            if c.requantized:
+                requant.append(name)
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
     if "tok_embeddings.weight" not in tensors:
@@ -145,46 +155,6 @@ def _check_header(path: Path) -> None:
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
     if n_tensors > 1 << 20 or n_kv > 1 << 20:
         raise CheckpointError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys")
-
-
-def _convert(t, name, tensors, layers, requant):
-    """One GGUF tensor into quant4 tensors (int4 layers) or float32 ones."""
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-    shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
-    data = np.asarray(t.data)
-    is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
-    if qtype.name in ("Q4_0", "Q4_1") and is_proj and len(shape) == 2:
-        N, K = shape
-        codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
-                                           qtype.name, K)
-        tensors[f"{name}.qweight"] = pack_codes(codes)
-        tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s, z
-        layers[name] = {"in_features": K, "out_features": N, "group_size": 32}
-        return
-    if qtype.name in ("F32", "F16", "BF16"):
-        if qtype.name == "BF16":
-            w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
-        else:
-            w = torch.from_numpy(np.ascontiguousarray(data).astype(np.float32))
-    else:
-        try:
-            w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)).astype(np.float32))
-        except NotImplementedError as exc:
-            raise CheckpointError(f"tensor {t.name} has type {qtype.name}, which gguf cannot "
-                                  f"dequantize ({exc})") from None
-        if is_proj and name != "output":
-            requant.append(name)
-    w = w.reshape(shape)
-    if is_proj and name in requant:
-        from quant4.ops import quantize
-
-        qw, s, z = quantize(w, 32)
-        tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = qw, s, z
-        layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
-    else:
-        tensors[f"{name}.weight"] = w
 
 
 def _tokenizer_bytes(reader, path) -> Optional[bytes]:
@@ -258,10 +228,9 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: 
             if m.bias is not None:
                 raise ValueError(f"{base}: GGUF llama layers have no bias")
             if m.in_features % 32 == 0:
-                blocks, err = layouts.to_ggml_q4_1(ops.unpack(m.qweight), m.scales, m.zeros, m.group_size,
-                                                   m.in_features)
+                blocks, err = ggml.from_int4(m)
                 max_round = max(max_round, err)
-                items.append((gguf_name(base), blocks.numpy(), gguf.GGMLQuantizationType.Q4_1))
+                items.append((gguf_name(base), blocks, gguf.GGMLQuantizationType.Q4_1))
             else:
                 note(f"{base}: in_features {m.in_features} is not a multiple of 32; written as F32 "
                      f"(its exact int4 values)")

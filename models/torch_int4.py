@@ -1,7 +1,7 @@
 """Int4 state dicts of the PyTorch tools (gpt-fast, torchchat, torchao's plain-tensor module swap): read them in
 any historical packed layout, and write them for the running torch.
 
-Those tools store, per quantized nn.Linear `fqn`, `fqn.weight` (packed int4, see quant4.layouts) and
+Those tools store, per quantized nn.Linear `fqn`, `fqn.weight` (packed int4, see quant4.interop.layouts) and
 `fqn.scales_and_zeros` [K/g, N, 2] (bf16 in gpt-fast, the model dtype in torchchat), in Meta names
 (`layers.{i}.attention.wq`, gpt-fast fuses `wqkv`), no model config. The readers here return what
 models.load.build_quantized needs (ModelArgs, quant4 layer metadata, tensors in quant4's format).
@@ -17,7 +17,7 @@ import torch
 
 from .llama import ModelArgs
 from .load import CheckpointError, strip_prefixes
-from quant4 import layouts, ops
+from quant4.interop import layouts
 from quant4.scheme import pack_codes, padded_k
 
 def is_int4_state_dict(sd: dict) -> bool:
@@ -110,7 +110,7 @@ def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = 
     """Another tool's int4 state dict (names already stripped, see load.read_torch_state) -> (ModelArgs,
     layers, tensors) in quant4's format.
 
-    layout: one of quant4.layouts.LAYOUTS, or None to detect it (CheckpointError if the bytes are ambiguous,
+    layout: one of quant4.interop.layouts.LAYOUTS, or None to detect it (CheckpointError if the bytes are ambiguous,
     naming the candidates). params: the model's hyperparameters (n_heads is required; the rest is read from the
     tensors)."""
     path = Path(path)
@@ -199,38 +199,3 @@ def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = 
     note(f"{len(layers)} int4 layers, group size {next(iter(entries.values())).group_size}; "
          f"{len(tensors) - 3 * len(layers)} float tensors")
     return args, layers, tensors
-
-
-def export_torch_int4(model, *, dtype=torch.bfloat16, layout: Optional[str] = None, inner_k_tiles: int = 8,
-                      report: Optional[list] = None) -> dict:
-    """A gpt-fast / torchchat style state dict of `model`: each Int4Linear becomes `fqn.weight` (packed) and
-    `fqn.scales_and_zeros` [K/g, N, 2] in `dtype`. layout None: torch's own
-    _convert_weight_to_int4pack_for_cpu (this torch, this CPU; what torchchat and torchao use on CPU);
-    otherwise any quant4.layouts layout (cuda-tiled with inner_k_tiles for gpt-fast on CUDA). Layers torch's
-    op cannot hold (N % 16, in_features % group_size) are written as float weights, listed in `report`."""
-    from quant4 import Int4Linear
-
-    note = report.append if report is not None else (lambda s: None)
-    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
-    out = {}
-    for key, t in model.state_dict().items():
-        if key.endswith("_extra_state") or key.rsplit(".", 1)[0] in int4:
-            continue
-        out[key] = t.detach().clone()
-    for name, m in int4.items():
-        K, g = m.in_features, m.group_size
-        codes = ops.unpack(m.qweight)[:, :K].contiguous()
-        ok = K % g == 0 and m.out_features % 16 == 0 and (layout != "cuda-tiled" or
-                                                          (K % (inner_k_tiles * 16) == 0 and m.out_features % 8 == 0))
-        if not ok:
-            out[f"{name}.weight"] = m.dequantize().to(dtype)
-            note(f"{name}: [{m.out_features}, {K}] g{g} cannot be held by torch's int4 op; written as {dtype} weight")
-            continue
-        if layout is None:
-            out[f"{name}.weight"], out[f"{name}.scales_and_zeros"] = m.to_torch_int4pack(dtype)
-        else:
-            out[f"{name}.weight"] = layouts.pack_codes(codes, layout, inner_k_tiles)
-            out[f"{name}.scales_and_zeros"] = layouts.scales_and_zeros(m.scales, m.zeros, dtype)
-        if m.bias is not None:
-            out[f"{name}.bias"] = m.bias.detach().clone()
-    return out

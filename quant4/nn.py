@@ -135,7 +135,7 @@ class Int4Linear(nn.Module):
         _convert_weight_to_int4pack_for_cpu -- this torch, this CPU's ISA --, scales_and_zeros [K/g, N, 2] in
         `dtype`), so that torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, group_size, sz) gives
         this layer's output without the bias. Needs out_features % 16 == 0 and in_features % group_size == 0."""
-        from quant4 import layouts
+        from quant4.interop import layouts
 
         if self.out_features % 16 or self.in_features % self.group_size:
             raise ValueError(f"torch's int4 op needs out_features % 16 == 0 and in_features % group_size == 0, "

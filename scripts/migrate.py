@@ -7,7 +7,7 @@
     python scripts/migrate.py model.gguf --out model-int4.safetensors                # GGUF Q4_0/Q4_1 -> quant4
 
 Inputs: int4 state dicts of gpt-fast / torchchat / torchao (`*.weight` packed + `*.scales_and_zeros`) in any
-layout of quant4.layouts (torch <= 2.5 tinygemm int32 tiles, torch 2.5 uint8, torch >= 2.6 CPU bytes for
+layout of quant4.interop.layouts (torch <= 2.5 tinygemm int32 tiles, torch 2.5 uint8, torch >= 2.6 CPU bytes for
 AVX-512 / AVX2 / scalar; detected from the codes where the bytes allow, else named with --layout), GGUF
 llama files, quant4 files. The model's n_heads comes from params.json beside a .pth (or --params).
 Outputs by --out's suffix: .safetensors (quant4's format), .pth/.pt (a torchchat/gpt-fast style state dict:
@@ -71,7 +71,7 @@ def main(argv=None):
     apply_threads(args.threads)
 
     from quant4.models.load import CheckpointError
-    from quant4 import layouts
+    from quant4.interop import layouts
 
     src = Path(args.input)
     if not src.exists():
@@ -134,7 +134,7 @@ def main(argv=None):
         if tok_path is None:
             report.append("no tokenizer found: the GGUF has none (pass --tokenizer)")
     else:
-        from quant4.models.torch_int4 import export_torch_int4
+        from quant4.interop.torch_int4 import export_torch_int4
         from quant4.serialization import atomic_write
 
         sd = export_torch_int4(model, dtype=DTYPES[args.torch_dtype], layout=args.torch_layout,

@@ -14,7 +14,7 @@ from quant4.models.hf import write_hf
 from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.llama2c import write_llama2c
 from quant4.models.load import load_model
-from quant4.models.torch_int4 import export_torch_int4
+from quant4.interop.torch_int4 import export_torch_int4
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from helpers import REPO

@@ -13,7 +13,7 @@ from quant4.models.load import load_model
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from quant4.models.gguf import write_gguf
-from quant4.models.torch_int4 import export_torch_int4
+from quant4.interop.torch_int4 import export_torch_int4
 from helpers import REPO
 
 CLEAN = (ValueError, OSError)   # CheckpointError and FormatError are ValueErrors

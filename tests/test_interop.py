@@ -15,8 +15,10 @@ from quant4.models.gguf import write_gguf
 from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.load import CheckpointError
 from quant4.models.load import build_quantized, load_model, load_tokenizer
-from quant4.models.torch_int4 import describe_checkpoint, export_torch_int4, read_torch_int4
-from quant4 import Int4Linear, layouts, quantize_model_, reference
+from quant4.interop.torch_int4 import export_torch_int4
+from quant4.models.torch_int4 import describe_checkpoint, read_torch_int4
+from quant4 import Int4Linear, quantize_model_, reference
+from quant4.interop import layouts
 from helpers import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "int4_layouts.safetensors"
@@ -31,7 +33,7 @@ def _codes(N, K, seed=0):
 
 def test_layouts_match_golden_fixtures():
     # made by tests/fixtures/make_layout_fixtures.py from torch's own CPU op (per ISA) and a transliteration of
-    # the CUDA packing kernel, independently of quant4.layouts
+    # the CUDA packing kernel, independently of quant4.interop.layouts
     f = load_file(str(FIXTURES))
     q = f["codes"]
     N, K = q.shape
