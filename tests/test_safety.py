@@ -65,12 +65,18 @@ def test_killed_quantize_run_leaves_previous_output(tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "quantize.py"), "--checkpoint", str(ckpt), "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
     before = out.read_bytes()
-    for delay in (0.3, 0.8, 1.5):
+    for attempt in range(3):
         proc = subprocess.Popen(cmd + ["--force", "--method", "search"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        # kill it the moment its temporary output exists, i.e. while it writes (not after a guessed delay)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".q.safetensors.*.tmp")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "quantize.py never started writing"
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         data = out.read_bytes()
         assert data == before or load_model(out).kind == "quant4"   # old file, or a complete new one
+        for tmp in tmp_path.glob(".q.safetensors.*.tmp"):           # what a killed run may leave behind
+            tmp.unlink()
     load_model(out)
