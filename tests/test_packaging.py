@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -34,9 +35,14 @@ def test_wheel_imports_next_to_a_user_package_named_models(tmp_path):
     assert not any(n.startswith("models/") for n in names)
     assert "quant4/models/load.py" in names and "quant4/models/tiny/model.safetensors" in names
     venv = tmp_path / "venv"
-    # the venv sees the system's torch, numpy, ... but gets its own quant4 from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
+    # the new venv sees this environment's torch, numpy, pip, ... (a path file: their .pth hooks, such as an
+    # editable quant4, are not run) but gets its own quant4 from the wheel
+    inner = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    (Path(inner) / "outer-env.pth").write_text("\n".join(outer) + "\n")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, timeout=600)
     user = tmp_path / "project"
