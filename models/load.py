@@ -98,6 +98,17 @@ def read_torch_state(path, params_file=None) -> tuple[dict, dict]:
     return sd, params
 
 
+def check_params(params: dict, path, **actual) -> None:
+    """Hyperparameters from a params file or the checkpoint must agree with the tensors they come with: a
+    params.json of another model would otherwise run these weights with the wrong heads and give garbage."""
+    for key, value in actual.items():
+        given = params.get(key)
+        if given is not None and given != -1 and given != value:
+            raise CheckpointError(f"{path}: its model parameters say {key}={given!r} but the tensors have {value}: "
+                                  f"they belong to another model (check the params file beside it)",
+                                  option="params")
+
+
 def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
     try:
         emb = sd["tok_embeddings.weight"]
@@ -108,6 +119,8 @@ def _infer_args(sd: dict, params: dict, path) -> ModelArgs:
             raise CheckpointError(f"{path}: n_heads unknown (no params.json or embedded model args)")
         head_dim = emb.shape[1] // n_heads
         n_kv = params.get("n_kv_heads") or sd["layers.0.attention.wk.weight"].shape[0] // head_dim
+        check_params(params, path, dim=emb.shape[1], n_layers=n_layers, vocab_size=emb.shape[0],
+                     n_kv_heads=sd["layers.0.attention.wk.weight"].shape[0] // head_dim)
         return ModelArgs(dim=emb.shape[1], n_layers=n_layers, n_heads=n_heads, n_kv_heads=int(n_kv),
                          vocab_size=emb.shape[0], hidden_dim=hidden, norm_eps=float(params.get("norm_eps", 1e-5)),
                          rope_theta=float(params.get("rope_theta", 10000.0)),

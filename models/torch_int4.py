@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .llama import ModelArgs
-from .load import CheckpointError, strip_prefixes
+from .load import CheckpointError, check_params, strip_prefixes
 from quant4.interop import layouts
 from quant4.scheme import pack_codes, padded_k
 
@@ -152,6 +152,8 @@ def convert_torch_int4(sd: dict, params: dict, path, *, layout: Optional[str] = 
         n_kv = ((rows("layers.0.attention.wqkv") - dim) // 2 // head_dim if fused
                 else rows("layers.0.attention.wk") // head_dim)
     hidden = rows("layers.0.feed_forward.w1")
+    check_params(params, path, dim=dim, n_layers=n_layers, vocab_size=vocab, n_kv_heads=n_kv,
+                 hidden_dim=hidden)
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
                      hidden_dim=hidden, norm_eps=float(params.get("norm_eps", 1e-5)),
                      rope_theta=float(params.get("rope_theta", 10000.0)),

@@ -87,7 +87,10 @@ def main(argv=None):
         if out.suffix.lower() not in (".safetensors", ".pth", ".pt", ".gguf"):
             raise SystemExit(f"--out must end in .safetensors, .pth, .pt or .gguf, got {out}")
         if out.exists() and not args.force:
-            raise SystemExit(f"{out} exists; pass --force to replace it")
+            raise SystemExit(f"error: {out} exists; pass --force to replace it")
+        side = out.with_suffix(".params.json")
+        if out.suffix.lower() in (".pth", ".pt") and side.exists() and not args.force:
+            raise SystemExit(f"error: {side} exists; pass --force to replace it")
         if out.resolve() == src.resolve():
             raise SystemExit("--out must differ from the input")
     t0 = time.perf_counter()
@@ -145,13 +148,11 @@ def main(argv=None):
         params = {"dim": margs.dim, "n_layers": margs.n_layers, "n_heads": margs.n_heads,
                   "n_kv_heads": margs.n_kv_heads, "vocab_size": margs.vocab_size, "norm_eps": margs.norm_eps,
                   "rope_theta": margs.rope_theta, "max_seq_len": margs.max_seq_len}
-        side = out.parent / "params.json"
-        if side.exists() and json.loads(side.read_text() or "{}") != params:
-            report.append(f"{side} exists with other content and was left alone; the model's params: "
-                          f"{json.dumps(params)}")
-        elif not side.exists():
-            atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=1)))
-            report.append(f"wrote {side}")
+        # the hyperparameters travel with the weights: a sidecar named after the file (read back by
+        # load_model before any shared params.json), so two exports in one folder never share one
+        side = out.with_suffix(".params.json")
+        atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=1)), overwrite=True)
+        report.append(f"wrote {side}")
     for line in report:
         print(f"  {line}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")

@@ -16,6 +16,7 @@ from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.load import CheckpointError
 from quant4.models.load import build_quantized, load_model, load_tokenizer
 from quant4.interop.torch_int4 import export_torch_int4
+from quant4.serialization import save_quantized
 from quant4.models.torch_int4 import describe_checkpoint, read_torch_int4
 from quant4 import Int4Linear, quantize_model_, reference
 from quant4.interop import layouts
@@ -398,3 +399,27 @@ def test_migrate_script_all_directions(tmp_path, capsys):
     assert (tmp_path / "m.gguf").read_bytes() == before
     with pytest.raises(SystemExit, match="--layout must be one of"):
         _migrate([str(tmp_path / "t.pth"), "--layout", "nope", "--inspect"])
+
+
+def test_two_exports_in_one_folder_keep_their_own_parameters(tmp_path):
+    # the params.json collision: a second .pth export in the same folder once kept the first one's params.json,
+    # and importing it back ran the weights with the wrong heads (garbage text, exit 0)
+    a = _quant_model(dim=128, n_layers=2, seed=1)
+    b = Transformer(ModelArgs(dim=128, n_layers=3, n_heads=8, n_kv_heads=8, vocab_size=96, hidden_dim=256,
+                              max_seq_len=64))
+    b.init_weights(2)
+    b = quantize_model_(b.eval(), 32)
+    for name, m in (("a", a), ("b", b)):
+        save_quantized(m, tmp_path / f"{name}.safetensors", model_info={"type": "llama", "config": m.args.to_dict()})
+        _migrate([str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / f"{name}.pth"),
+                  "--torch-dtype", "fp32", "--torch-layout", "cuda-tiled"])
+    assert (tmp_path / "a.params.json").exists() and (tmp_path / "b.params.json").exists()
+    tokens = torch.tensor([[1, 5, 9, 33]])
+    for name, m in (("a", a), ("b", b)):
+        loaded = load_model(tmp_path / f"{name}.pth")
+        assert (loaded.args.n_heads, loaded.args.n_layers) == (m.args.n_heads, m.args.n_layers)
+        assert torch.allclose(loaded.model(tokens), m(tokens), atol=1e-4)
+    # a params file that disagrees with the tensors is refused, naming the field
+    (tmp_path / "b.params.json").write_text((tmp_path / "a.params.json").read_text())
+    with pytest.raises(CheckpointError, match="n_layers=2 but the tensors have 3"):
+        load_model(tmp_path / "b.pth")
