@@ -17,7 +17,6 @@ peak memory stays near the checkpoint's size.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ class Loaded:
     path: Path
     tokenizer_path: Optional[Path] = None
     quantized: dict = field(default_factory=dict)   # layer name -> {in_features, out_features, group_size}
-    tokenizer_bytes: Optional[bytes] = None          # a SentencePiece model carried inside the checkpoint (GGUF)
+    tokenizer_bytes: Optional[bytes] = None          # a SentencePiece model carried inside the checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     elif kind == "torch-int4":
         pass
     elif kind == "quant4":
-        from quant4.serialization import FormatError, read_quantized
+        from quant4.serialization import FormatError, read_quantized, read_tokenizer_bytes
 
         meta, tensors = read_quantized(path)
         info = meta["model"]
@@ -256,7 +255,8 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             raise FormatError(f"{path}: bad model config ({exc})") from None
         model = build_quantized(args, meta, tensors, num_threads=num_threads)
         quantized = meta["layers"]
-        if meta.get("tokenizer"):
+        tok_bytes = read_tokenizer_bytes(path)          # carried inside (files since the key existed)
+        if tok_bytes is None and meta.get("tokenizer"):
             tok_guess = path.parent / meta["tokenizer"]
     else:
         if kind == "hf":
@@ -291,15 +291,17 @@ def _tokenizer_beside(path: Path) -> Optional[Path]:
     return found[0] if len(found) == 1 else None
 
 
-def relative_tokenizer_ref(tokenizer_path, out_file) -> Optional[str]:
-    if tokenizer_path is None:
-        return None
-    return os.path.relpath(Path(tokenizer_path).resolve(), Path(out_file).resolve().parent)
-
-
 def load_tokenizer(loaded: Loaded) -> Tokenizer:
     if loaded.tokenizer_bytes is not None:
         return Tokenizer.from_serialized(loaded.tokenizer_bytes, f"{loaded.path} (tokenizer inside)")
     if loaded.tokenizer_path is None:
         raise FileNotFoundError(f"no tokenizer found for {loaded.path}; give load_model(tokenizer=PATH)")
     return Tokenizer(loaded.tokenizer_path)
+
+
+def tokenizer_model_bytes(loaded: Loaded) -> Optional[bytes]:
+    """The SentencePiece model of a loaded checkpoint as bytes (carried inside, or read from its file), to be
+    written into an output file so that it stands alone; None if there is none."""
+    if loaded.tokenizer_bytes is not None:
+        return loaded.tokenizer_bytes
+    return Path(loaded.tokenizer_path).read_bytes() if loaded.tokenizer_path is not None else None

@@ -8,7 +8,9 @@ Header metadata key "quant4" holds JSON:
      "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g}, ...},
      "tied": {"<name>": "<name it aliases>"},
      "model": {...},            free-form description of the architecture (e.g. type and config)
-     "tokenizer": "<path relative to the file>" or null}
+     "tokenizer": "<path relative to the file>" or null}       (files written before the key below)
+Header metadata key "quant4.tokenizer.sentencepiece" (optional): the model's SentencePiece tokenizer, base64, so
+that the file stands alone: moved or copied, it still carries what is needed to use it.
 Readers refuse other formats and versions, and layers whose tensors disagree with the metadata.
 Writes are atomic: a temporary file in the same directory, fsync, rename.
 """
@@ -28,6 +30,7 @@ from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
 FILE_FORMAT = "quant4"
+TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
 
 
@@ -121,14 +124,20 @@ def quantized_tensors(model: nn.Module):
 
 
 def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optional[str] = None,
-                   overwrite: bool = False) -> Path:
-    """Write `model` (with Int4Linear layers) to `path` in quant4's file format."""
+                   tokenizer_bytes: Optional[bytes] = None, overwrite: bool = False) -> Path:
+    """Write `model` (with Int4Linear layers) to `path` in quant4's file format. tokenizer_bytes: the
+    SentencePiece model to carry inside the file (preferred); tokenizer: a path relative to the file (older
+    files' way, kept for them)."""
+    import base64
+
     from safetensors.torch import save_file
 
     tensors, layers, tied = quantized_tensors(model)
     meta = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION, "layers": layers, "tied": tied,
             "model": model_info, "tokenizer": tokenizer}
     header = {"quant4": json.dumps(meta)}
+    if tokenizer_bytes is not None:
+        header[TOKENIZER_KEY] = base64.b64encode(tokenizer_bytes).decode("ascii")
 
     def write(tmp):
         from safetensors import SafetensorError
@@ -164,6 +173,20 @@ def read_header(path) -> dict:
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: safetensors __metadata__ is not an object")
     return meta
+
+
+def read_tokenizer_bytes(path) -> Optional[bytes]:
+    """The SentencePiece tokenizer a quant4 file carries, or None."""
+    import base64
+    import binascii
+
+    raw = read_header(path).get(TOKENIZER_KEY)
+    if raw is None:
+        return None
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise FormatError(f"{path}: {TOKENIZER_KEY} is not base64") from None
 
 
 def read_quantized(path) -> tuple[dict, dict]:

@@ -107,18 +107,15 @@ def main(argv=None):
     report.clear()
     suffix = out.suffix.lower()
     if suffix == ".safetensors":
-        from quant4.models.load import relative_tokenizer_ref
-        from quant4.serialization import atomic_write, save_quantized
+        from quant4.serialization import save_quantized
 
-        if tok_bytes is not None and tok_path is None:        # a tokenizer carried inside a GGUF: write it out
-            tok_path = out.with_suffix(".tokenizer.model")
-            if tok_path.exists() and tok_path.read_bytes() != tok_bytes and not args.force:
-                raise SystemExit(f"{tok_path} exists with other content; pass --force to replace it")
-            atomic_write(tok_path, lambda tmp: Path(tmp).write_bytes(tok_bytes), overwrite=True)
-            report.append(f"tokenizer from the GGUF file written to {tok_path}")
-        info = {"type": "llama", "config": dict(margs.to_dict(), dropout=0.0), "source": str(src)}
-        save_quantized(model, out, model_info=info, tokenizer=relative_tokenizer_ref(tok_path, out),
-                       overwrite=args.force)
+        # the output stands alone: the tokenizer goes inside it, no local paths in the header
+        if tok_bytes is None and tok_path is not None:
+            tok_bytes = Path(tok_path).read_bytes()
+        report.append("tokenizer carried inside the file" if tok_bytes is not None else
+                      "no tokenizer found: the output carries none (pass --tokenizer)")
+        info = {"type": "llama", "config": dict(margs.to_dict(), dropout=0.0), "source": src.name}
+        save_quantized(model, out, model_info=info, tokenizer_bytes=tok_bytes, overwrite=args.force)
     elif suffix == ".gguf":
         from quant4.models.gguf import write_gguf
 

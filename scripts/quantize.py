@@ -35,7 +35,8 @@ def tensor_bytes(model: nn.Module) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="input checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer .model to reference from the output")
+    ap.add_argument("--tokenizer", default=None,
+                    help="SentencePiece .model to carry inside the output (default: the one found with the checkpoint)")
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
@@ -47,7 +48,7 @@ def main(argv=None):
     from pathlib import Path
 
     from quant4 import format_report, projection_filter, quantize_model_, quantize_model_gptq_
-    from quant4.models.load import relative_tokenizer_ref
+    from quant4.models.load import tokenizer_model_bytes
     from quant4.serialization import save_quantized
 
     out = Path(args.out)
@@ -87,9 +88,12 @@ def main(argv=None):
     else:
         quantize_model_(model, args.group_size, select, method=args.method, progress=True)
     print(format_report([r for r in model.quant4_report if r.swapped], model))
-    info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": str(loaded.path)}
-    save_quantized(model, out, model_info=info, tokenizer=relative_tokenizer_ref(loaded.tokenizer_path, out),
-                   overwrite=args.force)
+    # the file stands alone: the tokenizer inside, no local paths (the source by its file name only)
+    info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": Path(loaded.path).name}
+    tok = tokenizer_model_bytes(loaded)
+    if tok is None:
+        print("note: no tokenizer found for this checkpoint; the output carries none (pass --tokenizer)")
+    save_quantized(model, out, model_info=info, tokenizer_bytes=tok, overwrite=args.force)
     after = out.stat().st_size
     print(f"size: {before / 1e6:.2f} MB float -> {after / 1e6:.2f} MB ({after / before:.1%}); "
           f"wrote {out} in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB")

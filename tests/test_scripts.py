@@ -71,3 +71,23 @@ def test_generate_script_quantized_file_bf16_and_int8(tmp_path, capsys):
         _script("generate").main(["--checkpoint", str(out), "--max-new-tokens", "6"] + extra)
         text = capsys.readouterr().out
         assert "Once upon a time" in text and "decode 6 tokens" in text
+
+
+def test_a_quantized_file_stands_alone(tmp_path, capsys):
+    # the tokenizer travels inside the file: moved elsewhere, it still generates; no local paths in its header
+    from quant4.serialization import read_header
+
+    first = tmp_path / "a" / "m.safetensors"
+    _script("quantize").main(["--out", str(first)])
+    moved = tmp_path / "elsewhere" / "model.safetensors"
+    moved.parent.mkdir()
+    first.rename(moved)
+    (tmp_path / "a").rmdir()
+    header = read_header(moved)
+    assert str(tmp_path) not in str(header) and str(REPO) not in str(header)
+    capsys.readouterr()
+    _script("generate").main(["--checkpoint", str(moved), "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    assert out.startswith("--- int4 g32 ---\nOnce upon a time") and "decode 12 tokens" in out
+    loaded = load_model(moved)
+    assert loaded.tokenizer_bytes == (REPO / "models" / "tiny" / "tokenizer.model").read_bytes()
