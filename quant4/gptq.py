@@ -254,7 +254,7 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
     (method). Other arguments as in gptq_quantize and quantize_model_; the report is model.quant4_report.
     progress=True shows a progress bar over the blocks (tqdm, on stderr).
     """
-    from quant4.swap import SwapRecord, is_projection, weight_sqnr_db
+    from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model_gptq_ expects an nn.Module, got {type(model).__name__}")
@@ -267,6 +267,10 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ops.check_group_size(group_size)
     select = filter_fn or is_projection
+    if not any(isinstance(m, nn.Linear) and select(m, n) for n, m in model.named_modules() if n):
+        n4 = sum(isinstance(m, Int4Linear) for m in model.modules())
+        raise ValueError(f"no float nn.Linear layer of the model is selected" +
+                         (f"; it is already int4 ({n4} Int4Linear layers): GPTQ quantizes a float model" if n4 else ""))
     list_name, blocks = _blocks(model, select)
 
     # inputs of the first block, per batch
@@ -347,6 +351,6 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
             report.append(SwapRecord(fqn, False, "not selected"))
     for rec in report:
         log.info(f"{'swapped' if rec.swapped else 'kept   '} {rec.name}: {rec.reason}")
-    model.quant4_report = report
+    model.quant4_report = SwapReport(report)
     return model
 

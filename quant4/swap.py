@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -44,6 +45,13 @@ class SwapRecord:
     swapped: bool
     reason: str
     sqnr_db: Optional[float] = None     # weight SQNR of a swapped layer: 20 log10(|w| / |w - w_hat|)
+
+
+class SwapReport(list):
+    """model.quant4_report: a list of SwapRecord that prints as a table (format_report)."""
+
+    def __str__(self) -> str:
+        return format_report(self)
 
 
 def weight_sqnr_db(w, q: Int4Linear) -> float:
@@ -111,7 +119,7 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         log.info(msg)
         if verbose:
             print(msg)
-    model.quant4_report = report
+    model.quant4_report = SwapReport(report)
     return model
 
 
@@ -150,3 +158,26 @@ def format_report(report, model: Optional[nn.Module] = None) -> str:
         lines.append(f"  {len(done)} layers int4; weight SQNR mean {sum(r.sqnr_db for r in done) / len(done):.2f} dB, "
                      f"worst {worst.sqnr_db:.2f} dB ({worst.name})")
     return "\n".join(lines)
+
+
+def model_size(model: nn.Module) -> dict:
+    """What a model holds: int4 weights (and their layers), float parameters and buffers outside them, and the
+    bytes of both (tensors shared under two names counted once)."""
+    seen, info = set(), {"int4_layers": 0, "int4_weights": 0, "float_params": 0, "bytes": 0}
+    for mod in model.modules():
+        if isinstance(mod, Int4Linear) and id(mod) not in seen:
+            seen.add(id(mod))
+            info["int4_layers"] += 1
+            info["int4_weights"] += mod.in_features * mod.out_features
+    storages = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta or t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key in storages:
+            continue
+        storages.add(key)
+        info["bytes"] += t.numel() * t.element_size()
+        if t.is_floating_point() and t.dtype != torch.float16:      # fp16 tensors are int4 scales/zeros
+            info["float_params"] += t.numel()
+    return info

@@ -54,7 +54,9 @@ def main(argv=None):
         raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
 
     from quant4.models.generate import generate
+    import quant4
     from quant4 import kernel_isa, projection_filter, quantize_model_
+    from quant4.swap import model_size
 
     t0 = time.perf_counter()
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
@@ -63,8 +65,9 @@ def main(argv=None):
         raise SystemExit(f"tokenizer {loaded.tokenizer_path} has {tok.vocab_size} pieces, "
                          f"the model {loaded.args.vocab_size}")
     quantize = args.quantize if args.quantize is not None else args.checkpoint is None
-    print(f"loaded {loaded.path} ({loaded.kind}, {sum(p.numel() for p in loaded.model.parameters()):,} float "
-          f"params) in {time.perf_counter() - t0:.2f} s; kernels: {kernel_isa()}", file=sys.stderr)
+    print(f"loaded {loaded.path} ({loaded.kind}{', int4' if loaded.quantized else ''}) in "
+          f"{time.perf_counter() - t0:.2f} s; kernels: {kernel_isa()}, {quant4.get_num_threads()} threads",
+          file=sys.stderr)
 
     runs = []
     if args.compare:
@@ -90,6 +93,13 @@ def main(argv=None):
             n = sum(r.swapped for r in model.quant4_report)
             print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
         apply_activation(model, args)
+        size = model_size(model)
+        print(f"[{label}] {size['int4_weights'] / 1e6:.2f} M int4 weights in {size['int4_layers']} layers, "
+              f"{size['float_params'] / 1e6:.2f} M float params; {size['bytes'] / 1e6:.2f} MB", file=sys.stderr)
+        room = loaded.args.max_seq_len - len(prompt_ids)
+        if args.max_new_tokens > room:
+            print(f"[{label}] --max-new-tokens {args.max_new_tokens} capped at {room} by the model's context "
+                  f"({loaded.args.max_seq_len} tokens)", file=sys.stderr)
         print(f"--- {label} ---")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()

@@ -146,3 +146,11 @@ def test_quantize_script_gptq(tmp_path, capsys):
     assert len(loaded.quantized) == 42
     tokens = torch.tensor([[1, 50, 60, 70]])
     assert torch.isfinite(loaded.model(tokens)).all()
+
+
+def test_gptq_on_an_int4_model_says_so():
+    model = quantize_model_(load_model().model, 32)
+    with pytest.raises(ValueError, match="already int4 \\(42 Int4Linear layers\\)"):
+        quantize_model_gptq_(model, torch.randint(0, 100, (2, 16)), 32)
+    table = str(model.quant4_report)                  # the report prints as a table
+    assert "layers.0.attention.wq" in table and "int4 g32 rtn" in table and "weight SQNR mean" in table

@@ -91,3 +91,12 @@ def test_a_quantized_file_stands_alone(tmp_path, capsys):
     assert out.startswith("--- int4 g32 ---\nOnce upon a time") and "decode 12 tokens" in out
     loaded = load_model(moved)
     assert loaded.tokenizer_bytes == (REPO / "models" / "tiny" / "tokenizer.model").read_bytes()
+
+
+def test_generate_reports_size_threads_and_the_context_cap(capsys):
+    import quant4
+
+    _script("generate").main(["--max-new-tokens", "600"])
+    err = capsys.readouterr().err
+    assert f"{quant4.get_num_threads()} threads" in err and "M int4 weights in 42 layers" in err and "MB" in err
+    assert "--max-new-tokens 600 capped at 507 by the model's context (512 tokens)" in err
