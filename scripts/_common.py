@@ -46,14 +46,13 @@ def apply_activation(model, args) -> None:
 
 def apply_threads(n):
     import quant4
-    from quant4.ops import MAX_THREADS
 
     if n is not None:
-        if not 1 <= n <= MAX_THREADS:
-            raise SystemExit(f"error: --threads must be in 1..{MAX_THREADS} (4x this machine's CPUs, at least 64), "
-                             f"got {n}")
+        try:
+            quant4.set_num_threads(n)
+        except ValueError as exc:
+            raise SystemExit(f"error: --threads: {exc}") from None
         torch.set_num_threads(n)
-        quant4.set_num_threads(n)
 
 
 def advice(exc: BaseException) -> str:
