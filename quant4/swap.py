@@ -157,6 +157,9 @@ def format_report(report, model: Optional[nn.Module] = None) -> str:
         worst = min(done, key=lambda r: r.sqnr_db)
         lines.append(f"  {len(done)} layers int4; weight SQNR mean {sum(r.sqnr_db for r in done) / len(done):.2f} dB, "
                      f"worst {worst.sqnr_db:.2f} dB ({worst.name})")
+        if any("gptq" in r.reason for r in done):
+            lines.append("  (GPTQ minimises each layer's output error on the calibration inputs, not the weight error: "
+                         "its weight SQNR can be lower than round-to-nearest's while the model is closer to float)")
     return "\n".join(lines)
 
 

@@ -36,27 +36,44 @@ def read_any(path: Path, args, report: list):
     from quant4.models.load import load_model
 
     loaded = load_model(path, tokenizer=args.tokenizer, layout=args.layout, params=args.params, report=report)
-    if not loaded.quantized:
+    if not loaded.quantized and not args.inspect:
         raise SystemExit(f"error: {path} holds no int4 layers; quantize it with scripts/quantize.py")
     report.append(f"{loaded.kind}: {len(loaded.quantized)} int4 layers")
     return loaded.model, loaded.args, loaded.kind, loaded.tokenizer_path, loaded.tokenizer_bytes
 
 
-def summarize(model) -> str:
+def summarize(model, margs, tok_path, tok_bytes) -> str:
+    """What a checkpoint holds, for --inspect and the conversion report: int4 and float layers, bytes, config,
+    tokenizer."""
     from quant4 import Int4Linear
+    from quant4.swap import model_size
 
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, Int4Linear)]
-    gs = sorted({m.group_size for _, m in mods})
-    shapes = sorted({(m.out_features, m.in_features) for _, m in mods})
-    return (f"{len(mods)} int4 layers, group size {'/'.join(map(str, gs))}, shapes "
-            f"{', '.join(f'{n}x{k}' for n, k in shapes)}")
+    mods = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    size = model_size(model)
+    if mods:
+        gs = sorted({m.group_size for m in mods})
+        shapes = sorted({(m.out_features, m.in_features) for m in mods})
+        int4 = (f"{len(mods)} int4 layers, group size {'/'.join(map(str, gs))}, shapes "
+                f"{', '.join(f'{n}x{k}' for n, k in shapes)}")
+    else:
+        int4 = "no int4 layers (a float checkpoint)"
+    a = margs
+    tok = (f"carried inside ({len(tok_bytes):,} bytes)" if tok_bytes is not None else
+           str(tok_path) if tok_path is not None else "none found")
+    return (f"{int4}; {size['float_params'] / 1e6:.2f} M float params; {size['bytes'] / 1e6:.2f} MB\n"
+            f"  config: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads ({a.n_kv_heads} kv), hidden {a.hidden_dim}, "
+            f"vocab {a.vocab_size}, context {a.max_seq_len}, rope_theta {a.rope_theta:g}, "
+            f"tied embeddings {'yes' if a.tie_embeddings else 'no'}\n"
+            f"  tokenizer: {tok}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input")
     ap.add_argument("--out", default=None, help="output file: .safetensors, .pth/.pt or .gguf")
-    ap.add_argument("--inspect", action="store_true", help="only report what the input holds")
+    ap.add_argument("--inspect", action="store_true",
+                    help="only describe the input (any checkpoint, float too): config, tokenizer, int4/float layers, "
+                         "bytes, layout")
     ap.add_argument("--layout", default=None, help="the input's packed layout, when it cannot be detected")
     ap.add_argument("--params", default=None, help="params.json with the model's n_heads (torch inputs)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer .model to reference / embed")
@@ -99,7 +116,7 @@ def main(argv=None):
         model, margs, kind, tok_path, tok_bytes = read_any(src, args, report)
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         raise SystemExit(f"error: {exc}")
-    print(f"{src}: {kind}; {summarize(model)}")
+    print(f"{src}: {kind}; {summarize(model, margs, tok_path, tok_bytes)}")
     for line in report:
         print(f"  {line}")
     if args.inspect:

@@ -423,3 +423,13 @@ def test_two_exports_in_one_folder_keep_their_own_parameters(tmp_path):
     (tmp_path / "b.params.json").write_text((tmp_path / "a.params.json").read_text())
     with pytest.raises(CheckpointError, match="n_layers=2 but the tensors have 3"):
         load_model(tmp_path / "b.pth")
+
+
+def test_migrate_inspect_describes_any_checkpoint(capsys):
+    from quant4.models.load import EMBEDDED_MODEL
+
+    assert _migrate([str(EMBEDDED_MODEL), "--inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "no int4 layers (a float checkpoint)" in out and "1.31 M float params" in out
+    assert "config: dim 128, 6 layers, 4 heads (2 kv), hidden 384, vocab 1024, context 512" in out
+    assert "tokenizer: " in out and "tokenizer.model" in out
