@@ -49,10 +49,10 @@ def weight_bytes(model) -> int:
 
 def emit(row: dict) -> dict:
     """Print one table row as soon as it is computed (the header is printed first by main)."""
-    float_row = row["variant"].startswith("float")
-    vs = "" if float_row else f"{100 * (row['ppl'] / row['basis'] - 1):+.1f}%"
-    kl = "" if float_row else f"{row['kl']:.4f}"
-    t1 = "" if float_row else f"{100 * row['top1']:.1f}%"
+    plain = row["variant"].startswith("float") or row.get("basis") is None   # nothing to compare with
+    vs = "" if plain else f"{100 * (row['ppl'] / row['basis'] - 1):+.1f}%"
+    kl = "" if plain else f"{row['kl']:.4f}"
+    t1 = "" if plain else f"{100 * row['top1']:.1f}%"
     print(f"| {row['model']} | {row['variant']} | {row['ppl']:.3f} | {vs} | {kl} | {t1} | "
           f"{row['bytes'] / 1e6:.2f} MB |", flush=True)
     return row
@@ -66,8 +66,6 @@ def evaluate(args, checkpoint, tokenizer):
     from quant4.models.evaluate import encode_blocks, heldout_text, score
 
     loaded = load_or_exit(checkpoint, tokenizer=tokenizer)
-    if loaded.kind == "quant4":
-        raise SystemExit(f"{loaded.path}: give the float checkpoint; int4 variants are made from it")
     tok = tokenizer_or_exit(loaded)
     if args.text:
         if not Path(args.text).is_file():
@@ -84,6 +82,23 @@ def evaluate(args, checkpoint, tokenizer):
     label = Path(loaded.path).stem if checkpoint else "embedded"
     t0 = time.perf_counter()
     base = loaded.model
+    if loaded.quantized:          # an int4 file (quant4, GGUF Q4, another tool's .pth): score it as it is
+        rows = []
+        ref = None
+        if args.reference:
+            reference = load_or_exit(args.reference)
+            if reference.quantized or reference.args.vocab_size != loaded.args.vocab_size:
+                raise SystemExit(f"error: --reference {args.reference} must be a float checkpoint with the same "
+                                 f"vocabulary ({loaded.args.vocab_size} tokens)")
+            ref = score(reference.model, ids, args.window)
+            rows.append(emit({"model": Path(args.reference).stem, "variant": "float (reference)", "group_size": None,
+                              "ppl": ref.perplexity, "kl": 0.0, "top1": 1.0,
+                              "bytes": weight_bytes(reference.model), "basis": ref.perplexity}))
+        sc = score(base, ids, args.window, ref.logprobs if ref else None)
+        rows.append(emit({"model": label, "variant": f"int4 file ({loaded.kind})", "group_size": None,
+                          "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1, "bytes": weight_bytes(base),
+                          "basis": ref.perplexity if ref else None}))
+        return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
     ref = score(base, ids, args.window)
     rows = [emit({"model": label, "variant": "float", "group_size": None, "ppl": ref.perplexity, "kl": 0.0,
                   "top1": 1.0, "bytes": weight_bytes(base), "basis": ref.perplexity})]
@@ -125,7 +140,11 @@ def evaluate(args, checkpoint, tokenizer):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", default=[None],
-                    help="float checkpoint(s); 'embedded' (the default) is the model in the repo")
+                    help="checkpoint(s): a float one is quantized with each method and group size; an int4 file "
+                         "(quant4, GGUF, migrated .pth) is scored as it is; 'embedded' (the default) is the model "
+                         "in the repo")
+    ap.add_argument("--reference", default=None,
+                    help="float checkpoint to score an int4 file against (KL, top-1 agreement)")
     ap.add_argument("--tokenizer", nargs="+", default=None, help="tokenizer per checkpoint ('-': found beside it)")
     ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
     ap.add_argument("--tokens", type=int, default=20000)

@@ -100,3 +100,25 @@ def test_generate_reports_size_threads_and_the_context_cap(capsys):
     err = capsys.readouterr().err
     assert f"{quant4.get_num_threads()} threads" in err and "M int4 weights in 42 layers" in err and "MB" in err
     assert "--max-new-tokens 600 capped at 507 by the model's context (512 tokens)" in err
+
+
+def test_eval_scores_an_int4_file_alone_or_against_a_reference(tmp_path, capsys):
+    from helpers import STORIES
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(STORIES))
+    q = tmp_path / "q.safetensors"
+    _script("quantize").main(["--out", str(q)])
+    capsys.readouterr()
+    common = ["--text", str(text), "--tokens", "600", "--window", "128"]
+    _script("eval").main(["--method", "rtn", "--group-size", "32"] + common)          # float, quantized in memory
+    in_memory = [r for r in capsys.readouterr().out.splitlines() if "int4 rtn g32" in r][0]
+    _script("eval").main(["--checkpoint", str(q), "--reference", str(EMBEDDED_MODEL)] + common)
+    rows = capsys.readouterr().out.splitlines()
+    from_file = [r for r in rows if "int4 file (quant4)" in r][0]
+    assert any("float (reference)" in r for r in rows)
+    # same weights, same text: the same perplexity, KL and top-1 as the in-memory variant
+    assert from_file.split("|")[3:7] == in_memory.split("|")[3:7]
+    _script("eval").main(["--checkpoint", str(q)] + common)
+    alone = [r for r in capsys.readouterr().out.splitlines() if "int4 file" in r][0]
+    assert alone.split("|")[3] == from_file.split("|")[3] and alone.split("|")[5].strip() == ""
