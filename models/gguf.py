@@ -102,7 +102,7 @@ def read_gguf(path, *, report: Optional[list] = None):
     if not 0 < context <= 1 << 20:
         raise CheckpointError(f"{path}: GGUF key llama.context_length = {context} is out of range")
 
-    tensors, layers, requant = {}, {}, []
+    tensors, layers, requant, floats = {}, {}, [], []
     for t in reader.tensors:
         name = meta_name(t.name)
         if name is None:
@@ -121,6 +121,8 @@ def read_gguf(path, *, report: Optional[list] = None):
             raise CheckpointError(f"{path}: tensor {t.name}: {type(exc).__name__}: {exc}") from None
         if c.weight is not None:
             tensors[f"{name}.weight"] = c.weight
+            if any(name.endswith(p) for p in PROJECTIONS.values()):    # a projection the file holds in float
+                floats.append(name)
         else:
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = \
                 c.qweight, c.scales, c.zeros
@@ -129,6 +131,9 @@ def read_gguf(path, *, report: Optional[list] = None):
                 requant.append(name)
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
+    if floats:
+        note(f"{len(floats)} projections are float in the file (F32/F16/BF16; quant4 exports int4 layers whose "
+             f"in_features is not a multiple of 32 that way), e.g. {floats[0]}: they stay float")
     if "tok_embeddings.weight" not in tensors:
         raise CheckpointError(f"{path}: no token_embd.weight")
     vocab = tensors["tok_embeddings.weight"].shape[0]

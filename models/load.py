@@ -235,7 +235,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     if kind == "gguf":
         from .gguf import read_gguf
 
-        args, layers, tensors, tok_bytes = read_gguf(path)
+        args, layers, tensors, tok_bytes = read_gguf(path, report=report)
         tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
         model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
         quantized = layers

@@ -136,10 +136,15 @@ def load_or_exit(path, **kw):
     """quant4.models.load.load_model, with a damaged or missing checkpoint reported as a one-line exit message."""
     from quant4.models.load import load_model
 
+    report = kw.pop("report", [])
     try:
-        return load_model(path, **kw)
+        loaded = load_model(path, report=report, **kw)
     except (ValueError, OSError) as exc:     # CheckpointError / FormatError are ValueErrors
         raise SystemExit(f"error: {advice(exc)}")
+    for line in report:                       # what the reader converted or kept, e.g. float layers in a GGUF
+        if "float" in line or "re-quantized" in line:
+            print(f"note: {line}", file=sys.stderr)
+    return loaded
 
 
 def tokenizer_or_exit(loaded):

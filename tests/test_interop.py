@@ -433,3 +433,16 @@ def test_migrate_inspect_describes_any_checkpoint(capsys):
     assert "no int4 layers (a float checkpoint)" in out and "1.31 M float params" in out
     assert "config: dim 128, 6 layers, 4 heads (2 kv), hidden 384, vocab 1024, context 512" in out
     assert "tokenizer: " in out and "tokenizer.model" in out
+
+
+def test_gguf_round_trip_says_which_int4_layers_become_float(tmp_path, capsys):
+    # GGUF blocks hold 32 inputs: a layer with in_features 172 cannot be Q4_1; export and import both say so
+    m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=172, max_seq_len=32))
+    m.init_weights(0)
+    q = quantize_model_(m.eval(), 32)
+    out_report, in_report = [], []
+    write_gguf(q, m.args, tmp_path / "k.gguf", report=out_report)
+    assert any("layers.0.feed_forward.w2: in_features 172" in r and "F32" in r for r in out_report)
+    loaded = load_model(tmp_path / "k.gguf", report=in_report)
+    assert any(r.startswith("1 projections are float in the file") and "feed_forward.w2" in r for r in in_report)
+    assert len(loaded.quantized) == 6 and "layers.0.feed_forward.w2" not in loaded.quantized
