@@ -15,7 +15,6 @@ order, which is what llama.cpp's "llama" architecture expects.
 """
 from __future__ import annotations
 
-import base64
 import re
 from pathlib import Path
 from typing import Optional
@@ -25,8 +24,8 @@ import numpy as np
 from .llama import ModelArgs
 from .load import CheckpointError
 from quant4.interop import ggml
+from quant4.serialization import TOKENIZER_KEY, decode_tokenizer, encode_tokenizer
 
-TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
 PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
                "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
                "ffn_up": "feed_forward.w3"}
@@ -166,9 +165,9 @@ def _tokenizer_bytes(reader, path) -> Optional[bytes]:
     raw = _field(reader, TOKENIZER_KEY)
     if raw:
         try:
-            return base64.b64decode(raw, validate=True)
-        except (ValueError, TypeError):
-            raise CheckpointError(f"{path}: {TOKENIZER_KEY} is not a base64 string") from None
+            return decode_tokenizer(raw)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     if _field(reader, "tokenizer.ggml.model") != "llama":
         return None
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -298,4 +297,4 @@ def _add_tokenizer(w, tok_path: Path):
                       (w.add_unk_token_id, sp.unk_id())):
         if v >= 0:
             setter(v)
-    w.add_string(TOKENIZER_KEY, base64.b64encode(tok_path.read_bytes()).decode("ascii"))
+    w.add_string(TOKENIZER_KEY, encode_tokenizer(tok_path.read_bytes()))

@@ -66,6 +66,13 @@ def strip_prefixes(sd: dict) -> dict:
     return out
 
 
+def _read_params(source: Path):
+    try:
+        return json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{source}: cannot read model parameters ({exc})") from None
+
+
 def read_torch_state(path, params_file=None) -> tuple[dict, dict]:
     """A .pt/.pth checkpoint -> (tensors by stripped name, model hyperparameters). Loaded weights-only and
     memory-mapped. Hyperparameters: params_file if given, else embedded ("model_args" / "params" / "config"
@@ -81,14 +88,13 @@ def read_torch_state(path, params_file=None) -> tuple[dict, dict]:
     if isinstance(obj.get("model"), dict):
         params = obj.get("model_args") or obj.get("params") or obj.get("config") or {}
         obj = obj["model"]
-    for source in ([Path(params_file)] if params_file else
-                   ([] if params else [path.with_suffix(".params.json"), path.parent / "params.json"])):
-        if source.is_file() or params_file:
-            try:
-                params = json.loads(source.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{source}: cannot read model parameters ({exc})") from None
-            break
+    if params_file:
+        params = _read_params(Path(params_file))
+    elif not params:
+        for side in (path.with_suffix(".params.json"), path.parent / "params.json"):
+            if side.is_file():
+                params = _read_params(side)
+                break
     if not isinstance(params, dict):
         raise CheckpointError(f"{path}: model parameters are a {type(params).__name__}, not an object")
     sd = {k: v for k, v in strip_prefixes(obj).items() if isinstance(v, torch.Tensor)}

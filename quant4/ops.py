@@ -257,7 +257,7 @@ class Prepared:
     one): a forward call then only checks its input.
 
     The views alias the tensors' memory, so a Prepared is valid exactly while `matches` holds: the same memory,
-    shape, strides and dtype, and no in-place write since (version counter). Anything else -- load_state_dict,
+    shape and strides, and no in-place write since (version counter). Anything else -- load_state_dict,
     .data = ..., set_(), share_memory_(), a copied or unpickled module -- fails the check and forces a rebuild.
     """
 

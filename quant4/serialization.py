@@ -30,7 +30,25 @@ from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
 FILE_FORMAT = "quant4"
-TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"
+TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"    # the same key in quant4's GGUF files
+
+
+def encode_tokenizer(data: bytes) -> str:
+    """A tokenizer model's bytes as the string stored under TOKENIZER_KEY (base64)."""
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_tokenizer(raw) -> bytes:
+    """The inverse of encode_tokenizer; ValueError if `raw` is not a base64 string."""
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError(f"{TOKENIZER_KEY} is not a base64 string") from None
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors JSON header larger than this is refused
 
 
@@ -128,8 +146,6 @@ def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optio
     """Write `model` (with Int4Linear layers) to `path` in quant4's file format. tokenizer_bytes: the
     SentencePiece model to carry inside the file (preferred); tokenizer: a path relative to the file (older
     files' way, kept for them)."""
-    import base64
-
     from safetensors.torch import save_file
 
     tensors, layers, tied = quantized_tensors(model)
@@ -137,7 +153,7 @@ def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optio
             "model": model_info, "tokenizer": tokenizer}
     header = {"quant4": json.dumps(meta)}
     if tokenizer_bytes is not None:
-        header[TOKENIZER_KEY] = base64.b64encode(tokenizer_bytes).decode("ascii")
+        header[TOKENIZER_KEY] = encode_tokenizer(tokenizer_bytes)
 
     def write(tmp):
         from safetensors import SafetensorError
@@ -177,16 +193,11 @@ def read_header(path) -> dict:
 
 def read_tokenizer_bytes(path) -> Optional[bytes]:
     """The SentencePiece tokenizer a quant4 file carries, or None."""
-    import base64
-    import binascii
-
     raw = read_header(path).get(TOKENIZER_KEY)
-    if raw is None:
-        return None
     try:
-        return base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError, TypeError):
-        raise FormatError(f"{path}: {TOKENIZER_KEY} is not base64") from None
+        return None if raw is None else decode_tokenizer(raw)
+    except ValueError as exc:
+        raise FormatError(f"{path}: {exc}") from None
 
 
 def read_quantized(path) -> tuple[dict, dict]:
