@@ -345,7 +345,8 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     if activation == "bf16" and _BF16 and x.dtype != torch.bfloat16:
         x = x.detach().to(torch.bfloat16)       # the option: round the inputs, then compute as for bf16 ones
     plan = plan_matmul(M, Kp, _BF16 and x.dtype == torch.bfloat16, activation, small_m)
-    xk = x.detach().to(torch.bfloat16 if plan.kernel.startswith("bf16") else torch.float32)
+    # .bfloat16() / .float(): no copy when x already has that dtype (cheaper than .to(dtype) per call)
+    xk = x.detach().bfloat16() if plan.kernel.startswith("bf16") else x.detach().float()
     if Kp != w.in_features:
         xk = F.pad(xk, (0, Kp - w.in_features))
     xk = xk.contiguous()
