@@ -24,7 +24,7 @@ import numpy as np
 from .llama import ModelArgs
 from .load import CheckpointError
 from quant4.interop import ggml
-from quant4.serialization import TOKENIZER_KEY, decode_tokenizer, encode_tokenizer
+from quant4.serialization import TOKENIZER_KEY, tokenizer_from_header, tokenizer_header
 
 PROJECTIONS = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
                "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
@@ -62,7 +62,7 @@ def _field(reader, key, default=None):
 
 
 def read_gguf(path, *, report: Optional[list] = None):
-    """-> (ModelArgs, layers, tensors, tokenizer model bytes or None) in quant4's format (see module doc)."""
+    """-> (ModelArgs, layers, tensors, TokenizerSource or None) in quant4's format (see module doc)."""
     import gguf
 
     path = Path(path)
@@ -81,6 +81,10 @@ def read_gguf(path, *, report: Optional[list] = None):
         if v is None:
             raise CheckpointError(f"{path}: GGUF key llama.{key} is missing")
         try:
+            if kind is str:
+                if not isinstance(v, str):
+                    raise TypeError
+                return v
             return kind(v) if kind is int else float(f"{float(v):.7g}")   # stored as float32: 1e-5 not 9.99e-6
         except (TypeError, ValueError):
             raise CheckpointError(f"{path}: GGUF key llama.{key} = {v!r} is not a number") from None
@@ -92,9 +96,12 @@ def read_gguf(path, *, report: Optional[list] = None):
                    ("attention.head_count_kv", n_kv), ("feed_forward_length", hidden)):
         if not 0 < v <= 1 << 20:
             raise CheckpointError(f"{path}: GGUF key llama.{key} = {v} is out of range")
-    if dim % n_heads or n_heads % n_kv:
-        raise CheckpointError(f"{path}: dim {dim}, heads {n_heads}, kv heads {n_kv} are inconsistent")
-    head_dim = dim // n_heads
+    head_dim = num("attention.key_length", dim // n_heads if n_heads else 0)
+    if num("attention.value_length", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: attention.key_length != attention.value_length is not supported")
+    if (head_dim == dim // n_heads and dim % n_heads) or n_heads % n_kv or not 0 < head_dim <= 1 << 16:
+        raise CheckpointError(f"{path}: dim {dim}, heads {n_heads}, kv heads {n_kv}, head dim {head_dim} are "
+                              f"inconsistent")
     if num("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: partial RoPE (rope.dimension_count != head dim) is not supported")
     context = num("context_length", 2048)
@@ -102,7 +109,15 @@ def read_gguf(path, *, report: Optional[list] = None):
         raise CheckpointError(f"{path}: GGUF key llama.context_length = {context} is out of range")
 
     tensors, layers, requant, floats = {}, {}, [], []
+    rope_freqs = None
     for t in reader.tensors:
+        if not t.name or not t.name.isprintable():
+            raise CheckpointError(f"{path}: a tensor has the name {t.name!r}: the tensor table is damaged")
+        if t.name == "rope_freqs.weight":        # Llama 3.1+ rotary frequency divisors (llama.cpp's converter)
+            if int(t.n_elements) != head_dim // 2 or int(t.tensor_type) != 0:
+                raise CheckpointError(f"{path}: rope_freqs.weight must be {head_dim // 2} F32 values")
+            rope_freqs = [float(f) for f in np.asarray(t.data, dtype=np.float32).reshape(-1)]
+            continue
         name = meta_name(t.name)
         if name is None:
             note(f"ignored tensor {t.name}")
@@ -137,13 +152,35 @@ def read_gguf(path, *, report: Optional[list] = None):
         raise CheckpointError(f"{path}: no token_embd.weight")
     vocab = tensors["tok_embeddings.weight"].shape[0]
     tied = "output.weight" not in tensors and "output" not in layers
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
-                     hidden_dim=hidden, norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5, float),
-                     rope_theta=num("rope.freq_base", 10000.0, float),
-                     max_seq_len=context, tie_embeddings=tied)
+    try:
+        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+                         hidden_dim=hidden, norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5, float),
+                         rope_theta=num("rope.freq_base", 10000.0, float), rope_scaling=_rope_scaling(num, rope_freqs, path),
+                         head_dim=head_dim if head_dim != dim // n_heads else None,
+                         max_seq_len=context, tie_embeddings=tied)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     note(f"{len(layers)} int4 layers (Q4_0/Q4_1 kept as is), {sum(1 for k in tensors if k.endswith('.weight'))} "
          f"float tensors")
-    return args, layers, tensors, _tokenizer_bytes(reader, path)
+    return args, layers, tensors, _tokenizer(reader, path)
+
+
+def _rope_scaling(num, rope_freqs, path):
+    """rope_scaling from llama.rope.scaling.* keys (linear, yarn) or the rope_freqs tensor (Llama 3.1+)."""
+    kind = num("rope.scaling.type", "none", str)
+    if rope_freqs is not None:
+        if kind not in ("none", "linear"):
+            raise CheckpointError(f"{path}: rope_freqs together with rope.scaling.type {kind!r}")
+        return {"rope_type": "freqs", "factors": rope_freqs}
+    if kind == "none":
+        return None
+    factor = num("rope.scaling.factor", 1.0, float)
+    if kind == "linear":
+        return None if factor == 1.0 else {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": num("rope.scaling.original_context_length")}
+    raise CheckpointError(f"{path}: GGUF rope.scaling.type {kind!r} is not supported (linear, yarn)")
 
 
 def _check_header(path: Path) -> None:
@@ -161,54 +198,29 @@ def _check_header(path: Path) -> None:
         raise CheckpointError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys")
 
 
-def _tokenizer_bytes(reader, path) -> Optional[bytes]:
-    raw = _field(reader, TOKENIZER_KEY)
-    if raw:
-        try:
-            return decode_tokenizer(raw)
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-    if _field(reader, "tokenizer.ggml.model") != "llama":
-        return None
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    scores = _field(reader, "tokenizer.ggml.scores")
-    types = _field(reader, "tokenizer.ggml.token_type")
-    if not tokens:
-        return None
+def _tokenizer(reader, path):
+    """The tokenizer the file carries: quant4's own keys (the exact tokenizer quant4 wrote) first, else the
+    tokenizer.ggml.* vocabulary (models/gguf_vocab.py); None if neither."""
+    from .gguf_vocab import read_vocab
+    from .load import _carried
+
     try:
-        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
-    except ImportError:
-        return None
-    try:
-        return _sentencepiece_proto(reader, spm_pb2, tokens, scores, types)
+        carried = tokenizer_from_header(lambda key: _field(reader, key))
+        if carried is not None:
+            return _carried(carried, path)
+        return read_vocab(lambda key: _field(reader, key), path)
     except (TypeError, ValueError, IndexError) as exc:     # fields of the wrong type or length
-        raise CheckpointError(f"{path}: GGUF tokenizer.ggml.* fields are malformed ({exc})") from None
+        raise CheckpointError(f"{path}: GGUF tokenizer fields are malformed ({exc})") from None
 
 
-def _sentencepiece_proto(reader, spm_pb2, tokens, scores, types) -> bytes:
-    """A SentencePiece model rebuilt from GGUF's tokenizer.ggml.* (model "llama") fields."""
-    proto = spm_pb2.ModelProto()
-    for i, piece in enumerate(tokens):
-        p = proto.pieces.add()
-        p.piece = piece
-        p.score = float(scores[i]) if scores else 0.0
-        p.type = int(types[i]) if types else 1       # gguf TokenType and SentencePiece Type share numbers
-    proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
-    proto.trainer_spec.byte_fallback = any(int(t) == 6 for t in (types or []))
-    for key, attr in (("unk", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id")):
-        v = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        setattr(proto.trainer_spec, attr, int(v) if v is not None else -1)
-    proto.trainer_spec.pad_id = -1
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
-    return proto.SerializeToString()
-
-
-def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: bool = False,
+def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=None, overwrite: bool = False,
                report: Optional[list] = None) -> Path:
-    """Write `model` (float and/or Int4Linear layers) as a GGUF llama model, atomically (see module doc)."""
+    """Write `model` (float and/or Int4Linear layers) as a GGUF llama model, atomically (see module doc).
+    tokenizer: a TokenizerSource to write (or tokenizer_path: a tokenizer file)."""
+    if tokenizer is None and tokenizer_path is not None:
+        from .tokenizer import open_tokenizer
+
+        tokenizer = open_tokenizer(tokenizer_path)
     import gguf
 
     from quant4 import Int4Linear
@@ -247,14 +259,17 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: 
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         items.append((gguf_name(name), t.detach().float().contiguous().numpy(), None))
     note(f"Q4_1 offsets rounded to float16: largest change of a weight {max_round:.3g}")
+    freqs = rope_freq_factors(args)
+    if freqs is not None:
+        items.append(("rope_freqs.weight", freqs, None))
 
     def write(tmp):
         w = gguf.GGUFWriter(tmp, arch="llama")
         w.add_name("quant4 export")
         add_llama_metadata(w, args)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if int4 else gguf.LlamaFileType.ALL_F32)
-        if tokenizer_path is not None:
-            _add_tokenizer(w, Path(tokenizer_path))
+        if tokenizer is not None:
+            _add_tokenizer(w, tokenizer)
         for name, arr, raw in items:
             w.add_tensor(name, arr, raw_dtype=raw)
         w.write_header_to_file()
@@ -265,6 +280,21 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer_path=None, overwrite: 
     return atomic_write(path, write, overwrite=overwrite)
 
 
+def rope_freq_factors(args: ModelArgs):
+    """The rope_freqs tensor llama.cpp reads for Llama 3.1-style scaling (divisors of the base frequencies),
+    None for plain RoPE and the types GGUF keys describe; ValueError for types llama.cpp cannot represent."""
+    from . import rope
+
+    sc = args.rope_scaling
+    if sc is None or sc["rope_type"] in ("linear", "yarn"):
+        return None
+    if sc["rope_type"] == "dynamic":
+        raise ValueError("dynamic (NTK) RoPE scaling has no GGUF representation")
+    scaled, _ = rope.inv_freq(args.head_dim, args.rope_theta, sc, 1)
+    base, _ = rope.inv_freq(args.head_dim, args.rope_theta, None, 1)
+    return (base / scaled).float().numpy()
+
+
 def add_llama_metadata(w, args: ModelArgs) -> None:
     """The llama.* hyperparameter keys llama.cpp reads for architecture "llama"."""
     w.add_context_length(args.max_seq_len)
@@ -272,6 +302,17 @@ def add_llama_metadata(w, args: ModelArgs) -> None:
     w.add_block_count(args.n_layers)
     w.add_feed_forward_length(args.hidden_dim)
     w.add_rope_dimension_count(args.head_dim)
+    if args.head_dim != args.dim // args.n_heads:
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    sc = args.rope_scaling
+    if sc is not None and sc["rope_type"] in ("linear", "yarn"):
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if sc["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(sc["factor"])
+        if sc["rope_type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
     w.add_head_count(args.n_heads)
     w.add_head_count_kv(args.n_kv_heads)
     w.add_layer_norm_rms_eps(args.norm_eps)
@@ -279,22 +320,10 @@ def add_llama_metadata(w, args: ModelArgs) -> None:
     w.add_vocab_size(args.vocab_size)
 
 
-def _add_tokenizer(w, tok_path: Path):
-    import tempfile
+def _add_tokenizer(w, source) -> None:
+    """The tokenizer as llama.cpp reads it (tokenizer.ggml.*) and, exactly, under quant4's own keys."""
+    from .gguf_vocab import write_vocab
 
-    from gguf.vocab import SentencePieceVocab
-
-    with tempfile.TemporaryDirectory() as d:      # SentencePieceVocab looks for <dir>/tokenizer.model
-        (Path(d) / "tokenizer.model").symlink_to(tok_path.resolve())
-        vocab = SentencePieceVocab(Path(d))
-        toks = list(vocab.all_tokens())
-        sp = vocab.sentencepiece_tokenizer
-    w.add_tokenizer_model("llama")
-    w.add_token_list([t[0] for t in toks])
-    w.add_token_scores([t[1] for t in toks])
-    w.add_token_types([int(t[2]) for t in toks])
-    for setter, v in ((w.add_bos_token_id, sp.bos_id()), (w.add_eos_token_id, sp.eos_id()),
-                      (w.add_unk_token_id, sp.unk_id())):
-        if v >= 0:
-            setter(v)
-    w.add_string(TOKENIZER_KEY, encode_tokenizer(tok_path.read_bytes()))
+    write_vocab(w, source)
+    for key, value in tokenizer_header(source.kind, source.data, source.settings).items():
+        w.add_string(key, value)

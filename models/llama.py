@@ -18,6 +18,8 @@ from torch import nn
 
 from quant4.ops import check_int
 
+from . import rope
+
 
 # Sanity limits on a model's shape, checked for every config from any file (a damaged header must not
 # make us allocate terabytes): 8x the largest public Llama's dims.
@@ -41,16 +43,27 @@ class ModelArgs:
     max_seq_len: int = 512
     tie_embeddings: bool = True
     dropout: float = 0.0
+    head_dim: Optional[int] = None    # None: dim // n_heads (a config may give another, e.g. Qwen3, Gemma)
+    rope_scaling: Optional[dict] = None   # see models/rope.py; None: plain RoPE
+    qkv_bias: bool = False            # biases on wq/wk/wv (Qwen2)
+
+    # keys to_dict leaves out while they have their default, so files of models without these features stay
+    # readable by versions that predate them
+    _OPTIONAL_KEYS = {"head_dim": None, "rope_scaling": None, "qkv_bias": False}
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        explicit_head_dim = self.head_dim is not None
+        if not explicit_head_dim:
+            check_int("model config n_heads", self.n_heads, 1, MAX_DIM)
+            self.head_dim = self.dim // self.n_heads
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         for name, limit in (("dim", MAX_DIM), ("n_layers", MAX_LAYERS), ("n_heads", MAX_DIM),
                             ("n_kv_heads", MAX_DIM), ("vocab_size", MAX_VOCAB), ("hidden_dim", 8 * MAX_DIM),
-                            ("max_seq_len", MAX_SEQ), ("multiple_of", MAX_DIM)):
+                            ("max_seq_len", MAX_SEQ), ("multiple_of", MAX_DIM), ("head_dim", MAX_DIM)):
             check_int(f"model config {name}", getattr(self, name), 1, limit)
         for name in ("norm_eps", "rope_theta", "dropout"):
             v = getattr(self, name)
@@ -60,19 +73,21 @@ class ModelArgs:
             raise ValueError(f"model config rope_theta={self.rope_theta!r} must be > 0")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"model config tie_embeddings={self.tie_embeddings!r} must be true or false")
-        if self.dim % self.n_heads:
+        if not explicit_head_dim and self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head size {self.head_dim} must be even for RoPE")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"model config qkv_bias={self.qkv_bias!r} must be true or false")
+        self.rope_scaling = rope.check_scaling(self.rope_scaling, self.head_dim)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["head_dim"] == self.dim // self.n_heads:
+            d["head_dim"] = None
+        return {k: v for k, v in d.items() if k not in self._OPTIONAL_KEYS or v != self._OPTIONAL_KEYS[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -96,13 +111,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float()).to(x.dtype)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float):
-    """cos, sin: [max_seq_len, head_dim/2] for adjacent-pair rotation."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device="cpu"), freqs)
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
@@ -133,9 +141,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.dropout = args.dropout
         self.cache: Optional[KVCache] = None
@@ -211,11 +219,16 @@ class Transformer(nn.Module):
 
     def rope(self, end: int):
         """cos, sin tables covering positions 0..end-1 (grown on demand: doubling, capped at max_seq_len)."""
+        a = self.args
+        if rope.depends_on_length(a.rope_scaling) and end > a.rope_scaling["original_max_position_embeddings"]:
+            return rope.tables(a.head_dim, end, a.rope_theta, a.rope_scaling)   # frequencies for this length
         with _ROPE_LOCK:      # readers in other threads see both tables of one length
             cos, sin = self.rope_cos, self.rope_sin
             if cos.shape[0] < end:
-                n = min(max(end, 2 * cos.shape[0], 256), self.args.max_seq_len)
-                c, s = rope_tables(self.args.head_dim, n, self.args.rope_theta)
+                n = min(max(end, 2 * cos.shape[0], 256), a.max_seq_len)
+                if rope.depends_on_length(a.rope_scaling):
+                    n = min(n, a.rope_scaling["original_max_position_embeddings"])
+                c, s = rope.tables(a.head_dim, n, a.rope_theta, a.rope_scaling)
                 self.rope_cos, self.rope_sin = cos, sin = c.to(cos.dtype), s.to(sin.dtype)
         return cos, sin
 

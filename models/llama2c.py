@@ -191,6 +191,6 @@ def write_llama2c(path, args: ModelArgs, sd: dict, version: int = 1) -> None:
 
 
 def _rope_legacy(args):
-    from .llama import rope_tables
+    from .rope import tables
 
-    return rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    return tables(args.head_dim, args.max_seq_len, args.rope_theta, None)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .llama import ModelArgs, Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TokenizerSource, check_settings, open_tokenizer
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed; the message names the file and what is wrong. Every reader raises it.
@@ -46,9 +46,9 @@ class Loaded:
     args: ModelArgs
     kind: str
     path: Path
-    tokenizer_path: Optional[Path] = None
+    tokenizer: Optional[TokenizerSource] = None      # carried inside the checkpoint, found beside it, or given
     quantized: dict = field(default_factory=dict)   # layer name -> {in_features, out_features, group_size}
-    tokenizer_bytes: Optional[bytes] = None          # a SentencePiece model carried inside the checkpoint
+    generation: dict = field(default_factory=dict)  # e.g. sampling defaults from generation_config.json
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _detect(path: Path) -> str:
 def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None,
                num_threads: Optional[int] = None, layout: Optional[str] = None, params=None,
                report: Optional[list] = None) -> Loaded:
-    """Load a checkpoint (default: the embedded model) -> Loaded(model, args, kind, path, tokenizer_path, ...).
+    """Load a checkpoint (default: the embedded model) -> Loaded(model, args, kind, path, tokenizer, ...).
 
     Int4 checkpoints of other tools load as int4 like GGUF Q4_0/Q4_1: gpt-fast / torchchat / torchao .pth
     (kind "torch-int4"; `layout` names their packed layout when the bytes cannot tell, `params` is a
@@ -222,8 +222,8 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     path = Path(path) if path is not None else EMBEDDED_MODEL
     kind = _detect(path)
     quantized = {}
-    tok_guess = None
-    tok_bytes = None
+    tok = None            # TokenizerSource from the checkpoint
+    tok_guess = None      # else a tokenizer file that may sit beside it
     sd = None
     if kind == "torch":
         sd, torch_params = read_torch_state(path, params)
@@ -241,15 +241,15 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     if kind == "gguf":
         from .gguf import read_gguf
 
-        args, layers, tensors, tok_bytes = read_gguf(path, report=report)
+        args, layers, tensors, tok = read_gguf(path, report=report)
         tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
         model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
         quantized = layers
-        tok_guess = _tokenizer_beside(path) if tok_bytes is None else None
+        tok_guess = _tokenizer_beside(path) if tok is None else None
     elif kind == "torch-int4":
         pass
     elif kind == "quant4":
-        from quant4.serialization import FormatError, read_quantized, read_tokenizer_bytes
+        from quant4.serialization import FormatError, read_quantized, read_tokenizer
 
         meta, tensors = read_quantized(path)
         info = meta["model"]
@@ -261,15 +261,17 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             raise FormatError(f"{path}: bad model config ({exc})") from None
         model = build_quantized(args, meta, tensors, num_threads=num_threads)
         quantized = meta["layers"]
-        tok_bytes = read_tokenizer_bytes(path)          # carried inside (files since the key existed)
-        if tok_bytes is None and meta.get("tokenizer"):
+        carried = read_tokenizer(path)          # carried inside (files since the keys existed)
+        if carried is not None:
+            tok = _carried(carried, path)
+        elif meta.get("tokenizer"):
             tok_guess = path.parent / meta["tokenizer"]
     else:
         if kind == "hf":
             from .hf import read_hf
 
-            args, sd = read_hf(path)
-            tok_guess = path / "tokenizer.model"
+            args, sd = read_hf(path, report=report)
+            tok_guess = path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else None
         elif kind == "llama2c":
             from .llama2c import read_llama2c
 
@@ -281,12 +283,41 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
             args, sd = read_float_safetensors(path)
             tok_guess = _tokenizer_beside(path)
         model = build_model(args, sd, path, dtype)
-    tok_path = Path(tokenizer) if tokenizer is not None else tok_guess
-    if tok_path is not None and not tok_path.exists():
-        if tokenizer is not None:
-            raise FileNotFoundError(f"tokenizer file not found: {tok_path}")
-        tok_path = None
-    return Loaded(model, args, kind, path, tok_path, quantized, None if tokenizer is not None else tok_bytes)
+    if tokenizer is not None:
+        tok = open_tokenizer(tokenizer)
+    elif tok is None and tok_guess is not None and tok_guess.exists():
+        tok = open_tokenizer(tok_guess)
+    generation = _generation_config(path) if kind == "hf" else {}
+    return Loaded(model, args, kind, path, tok, quantized, generation)
+
+
+def _carried(carried: tuple, path) -> TokenizerSource:
+    from quant4.serialization import FormatError
+
+    kind, data, settings = carried
+    try:
+        settings = check_settings(settings, path)
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
+    return TokenizerSource(kind, data, f"{path} (tokenizer inside)", settings)
+
+
+def _generation_config(directory: Path) -> dict:
+    """Sampling defaults of a Hugging Face directory (generation_config.json): temperature, top_k, top_p when
+    do_sample is true; {} otherwise."""
+    f = directory / "generation_config.json"
+    try:
+        cfg = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not cfg.get("do_sample"):
+        return {}
+    out = {}
+    for key, lo, hi in (("temperature", 0.0, 100.0), ("top_p", 0.0, 1.0), ("top_k", 1, 1 << 20)):
+        v = cfg.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi:
+            out[key] = v
+    return out
 
 
 def _tokenizer_beside(path: Path) -> Optional[Path]:
@@ -298,16 +329,6 @@ def _tokenizer_beside(path: Path) -> Optional[Path]:
 
 
 def load_tokenizer(loaded: Loaded) -> Tokenizer:
-    if loaded.tokenizer_bytes is not None:
-        return Tokenizer.from_serialized(loaded.tokenizer_bytes, f"{loaded.path} (tokenizer inside)")
-    if loaded.tokenizer_path is None:
+    if loaded.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer found for {loaded.path}; give load_model(tokenizer=PATH)")
-    return Tokenizer(loaded.tokenizer_path)
-
-
-def tokenizer_model_bytes(loaded: Loaded) -> Optional[bytes]:
-    """The SentencePiece model of a loaded checkpoint as bytes (carried inside, or read from its file), to be
-    written into an output file so that it stands alone; None if there is none."""
-    if loaded.tokenizer_bytes is not None:
-        return loaded.tokenizer_bytes
-    return Path(loaded.tokenizer_path).read_bytes() if loaded.tokenizer_path is not None else None
+    return loaded.tokenizer.build()

@@ -9,8 +9,11 @@ Header metadata key "quant4" holds JSON:
      "tied": {"<name>": "<name it aliases>"},
      "model": {...},            free-form description of the architecture (e.g. type and config)
      "tokenizer": "<path relative to the file>" or null}       (files written before the key below)
-Header metadata key "quant4.tokenizer.sentencepiece" (optional): the model's SentencePiece tokenizer, base64, so
-that the file stands alone: moved or copied, it still carries what is needed to use it.
+The model's tokenizer rides in the header too, so that the file stands alone (moved or copied, it still carries
+what is needed to use it), under one of (optional; the same keys in quant4's GGUF files):
+    "quant4.tokenizer.sentencepiece"   a SentencePiece model, base64
+    "quant4.tokenizer.json"            a Hugging Face tokenizer.json, as text
+and "quant4.tokenizer.settings": JSON {"bos_id", "eos_ids", "add_bos", "chat_template"} (any may be absent).
 Readers refuse other formats and versions, and layers whose tensors disagree with the metadata.
 Writes are atomic: a temporary file in the same directory, fsync, rename.
 """
@@ -30,7 +33,44 @@ from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
 FILE_FORMAT = "quant4"
-TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"    # the same key in quant4's GGUF files
+TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"    # the same keys in quant4's GGUF files
+TOKENIZER_JSON_KEY = "quant4.tokenizer.json"
+TOKENIZER_SETTINGS_KEY = "quant4.tokenizer.settings"
+
+
+def tokenizer_header(kind: str, data: bytes, settings: dict) -> dict:
+    """The header entries (strings) that carry a tokenizer: kind "sentencepiece" or "hf" (tokenizer.json)."""
+    out = {TOKENIZER_SETTINGS_KEY: json.dumps({k: v for k, v in settings.items() if v is not None})}
+    if kind == "sentencepiece":
+        out[TOKENIZER_KEY] = encode_tokenizer(data)
+    elif kind == "hf":
+        out[TOKENIZER_JSON_KEY] = data.decode("utf-8")
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    return out
+
+
+def tokenizer_from_header(get) -> Optional[tuple]:
+    """(kind, data, settings) from header entries (get(key) -> str or None), or None if there is none.
+    ValueError names the key that is malformed."""
+    raw_settings = get(TOKENIZER_SETTINGS_KEY)
+    settings = {}
+    if raw_settings is not None:
+        try:
+            settings = json.loads(raw_settings)
+        except (TypeError, json.JSONDecodeError):
+            raise ValueError(f"{TOKENIZER_SETTINGS_KEY} is not JSON") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{TOKENIZER_SETTINGS_KEY} is not a JSON object")
+    sp = get(TOKENIZER_KEY)
+    if sp:
+        return "sentencepiece", decode_tokenizer(sp), settings
+    hf = get(TOKENIZER_JSON_KEY)
+    if hf:
+        if not isinstance(hf, str):
+            raise ValueError(f"{TOKENIZER_JSON_KEY} is not a string")
+        return "hf", hf.encode("utf-8"), settings
+    return None
 
 
 def encode_tokenizer(data: bytes) -> str:
@@ -142,9 +182,10 @@ def quantized_tensors(model: nn.Module):
 
 
 def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optional[str] = None,
-                   tokenizer_bytes: Optional[bytes] = None, overwrite: bool = False) -> Path:
-    """Write `model` (with Int4Linear layers) to `path` in quant4's file format. tokenizer_bytes: the
-    SentencePiece model to carry inside the file (preferred); tokenizer: a path relative to the file (older
+                   tokenizer_bytes: Optional[bytes] = None, tokenizer_source=None, overwrite: bool = False) -> Path:
+    """Write `model` (with Int4Linear layers) to `path` in quant4's file format. The tokenizer to carry inside
+    the file: tokenizer_source (anything with .kind, .data, .settings, e.g. quant4.models.tokenizer's
+    TokenizerSource), or tokenizer_bytes (a SentencePiece model); tokenizer: a path relative to the file (older
     files' way, kept for them)."""
     from safetensors.torch import save_file
 
@@ -152,7 +193,9 @@ def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optio
     meta = {"format": FILE_FORMAT, "format_version": FORMAT_VERSION, "layers": layers, "tied": tied,
             "model": model_info, "tokenizer": tokenizer}
     header = {"quant4": json.dumps(meta)}
-    if tokenizer_bytes is not None:
+    if tokenizer_source is not None:
+        header.update(tokenizer_header(tokenizer_source.kind, tokenizer_source.data, tokenizer_source.settings))
+    elif tokenizer_bytes is not None:
         header[TOKENIZER_KEY] = encode_tokenizer(tokenizer_bytes)
 
     def write(tmp):
@@ -191,11 +234,11 @@ def read_header(path) -> dict:
     return meta
 
 
-def read_tokenizer_bytes(path) -> Optional[bytes]:
-    """The SentencePiece tokenizer a quant4 file carries, or None."""
-    raw = read_header(path).get(TOKENIZER_KEY)
+def read_tokenizer(path) -> Optional[tuple]:
+    """The tokenizer a quant4 file carries as (kind, data, settings), or None."""
+    header = read_header(path)
     try:
-        return None if raw is None else decode_tokenizer(raw)
+        return tokenizer_from_header(header.get)
     except ValueError as exc:
         raise FormatError(f"{path}: {exc}") from None
 

@@ -62,7 +62,7 @@ def main(argv=None):
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
     tok = tokenizer_or_exit(loaded)
     if tok.vocab_size != loaded.args.vocab_size:
-        raise SystemExit(f"tokenizer {loaded.tokenizer_path} has {tok.vocab_size} pieces, "
+        raise SystemExit(f"error: the tokenizer ({tok.origin}) has {tok.vocab_size} pieces, "
                          f"the model {loaded.args.vocab_size}")
     quantize = args.quantize if args.quantize is not None else args.checkpoint is None
     print(f"loaded {loaded.path} ({loaded.kind}{', int4' if loaded.quantized else ''}) in "

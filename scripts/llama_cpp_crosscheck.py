@@ -82,10 +82,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         f32 = d / "f32.gguf"
-        write_gguf(loaded.model, loaded.args, f32, tokenizer_path=loaded.tokenizer_path)
+        write_gguf(loaded.model, loaded.args, f32, tokenizer=loaded.tokenizer)
         q = quantize_model_(load_model(args.checkpoint).model, 32)
         q41 = d / "quant4-q4_1.gguf"
-        write_gguf(q, loaded.args, q41, tokenizer_path=loaded.tokenizer_path)
+        write_gguf(q, loaded.args, q41, tokenizer=loaded.tokenizer)
         compare("quant4 int4 g32 -> GGUF Q4_1, run by llama.cpp vs quant4", q, tok,
                 llama(args.llama_python, {"path": str(q41), "prompt": args.prompt}), args.prompt)
         for kind in ("Q4_0", "Q4_1"):

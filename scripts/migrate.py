@@ -32,17 +32,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def read_any(path: Path, args, report: list):
-    """-> (model, ModelArgs, kind, tokenizer path or None, tokenizer bytes or None)."""
+    """-> (model, ModelArgs, kind, TokenizerSource or None)."""
     from quant4.models.load import load_model
 
     loaded = load_model(path, tokenizer=args.tokenizer, layout=args.layout, params=args.params, report=report)
     if not loaded.quantized and not args.inspect:
         raise SystemExit(f"error: {path} holds no int4 layers; quantize it with scripts/quantize.py")
     report.append(f"{loaded.kind}: {len(loaded.quantized)} int4 layers")
-    return loaded.model, loaded.args, loaded.kind, loaded.tokenizer_path, loaded.tokenizer_bytes
+    return loaded.model, loaded.args, loaded.kind, loaded.tokenizer
 
 
-def summarize(model, margs, tok_path, tok_bytes) -> str:
+def summarize(model, margs, tok) -> str:
     """What a checkpoint holds, for --inspect and the conversion report: int4 and float layers, bytes, config,
     tokenizer."""
     from quant4 import Int4Linear
@@ -58,8 +58,9 @@ def summarize(model, margs, tok_path, tok_bytes) -> str:
     else:
         int4 = "no int4 layers (a float checkpoint)"
     a = margs
-    tok = (f"carried inside ({len(tok_bytes):,} bytes)" if tok_bytes is not None else
-           str(tok_path) if tok_path is not None else "none found")
+    tok = (f"{'SentencePiece' if tok.kind == 'sentencepiece' else 'tokenizer.json'} from {tok.origin} "
+           f"({len(tok.data):,} bytes{', chat template' if tok.settings.get('chat_template') else ''})"
+           if tok is not None else "none found")
     return (f"{int4}; {size['float_params'] / 1e6:.2f} M float params; {size['bytes'] / 1e6:.2f} MB\n"
             f"  config: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads ({a.n_kv_heads} kv), hidden {a.hidden_dim}, "
             f"vocab {a.vocab_size}, context {a.max_seq_len}, rope_theta {a.rope_theta:g}, "
@@ -113,10 +114,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     report: list[str] = []
     try:
-        model, margs, kind, tok_path, tok_bytes = read_any(src, args, report)
+        model, margs, kind, tok = read_any(src, args, report)
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         raise SystemExit(f"error: {exc}")
-    print(f"{src}: {kind}; {summarize(model, margs, tok_path, tok_bytes)}")
+    print(f"{src}: {kind}; {summarize(model, margs, tok)}")
     for line in report:
         print(f"  {line}")
     if args.inspect:
@@ -127,28 +128,15 @@ def main(argv=None):
         from quant4.serialization import save_quantized
 
         # the output stands alone: the tokenizer goes inside it, no local paths in the header
-        if tok_bytes is None and tok_path is not None:
-            tok_bytes = Path(tok_path).read_bytes()
-        report.append("tokenizer carried inside the file" if tok_bytes is not None else
+        report.append("tokenizer carried inside the file" if tok is not None else
                       "no tokenizer found: the output carries none (pass --tokenizer)")
         info = {"type": "llama", "config": dict(margs.to_dict(), dropout=0.0), "source": src.name}
-        save_quantized(model, out, model_info=info, tokenizer_bytes=tok_bytes, overwrite=args.force)
+        save_quantized(model, out, model_info=info, tokenizer_source=tok, overwrite=args.force)
     elif suffix == ".gguf":
         from quant4.models.gguf import write_gguf
 
-        tmp_tok = None
-        if tok_path is None and tok_bytes is not None:
-            import tempfile
-
-            tmp_tok = Path(tempfile.mkstemp(suffix=".model")[1])
-            tmp_tok.write_bytes(tok_bytes)
-            tok_path = tmp_tok
-        try:
-            write_gguf(model, margs, out, tokenizer_path=tok_path, overwrite=args.force, report=report)
-        finally:
-            if tmp_tok is not None:
-                tmp_tok.unlink()
-        if tok_path is None:
+        write_gguf(model, margs, out, tokenizer=tok, overwrite=args.force, report=report)
+        if tok is None:
             report.append("no tokenizer found: the GGUF has none (pass --tokenizer)")
     else:
         from quant4.interop.torch_int4 import export_torch_int4

@@ -36,7 +36,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="input checkpoint (default: the embedded model)")
     ap.add_argument("--tokenizer", default=None,
-                    help="SentencePiece .model to carry inside the output (default: the one found with the checkpoint)")
+                    help="tokenizer to carry inside the output: a SentencePiece .model, a tokenizer.json or a directory "
+                         "with one (default: the one the checkpoint carries or has beside it)")
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
@@ -48,7 +49,6 @@ def main(argv=None):
     from pathlib import Path
 
     from quant4 import format_report, projection_filter, quantize_model_, quantize_model_gptq_
-    from quant4.models.load import tokenizer_model_bytes
     from quant4.serialization import save_quantized
 
     out = Path(args.out)
@@ -90,10 +90,10 @@ def main(argv=None):
     print(format_report([r for r in model.quant4_report if r.swapped], model))
     # the file stands alone: the tokenizer inside, no local paths (the source by its file name only)
     info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": Path(loaded.path).name}
-    tok = tokenizer_model_bytes(loaded)
+    tok = loaded.tokenizer
     if tok is None:
         print("note: no tokenizer found for this checkpoint; the output carries none (pass --tokenizer)")
-    save_quantized(model, out, model_info=info, tokenizer_bytes=tok, overwrite=args.force)
+    save_quantized(model, out, model_info=info, tokenizer_source=tok, overwrite=args.force)
     after = out.stat().st_size
     print(f"size: {before / 1e6:.2f} MB float -> {after / 1e6:.2f} MB ({after / before:.1%}); "
           f"wrote {out} in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB")

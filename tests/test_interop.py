@@ -321,7 +321,7 @@ def test_gguf_round_trip_and_tokenizer(tmp_path):
     loaded = load_model()
     m = quantize_model_(loaded.model, 32)
     report = []
-    write_gguf(m, loaded.args, tmp_path / "e.gguf", tokenizer_path=loaded.tokenizer_path, report=report)
+    write_gguf(m, loaded.args, tmp_path / "e.gguf", tokenizer=loaded.tokenizer, report=report)
     bound = float(report[-1].rsplit(" ", 1)[1])          # the largest float16 rounding of an offset
     back = load_model(tmp_path / "e.gguf")
     assert back.args == loaded.args and len(back.quantized) == 42
@@ -342,7 +342,7 @@ def test_gguf_tokenizer_rebuilt_from_vocab(tmp_path):
     from quant4.models.gguf import TOKENIZER_KEY
 
     loaded = load_model()
-    write_gguf(loaded.model, loaded.args, tmp_path / "f.gguf", tokenizer_path=loaded.tokenizer_path)
+    write_gguf(loaded.model, loaded.args, tmp_path / "f.gguf", tokenizer=loaded.tokenizer)
     # the same file as llama.cpp's converter would write it: vocab arrays only, no SentencePiece blob
     r = gguf.GGUFReader(str(tmp_path / "f.gguf"))
     assert r.get_field(TOKENIZER_KEY) is not None

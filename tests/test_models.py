@@ -140,7 +140,7 @@ def test_hf_directory_undoes_rope_permutation(tmp_path):
     assert loaded.kind == "hf"
     assert torch.allclose(loaded.model(TOKENS), m(TOKENS), atol=1e-5)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="mistral")))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(cfg, model_type="gemma")))
     with pytest.raises(CheckpointError, match="model_type"):
         read_hf(tmp_path / "hf")
 

@@ -13,7 +13,7 @@ import pytest
 from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.llama2c import write_llama2c
 from quant4.models.load import EMBEDDED_MODEL, load_model
-from quant4.models.tokenizer import Tokenizer
+from quant4.models.tokenizer import SentencePieceTokenizer
 from quant4.serialization import atomic_write
 from helpers import REPO
 
@@ -166,7 +166,7 @@ def test_generate_prints_exactly_the_generated_text(prompt):
 
     shown = _printed_continuation(prompt)
     loaded = load_model()
-    tok = Tokenizer(TOK)
+    tok = SentencePieceTokenizer(TOK)
     model = quantize_model_(loaded.model, 32)
     ids = tok.encode(prompt)
     new, _ = generate(model, ids, 24, stop_ids=(tok.bos_id, tok.eos_id))
@@ -178,7 +178,7 @@ def test_generate_prints_exactly_the_generated_text(prompt):
 def test_stream_decoder_equals_whole_decoding():
     import random
 
-    tok = Tokenizer(TOK)
+    tok = SentencePieceTokenizer(TOK)
     for trial in range(300):
         r = random.Random(trial)
         ctx = [tok.bos_id] + [r.randrange(tok.vocab_size) for _ in range(r.randrange(0, 6))]

@@ -90,7 +90,7 @@ def test_a_quantized_file_stands_alone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("--- int4 g32 ---\nOnce upon a time") and "decode 12 tokens" in out
     loaded = load_model(moved)
-    assert loaded.tokenizer_bytes == (REPO / "models" / "tiny" / "tokenizer.model").read_bytes()
+    assert loaded.tokenizer.data == (REPO / "models" / "tiny" / "tokenizer.model").read_bytes()
 
 
 def test_generate_reports_size_threads_and_the_context_cap(capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from quant4.models.generate import generate
 from quant4.models.load import load_model
-from quant4.models.tokenizer import Tokenizer
+from quant4.models.tokenizer import SentencePieceTokenizer
 from quant4 import quantize_model_
 from quant4.serialization import save_quantized
 from helpers import REPO
@@ -31,7 +31,7 @@ def _fds() -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_shared_model_under_concurrent_generation_and_loading(tmp_path):
-    tok = Tokenizer(REPO / "models" / "tiny" / "tokenizer.model")
+    tok = SentencePieceTokenizer(REPO / "models" / "tiny" / "tokenizer.model")
     model = quantize_model_(load_model().model, 32)
     prompts = [tok.encode(p) for p in PROMPTS]
     stop = (tok.bos_id, tok.eos_id)
