@@ -79,11 +79,12 @@ def rope_config(cfg: dict) -> tuple:
     """(rope_theta, scaling dict or None) from a config.json: the `rope_scaling` + `rope_theta` of most
     checkpoints, or the `rope_parameters` object transformers 5 writes."""
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict):
+    if isinstance(params, dict) and cfg.get("rope_scaling") is None:
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta, scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
+        theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0) if isinstance(params, dict) else 10000.0)
+        scaling = cfg.get("rope_scaling")
     if isinstance(scaling, dict):
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind in (None, "default"):
@@ -105,7 +106,10 @@ def args_from_config(cfg: dict, path, report: Optional[list] = None) -> ModelArg
     try:
         theta, scaling = rope_config(cfg)
         n_heads = cfg["num_attention_heads"]
-        max_seq = min(cfg.get("max_position_embeddings") or 2048, 1 << 20)
+        max_seq = cfg.get("max_position_embeddings") or 2048
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "dynamic":
+            max_seq = int(max_seq * scaling.get("factor", 1))     # NTK scaling is what runs past the original
+        max_seq = min(max_seq, 1 << 20)
         window = cfg.get("sliding_window")
         if window and (arch == "mistral" or cfg.get("use_sliding_window")) and window < max_seq:
             note(f"sliding-window attention ({window} tokens): the context is capped at {window} tokens, where "
