@@ -61,3 +61,61 @@ def render(tok, messages, add_generation_prompt: bool = True, **extra) -> str:
 def _token_string(tok, i):
     """A special token's text as it appears in a prompt ("<s>", "<|begin_of_text|>"), "" if there is none."""
     return "" if i is None else (tok.token_text(i) or "")
+
+
+class ChatSession:
+    """A multi-turn conversation with one KV cache: each turn renders the whole conversation with the chat
+    template, keeps the cached positions the new prompt shares with what the cache holds, and prefills only
+    the rest (the new user message), so the history is never re-run."""
+
+    def __init__(self, model, tok, context: int, *, temperature: float = 0.0, top_k=None, top_p=None,
+                 seed=None):
+        import torch
+
+        self.model, self.tok = model, tok
+        self.context = min(context, model.args.max_seq_len)
+        self.cache = model.new_cache(1, self.context)
+        self.cached: list = []           # token ids whose keys/values the cache holds, positions 0..n-1
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.prefilled = 0               # tokens run through the model in prefill, over the session
+
+    def prompt_ids(self, messages) -> list:
+        return self.tok.encode(render(self.tok, messages, add_generation_prompt=True), bos=False)
+
+    def reply(self, messages, max_new_tokens: int, on_token=None) -> list:
+        """Generate the assistant's next message -> its token ids (without the end-of-turn token). Ctrl-C
+        (KeyboardInterrupt) ends the reply early and returns what was generated so far."""
+        import torch
+
+        from .generate import sample
+
+        ids = self.prompt_ids(messages)
+        if len(ids) >= self.context:
+            raise ValueError(f"the conversation is {len(ids)} tokens; the context is {self.context} tokens "
+                             f"(start a new conversation)")
+        keep = 0
+        for a, b in zip(self.cached, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)           # at least one token to run, for the next logits
+        stop = self.tok.stop_ids
+        out = []
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids[keep:]]), keep, self.cache)[0, -1]
+            self.prefilled += len(ids) - keep
+            self.cached = list(ids)
+            try:
+                while len(out) < max_new_tokens and len(self.cached) < self.context:
+                    t = sample(logits, **self.sampling, generator=self.generator)
+                    if t in stop:
+                        break
+                    out.append(t)
+                    if on_token is not None:
+                        on_token(t)
+                    logits = self.model(torch.tensor([[t]]), len(self.cached), self.cache)[0, -1]
+                    self.cached.append(t)
+            except KeyboardInterrupt:
+                pass
+        return out

@@ -25,7 +25,8 @@ from quant4.ops import METHODS          # in-memory quantization: rtn or search 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: next to the checkpoint)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer file or directory (default: the one the checkpoint carries or has beside it)")
     ap.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None,
                     help="quantize a float checkpoint to int4 before generating (default: on for the embedded model)")
     ap.add_argument("--compare", action="store_true", help="run float and int4 one after the other")
@@ -111,7 +112,7 @@ def main(argv=None):
 
         ids, st = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           stop_ids=(tok.bos_id, tok.eos_id), on_token=on_token)
+                           stop_ids=tok.stop_ids | {tok.bos_id}, on_token=on_token)
         print(stream.flush())
         print(f"[{label}] prefill {st.prompt_tokens} tokens at {st.prefill_tok_s:.1f} tok/s, "
               f"decode {st.new_tokens} tokens at {st.decode_tok_s:.1f} tok/s, peak RSS {peak_rss_mb():.0f} MB")
