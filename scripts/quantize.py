@@ -14,9 +14,10 @@ copy exists), prints each layer's SQNR and the sizes, and writes one safetensors
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
+from _common import (add_calibration_args, advice, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
                      load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
 
 from torch import nn
@@ -48,8 +49,7 @@ def main(argv=None):
 
     from pathlib import Path
 
-    from quant4 import format_report, projection_filter, quantize_model_, quantize_model_gptq_
-    from quant4.serialization import save_quantized
+    from quant4 import projection_filter, quantize_model_, quantize_model_gptq_
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -70,12 +70,31 @@ def main(argv=None):
     if args.gptq_refine < 0:
         raise SystemExit(f"error: --gptq-refine must be >= 0, got {args.gptq_refine}")
     t0 = time.perf_counter()
+    select = projection_filter(args.include, args.exclude)
+    if args.method != "gptq" and streamable(args.checkpoint):
+        # read and quantize one tensor at a time: the float model never exists whole
+        from quant4.models.stream_quantize import quantize_checkpoint
+
+        print(f"{args.checkpoint}: quantizing to int4 g{args.group_size} ({args.method}) while reading it",
+              file=sys.stderr)
+        report = []
+        try:
+            loaded = quantize_checkpoint(args.checkpoint, args.group_size, select, method=args.method,
+                                         tokenizer=args.tokenizer, report=report, progress=True)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"error: {advice(exc)}")
+        for line in report:
+            print(f"note: {line}", file=sys.stderr)
+        model = loaded.model
+        if not loaded.quantized:
+            raise SystemExit("error: no layers selected")
+        before = model.quant4_stream["float_bytes"]
+        return finish(args, out, loaded, model, before, t0)
     loaded = load_or_exit(args.checkpoint, tokenizer=args.tokenizer)
     model = loaded.model
     if loaded.quantized:
         raise SystemExit(f"error: {loaded.path} is already int4 ({loaded.kind}); quantize its float checkpoint")
     before = tensor_bytes(model)
-    select = projection_filter(args.include, args.exclude)
     n_selected = sum(1 for n, m in model.named_modules() if n and select(m, n))
     if not n_selected:
         raise SystemExit("error: no layers selected")
@@ -87,6 +106,25 @@ def main(argv=None):
                              progress=True)
     else:
         quantize_model_(model, args.group_size, select, method=args.method, progress=True)
+    return finish(args, out, loaded, model, before, t0)
+
+
+def streamable(checkpoint) -> bool:
+    """A float checkpoint kind that quantize_checkpoint reads tensor by tensor."""
+    from pathlib import Path
+
+    if checkpoint is None:
+        return False
+    p = Path(checkpoint)
+    return (p.is_dir() and (p / "config.json").is_file()) or p.suffix.lower() == ".bin"
+
+
+def finish(args, out, loaded, model, before, t0):
+    from pathlib import Path
+
+    from quant4 import format_report
+    from quant4.serialization import save_quantized
+
     print(format_report([r for r in model.quant4_report if r.swapped], model))
     # the file stands alone: the tokenizer inside, no local paths (the source by its file name only)
     info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": Path(loaded.path).name}
