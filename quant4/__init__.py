@@ -1,15 +1,40 @@
-"""quant4: group-wise int4 weight-only quantization for Llama-style models on the CPU."""
-from quant4.gptq import gptq_quantize, quantize_model_gptq_
-from quant4.nn import Int4Linear
-from quant4.ops import (dequantize, get_num_threads, kernel_isa, matmul, openmp_enabled, quantize,
-                        set_num_threads, unpack)
-from quant4.scheme import FORMAT_VERSION, GROUP_SIZES
-from quant4.swap import (MODEL_METHODS, SwapRecord, format_report, is_projection, projection_filter, quantize_model_,
-                         set_activation_)
+"""quant4: group-wise int4 weight-only quantization for Llama-style models on the CPU.
+
+The names below are imported on first use (PEP 562), so `import quant4` alone, and the command-line tools'
+--help, do not import torch.
+"""
+from quant4.options import ACTIVATIONS, GROUP_SIZES, METHODS, MODEL_METHODS
 
 __version__ = "0.1.0"
-__all__ = [
-    "Int4Linear", "quantize_model_", "set_activation_", "quantize_model_gptq_", "gptq_quantize", "is_projection", "projection_filter", "SwapRecord", "quantize", "dequantize", "unpack",
-    "matmul", "openmp_enabled", "kernel_isa", "set_num_threads", "get_num_threads", "FORMAT_VERSION",
-    "GROUP_SIZES", "MODEL_METHODS", "format_report",
-]
+
+_LAZY = {
+    "gptq_quantize": "quant4.gptq", "quantize_model_gptq_": "quant4.gptq",
+    "Int4Linear": "quant4.nn",
+    "dequantize": "quant4.ops", "get_num_threads": "quant4.ops", "kernel_isa": "quant4.ops",
+    "matmul": "quant4.ops", "openmp_enabled": "quant4.ops", "quantize": "quant4.ops",
+    "set_num_threads": "quant4.ops", "unpack": "quant4.ops",
+    "FORMAT_VERSION": "quant4.scheme",
+    "SwapRecord": "quant4.swap", "format_report": "quant4.swap", "is_projection": "quant4.swap",
+    "projection_filter": "quant4.swap", "quantize_model_": "quant4.swap", "set_activation_": "quant4.swap",
+}
+__all__ = sorted(_LAZY) + ["ACTIVATIONS", "GROUP_SIZES", "METHODS", "MODEL_METHODS"]
+
+
+_SUBMODULES = {"gptq", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"quant4.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quant4' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

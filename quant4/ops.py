@@ -11,6 +11,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+from quant4.options import ACTIVATIONS, METHODS  # noqa: F401  (re-exported)
 import torch.nn.functional as F
 
 from quant4 import _kernels as _base
@@ -54,7 +55,6 @@ _BF16 = _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
 
 
 _INT8 = _k.int8_available()
-ACTIVATIONS = ("float", "int8", "bf16")
 
 
 def int8_kernel_available() -> bool:
@@ -171,7 +171,6 @@ def _half_bits(t: torch.Tensor):
 # ------------------------------------------------------------------------------------------------
 # public ops
 
-METHODS = ("rtn", "search")
 # shrink fractions of a group's range tried by method="search" (both ends, 7 x 7 candidates)
 SEARCH_GRID = (0.0, 0.03, 0.06, 0.09, 0.12, 0.16, 0.2)
 

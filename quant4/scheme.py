@@ -23,9 +23,9 @@ Kernels read this layout directly; nothing kernel- or ISA-specific is ever store
 from __future__ import annotations
 
 import torch
+from quant4.options import GROUP_SIZES  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
-GROUP_SIZES = (32, 64, 128, 256)
 SCALE_DTYPE = torch.float16
 
 

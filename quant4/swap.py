@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from quant4.options import MODEL_METHODS  # noqa: F401  (re-exported)
 from torch import nn
 from tqdm import tqdm
 
@@ -17,7 +18,6 @@ log = logging.getLogger("quant4")
 PROJECTION_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # How a model's layers can be quantized: quantize_model_(method="rtn" | "search"), or quantize_model_gptq_
 # (calibration text; its group scales by "search").
-MODEL_METHODS = ("rtn", "search", "gptq")
 
 
 def is_projection(module: nn.Module, fqn: str) -> bool:

@@ -9,8 +9,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -21,12 +19,18 @@ def add_thread_arg(ap):
                     help="threads for torch and quant4's kernels (default: torch's default)")
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def add_activation_args(ap):
     """--dtype (the model's compute dtype) and --activation (what the int4 layers do with their inputs)."""
-    from quant4.ops import ACTIVATIONS
+    from quant4.options import ACTIVATIONS
 
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                     help="the model's dtype: norms, embeddings, KV cache, activations; int4 layers keep their "
@@ -41,7 +45,7 @@ def apply_activation(model, args) -> None:
 
     quant4.set_activation_(model, args.activation)
     if args.dtype != "fp32":
-        model.to(DTYPES[args.dtype])
+        model.to(torch_dtype(args.dtype))
 
 
 def apply_threads(n):
@@ -52,6 +56,8 @@ def apply_threads(n):
             quant4.set_num_threads(n)
         except ValueError as exc:
             raise SystemExit(f"error: --threads: {exc}") from None
+        import torch
+
         torch.set_num_threads(n)
 
 
@@ -90,7 +96,7 @@ METHOD_HELP = {"rtn": "min/max scale and zero", "search": "a per-group clipping 
 
 def add_layer_args(ap, methods=None, sweep=False):
     """--group-size, --method (one each, or lists where a script sweeps), --include, --exclude."""
-    from quant4 import GROUP_SIZES, MODEL_METHODS
+    from quant4.options import GROUP_SIZES, MODEL_METHODS
 
     methods = tuple(methods or MODEL_METHODS)
     many = {"nargs": "+"} if sweep else {}
@@ -109,11 +115,22 @@ def add_layer_args(ap, methods=None, sweep=False):
 
 def add_calibration_args(ap):
     ap.add_argument("--calibration", default=None, metavar="TEXT",
-                    help="GPTQ calibration text (default: ../shared/data/tinystories_train.txt)")
-    ap.add_argument("--calib-sequences", type=int, default=256, help="GPTQ calibration windows")
-    ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+                    help="GPTQ: calibration text file (default: ../shared/data/tinystories_train.txt)")
+    ap.add_argument("--calib-sequences", type=int, default=256,
+                    help="GPTQ: calibration windows (default: %(default)s)")
+    ap.add_argument("--calib-len", type=int, default=256,
+                    help="GPTQ: tokens per calibration window (default: %(default)s)")
     ap.add_argument("--gptq-refine", type=int, default=0, metavar="N",
                     help="GPTQ: rounds of least-squares scale/zero refits (2 measured best; 5-10x the time)")
+
+
+def refuse_unused_layer_args(args, used: bool, why: str) -> None:
+    """--group-size / --method / --include / --exclude given where nothing is quantized: an error, not ignored."""
+    given = [f for f, v, default in (("--group-size", args.group_size, 32), ("--method", args.method, "rtn"),
+                                     ("--include", args.include, []), ("--exclude", args.exclude, []))
+             if v != default]
+    if given and not used:
+        raise SystemExit(f"error: {', '.join(given)} only apply {why}")
 
 
 def calibration_tokens(args, tok, max_seq_len: int, vocab_size: int):

@@ -18,7 +18,7 @@ import sys
 import time
 
 from _common import (add_activation_args, add_layer_args, add_thread_arg, apply_activation, apply_threads,
-                     load_or_exit, run_main, tokenizer_or_exit)
+                     load_or_exit, refuse_unused_layer_args, run_main, tokenizer_or_exit)
 
 
 def build_parser():
@@ -48,6 +48,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_threads(args.threads)
+    refuse_unused_layer_args(args, args.quantize, "with --quantize")
     if args.max_new_tokens < 1 or args.context < 2:
         raise SystemExit("error: --max-new-tokens must be >= 1 and --context >= 2")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
                      load_or_exit, run_main, tokenizer_or_exit)
 
-from quant4 import MODEL_METHODS
+from quant4.options import MODEL_METHODS
 
 EVAL_METHODS = MODEL_METHODS + ("gptq-refine",)
 
@@ -137,7 +137,7 @@ def evaluate(args, checkpoint, tokenizer):
     return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", default=[None],
                     help="checkpoint(s): a float one is quantized with each method and group size; an int4 file "
@@ -148,17 +148,22 @@ def main(argv=None):
                          "model in the repo (default: none, perplexity only)")
     ap.add_argument("--tokenizer", nargs="+", default=None, help="tokenizer per checkpoint ('-': found beside it)")
     ap.add_argument("--text", default=None, help="text file (default: the TinyStories hold-out slice)")
-    ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=20000, help="tokens of text scored (default: %(default)s)")
+    ap.add_argument("--window", type=int, default=512,
+                    help="tokens per non-overlapping window (default: %(default)s)")
     add_layer_args(ap, methods=EVAL_METHODS, sweep=True)
     ap.add_argument("--activation", nargs="*", default=[], choices=("int8", "bf16"),
                     help="add rows decoding one token at a time: rtn int4 with float and with these activation "
                          "modes, against the float model decoding the same way")
-    ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison")
+    ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison (default: %(default)s)")
     ap.add_argument("--json", default=None, help="write the results here")
     add_calibration_args(ap)
     add_thread_arg(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     apply_threads(args.threads)
     if args.tokens < 2 or args.window < 2 or args.decode_tokens < 2:
         raise SystemExit(f"error: --tokens, --window and --decode-tokens must be >= 2, got {args.tokens}, "

@@ -17,12 +17,12 @@ import time
 
 
 from _common import (add_activation_args, add_layer_args, add_thread_arg, apply_activation, apply_threads,
-                     load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
+                     load_or_exit, peak_rss_mb, refuse_unused_layer_args, run_main, tokenizer_or_exit)
 
-from quant4.ops import METHODS          # in-memory quantization: rtn or search (GPTQ: scripts/quantize.py)
+from quant4.options import METHODS      # in-memory quantization: rtn or search (GPTQ: scripts/quantize.py)
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint (default: the embedded model)")
     ap.add_argument("--tokenizer", default=None,
@@ -30,16 +30,21 @@ def main(argv=None):
     ap.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None,
                     help="quantize a float checkpoint to int4 before generating (default: on for the embedded model)")
     ap.add_argument("--compare", action="store_true", help="run float and int4 one after the other")
-    ap.add_argument("--prompt", default="Once upon a time")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    ap.add_argument("--max-new-tokens", type=int, default=200,
+                    help="tokens to generate at most, capped by the context (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 1)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_activation_args(ap)
     add_layer_args(ap, methods=METHODS)
     add_thread_arg(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     apply_threads(args.threads)
     try:
         args.prompt.encode("utf-8")
@@ -66,6 +71,8 @@ def main(argv=None):
         raise SystemExit(f"error: the tokenizer ({tok.origin}) has {tok.vocab_size} pieces, "
                          f"the model {loaded.args.vocab_size}")
     quantize = args.quantize if args.quantize is not None else args.checkpoint is None
+    refuse_unused_layer_args(args, quantize or args.compare, "when a float model is quantized (--quantize or "
+                             "--compare; the default for the embedded model)")
     print(f"loaded {loaded.path} ({loaded.kind}{', int4' if loaded.quantized else ''}) in "
           f"{time.perf_counter() - t0:.2f} s; kernels: {kernel_isa()}, {quant4.get_num_threads()} threads",
           file=sys.stderr)

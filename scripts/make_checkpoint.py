@@ -52,14 +52,18 @@ def tensor_shapes(cfg: dict):
         yield "lm_head.weight", (v, d)
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", required=True, choices=sorted(SHAPES), help="which model's shape")
     ap.add_argument("--out", required=True, help="directory to create (must not exist)")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="(default: %(default)s)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: %(default)s)")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     import torch
     from safetensors.torch import save_file

@@ -24,11 +24,9 @@ import json
 import time
 from pathlib import Path
 
-from _common import add_thread_arg, apply_threads, run_main  # (also puts the repo on sys.path)
+from _common import add_thread_arg, apply_threads, run_main, torch_dtype  # (also puts the repo on sys.path)
 
-import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 def read_any(path: Path, args, report: list):
@@ -68,9 +66,9 @@ def summarize(model, margs, tok) -> str:
             f"  tokenizer: {tok}")
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input")
+    ap.add_argument("input", help="checkpoint to convert or inspect (any kind load_model reads)")
     ap.add_argument("--out", default=None, help="output file: .safetensors, .pth/.pt or .gguf")
     ap.add_argument("--inspect", action="store_true",
                     help="only describe the input (any checkpoint, float too): config, tokenizer, int4/float layers, "
@@ -82,10 +80,15 @@ def main(argv=None):
                     help="the activation dtype the .pth is for: its scales_and_zeros dtype (default: %(default)s)")
     ap.add_argument("--torch-layout", default=None, help="packed layout for .pth out (default: this torch's "
                                                           "CPU op); e.g. cuda-tiled for gpt-fast on CUDA")
-    ap.add_argument("--inner-k-tiles", type=int, default=8, choices=(2, 4, 8))
+    ap.add_argument("--inner-k-tiles", type=int, default=8, choices=(2, 4, 8),
+                    help="cuda-tiled layout only: inner K tiles (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_thread_arg(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     apply_threads(args.threads)
 
     from quant4.models.load import CheckpointError
@@ -139,10 +142,12 @@ def main(argv=None):
         if tok is None:
             report.append("no tokenizer found: the GGUF has none (pass --tokenizer)")
     else:
+        import torch
+
         from quant4.interop.torch_int4 import export_torch_int4
         from quant4.serialization import atomic_write
 
-        sd = export_torch_int4(model, dtype=DTYPES[args.torch_dtype], layout=args.torch_layout,
+        sd = export_torch_int4(model, dtype=torch_dtype(args.torch_dtype), layout=args.torch_layout,
                                inner_k_tiles=args.inner_k_tiles, report=report)
         atomic_write(out, lambda tmp: torch.save(sd, tmp), overwrite=args.force)
         where = args.torch_layout or f"this torch's CPU op ({torch.backends.cpu.get_cpu_capability()})"

@@ -20,10 +20,8 @@ import time
 from _common import (add_calibration_args, advice, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
                      load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
 
-from torch import nn
 
-
-def tensor_bytes(model: nn.Module) -> int:
+def tensor_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
@@ -33,7 +31,7 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="input checkpoint (default: the embedded model)")
     ap.add_argument("--tokenizer", default=None,
@@ -44,7 +42,11 @@ def main(argv=None):
     add_layer_args(ap)
     add_calibration_args(ap)
     add_thread_arg(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     apply_threads(args.threads)
 
     from pathlib import Path

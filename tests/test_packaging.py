@@ -52,3 +52,11 @@ def test_wheel_imports_next_to_a_user_package_named_models(tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok (1, 3, 1024)"), res.stdout
+    # the console entry points work from the installed wheel, outside the checkout
+    for tool in ("quantize", "generate", "chat", "eval", "migrate"):
+        res = subprocess.run([str(venv / "bin" / f"quant4-{tool}"), "--help"], cwd=user, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0 and "usage:" in res.stdout, (tool, res.stderr[-2000:])
+    res = subprocess.run([str(venv / "bin" / "quant4-generate"), "--max-new-tokens", "8"], cwd=user,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Once upon a time" in res.stdout, res.stderr[-2000:]

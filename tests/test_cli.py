@@ -1,0 +1,57 @@
+"""The command-line tools: --help without importing torch, help text and defaults on every option, the
+console entry points."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+TOOLS = ["quantize", "generate", "chat", "eval", "migrate", "make_checkpoint"]
+
+
+def parser(name):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name).build_parser()
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_option_has_help_and_shows_its_default(name):
+    ap = parser(name)
+    for action in ap._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = "/".join(action.option_strings) or action.dest
+        assert action.help and len(action.help) > 8, f"{name} {label}: no help text"
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "%(default)" in action.help or "default" in action.help, f"{name} {label}: default not shown"
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_help_does_not_import_torch(name):
+    code = (f"import sys, runpy; sys.argv = ['{name}', '--help']; sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
+            f"try:\n    runpy.run_path({str(REPO / 'scripts' / (name + '.py'))!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and "--" in r.stdout
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("generate", ["--checkpoint", "{tiny}", "--method", "search"]),
+    ("generate", ["--checkpoint", "{tiny}", "--group-size", "64"]),
+    ("chat", ["--method", "search", "--prompt", "x"]),
+])
+def test_layer_options_without_quantization_are_refused(tmp_path, script, argv):
+    tiny = REPO / "models" / "tiny" / "model.safetensors"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"),
+                        *[a.format(tiny=tiny) for a in argv]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "only apply" in r.stderr, r.stderr
