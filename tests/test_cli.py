@@ -11,7 +11,7 @@ import pytest
 
 from helpers import REPO
 
-TOOLS = ["quantize", "generate", "chat", "eval", "migrate", "make_checkpoint"]
+TOOLS = ["quantize", "generate", "chat", "eval", "migrate", "make_checkpoint", "bench_e2e"]
 
 
 def parser(name):
@@ -55,3 +55,16 @@ def test_layer_options_without_quantization_are_refused(tmp_path, script, argv):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"),
                         *[a.format(tiny=tiny) for a in argv]], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "only apply" in r.stderr, r.stderr
+
+
+def test_bench_e2e_runs_quant4_side_on_a_gguf(tmp_path):
+    from quant4 import quantize_model_
+    from quant4.models.gguf import write_gguf
+    from quant4.models.load import load_model
+
+    loaded = load_model()
+    write_gguf(quantize_model_(loaded.model, 32), loaded.args, tmp_path / "m.gguf", tokenizer=loaded.tokenizer)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_e2e.py"), "--checkpoint", str(tmp_path / "m.gguf"),
+                        "--prompt", "8", "--gen", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout

@@ -1,0 +1,150 @@
+"""End-to-end speed of a whole model: quant4 and llama.cpp on the same GGUF file, in one run.
+
+    python scripts/bench_e2e.py --checkpoint model.gguf --llama-bench /path/to/llama-bench
+    python scripts/bench_e2e.py --shape smollm2-135m --llama-bench /path/to/llama-bench   # a random model
+
+quant4 loads the file with load_model (GGUF Q4_0/Q4_1 stay int4, the default a user gets) and measures, after a
+warm-up, the median of --repeats runs of: prefill of each --prompt length (one forward over the prompt, KV
+cache filled) and decode (--gen tokens one at a time after a 16-token prompt). llama.cpp's `llama-bench` runs
+the same file with the same threads (-p prompt lengths, -n --gen, -r --repeats). The table gives tokens/s and
+the ratio quant4 / llama.cpp. The machine should be otherwise idle (busy neighbours collapse OpenMP throughput).
+
+llama-bench comes from llama.cpp's source, e.g. the copy inside llama-cpp-python's source distribution:
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+    cmake --build build --target llama-bench -j 2        # about 8 minutes on 2 cores
+
+--shape writes a random-weight model of that shape, quantized by quant4 to int4 g32, as GGUF Q4_1 (with the
+Llama 2 tokenizer from ../shared if present, else the embedded model's) into --workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO, add_thread_arg, apply_threads, run_main
+
+SHAPES = {"smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True),
+          "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
+          "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+                            tie_embeddings=False)}
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a GGUF file (or any checkpoint; llama.cpp needs GGUF)")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="make a random-weight Q4_1 GGUF of this shape")
+    ap.add_argument("--workdir", default="bench_out", help="where --shape writes its file (default: %(default)s)")
+    ap.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench (default: quant4 only)")
+    ap.add_argument("--prompt", type=int, nargs="+", default=[32, 512], help="prefill lengths (default: %(default)s)")
+    ap.add_argument("--gen", type=int, default=64, help="decode tokens per run (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default: %(default)s)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="quant4's model dtype (default: %(default)s, what load_model gives)")
+    add_thread_arg(ap)
+    return ap
+
+
+def make_model(shape: str, workdir: Path) -> Path:
+    import torch
+
+    from quant4 import quantize_model_
+    from quant4.models.gguf import write_gguf
+    from quant4.models.llama import ModelArgs, Transformer
+    from quant4.models.tokenizer import open_tokenizer
+
+    llama2 = REPO.parent / "shared" / "models" / "llama2c" / "tokenizer.model"
+    tok = open_tokenizer(llama2 if llama2.is_file() else REPO / "models" / "tiny" / "tokenizer.model")
+    path = workdir / f"{shape}-random-q4_1-v{tok.build().vocab_size}.gguf"
+    if path.is_file():
+        return path
+    args = ModelArgs(vocab_size=tok.build().vocab_size, max_seq_len=2048, **SHAPES[shape])
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+    model.reset_rope()
+    quantize_model_(model, 32)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_gguf(model, args, path, tokenizer=tok)
+    return path
+
+
+def quant4_speeds(path: Path, prompts, gen: int, repeats: int, dtype: str) -> dict:
+    import torch
+
+    from quant4.models.load import load_model
+
+    model = load_model(path).model
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    vocab = model.args.vocab_size
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    with torch.inference_mode():
+        for n in prompts:
+            toks = torch.randint(0, vocab, (1, n), generator=g)
+            times = []
+            for r in range(repeats + 1):            # the first run warms up
+                cache = model.new_cache(1, n)
+                t0 = time.perf_counter()
+                model(toks, 0, cache)
+                times.append(time.perf_counter() - t0)
+            out[f"pp{n}"] = n / statistics.median(times[1:])
+        prompt = torch.randint(0, vocab, (1, 16), generator=g)
+        times = []
+        for r in range(repeats + 1):
+            cache = model.new_cache(1, 16 + gen)
+            logits = model(prompt, 0, cache)[0, -1]
+            t0 = time.perf_counter()
+            for i in range(gen):
+                t = int(torch.argmax(logits))
+                logits = model(torch.tensor([[t]]), 16 + i, cache)[0, -1]
+            times.append(time.perf_counter() - t0)
+        out[f"tg{gen}"] = gen / statistics.median(times[1:])
+    return out
+
+
+def llama_speeds(exe: str, path: Path, prompts, gen: int, repeats: int, threads) -> dict:
+    cmd = [exe, "-m", str(path), "-p", ",".join(map(str, prompts)), "-n", str(gen), "-r", str(repeats),
+           "-o", "json"] + (["-t", str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    out = {}
+    for row in json.loads(r.stdout):
+        key = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+        out[key] = float(row["avg_ts"])
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
+    import quant4
+
+    path = Path(args.checkpoint) if args.checkpoint else make_model(args.shape, Path(args.workdir))
+    threads = args.threads or quant4.get_num_threads()
+    ours = quant4_speeds(path, args.prompt, args.gen, args.repeats, args.dtype)
+    theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
+        if args.llama_bench else {}
+    print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}")
+    print("| phase | quant4 tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
+    for key, v in ours.items():
+        t = theirs.get(key)
+        print(f"| {key} | {v:.1f} | {f'{t:.1f}' if t else '-'} | {f'{v / t:.2f}x' if t else '-'} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_main(main)
