@@ -288,7 +288,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     elif tok is None and tok_guess is not None and tok_guess.exists():
         tok = open_tokenizer(tok_guess)
     generation = _generation_config(path) if kind == "hf" else {}
-    return Loaded(model, args, kind, path, tok, quantized, generation)
+    return Loaded(model.relayout_head_(), args, kind, path, tok, quantized, generation)
 
 
 def _carried(carried: tuple, path) -> TokenizerSource:

@@ -131,7 +131,7 @@ def quantize_checkpoint(path, group_size: int = 32, filter_fn: Optional[Callable
         if isinstance(mod, nn.Linear):
             records.append(SwapRecord(fqn, False, "not selected" if filter_fn else
                                       "not a projection (wq wk wv wo w1 w2 w3)"))
-    model.eval()
+    model.eval().relayout_head_()
     model.quant4_report = SwapReport(records)
     model.quant4_stream = {"float_bytes": float_bytes, "seconds": time.perf_counter() - t0}
     tok = open_tokenizer(tokenizer) if tokenizer is not None else _found_tokenizer(path, kind)

@@ -112,7 +112,7 @@ def test_layers_grouped_by_shared_input():
     m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, max_seq_len=16))
     h = m.tok_embeddings(torch.tensor([[1, 2, 3, 4]]))
     for _ in range(5):
-        sets = _input_sets(m.layers[0], "layers.0", is_projection, (h, *(t[:4] for t in m.rope(4)), 0), {})
+        sets = _input_sets(m.layers[0], "layers.0", is_projection, (h, torch.complex(*(t[:4] for t in m.rope(4))), 0), {})
         assert sets == [["attention.wq", "attention.wk", "attention.wv"], ["attention.wo"],
                         ["feed_forward.w1", "feed_forward.w3"], ["feed_forward.w2"]]
 
