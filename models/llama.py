@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant4.nn import Int4Linear
 from quant4.ops import check_int
 
 from . import rope
@@ -148,9 +149,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rot, start_pos: int, cache: Optional["KVCache"] = None):
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = Int4Linear.run_group((self.wq, self.wk, self.wv), x)     # shared input: one call when int4
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         cache = cache if cache is not None else self.cache
@@ -176,7 +178,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = Int4Linear.run_group((self.w1, self.w3), x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -189,8 +192,10 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x, rot, start_pos, cache=None):
-        h = x + self.drop(self.attention(self.attention_norm(x), rot, start_pos, cache))
-        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+        h = self.attention(self.attention_norm(x), rot, start_pos, cache)
+        h = x + (self.drop(h) if self.drop.p and self.training else h)     # a call less per block at p = 0
+        out = self.feed_forward(self.ffn_norm(h))
+        return h + (self.drop(out) if self.drop.p and self.training else out)
 
 
 class Transformer(nn.Module):

@@ -157,6 +157,30 @@ class Int4Linear(nn.Module):
             y = ops.matmul_prepared(x2d, self._prepared(), num_threads=self.num_threads, activation=self.activation)
         return y.reshape(*lead, self.out_features)
 
+    @staticmethod
+    def run_group(modules, x: torch.Tensor) -> list:
+        """[m(x) for m in modules], with the work on x shared when every module is an Int4Linear with the same
+        in_features, group size, activation mode and threads, none has hooks, and no gradient is needed (e.g.
+        q/k/v, or w1/w3): one input check and conversion, the kernels back to back, no per-module call
+        overhead. Anything else is the plain loop."""
+        from torch.nn.modules import module as _m
+
+        first = modules[0]
+        if (not isinstance(x, torch.Tensor) or (x.requires_grad and torch.is_grad_enabled())
+                or _m._global_forward_hooks or _m._global_forward_pre_hooks
+                or any(type(m) is not Int4Linear or m._forward_hooks or m._forward_pre_hooks
+                       or m.in_features != first.in_features or m.group_size != first.group_size
+                       or m.activation != first.activation or m.num_threads != first.num_threads
+                       for m in modules)):
+            return [m(x) for m in modules]
+        if x.dim() == 0 or x.shape[-1] != first.in_features:
+            raise ValueError(f"input shape {tuple(x.shape)}: last dim must be in_features={first.in_features}")
+        _refuse_transforms(x)
+        lead = x.shape[:-1]
+        ys = ops.matmul_prepared_many(x.reshape(-1, first.in_features), [m._prepared() for m in modules],
+                                      num_threads=first.num_threads, activation=first.activation)
+        return [y.reshape(*lead, m.out_features) for y, m in zip(ys, modules)]
+
     def _prepared(self) -> ops.Prepared:
         # validated kernel views of the buffers, rebuilt whenever a buffer's memory, shape, strides or version
         # changed (see ops.Prepared.matches); never copied or pickled (__getstate__)

@@ -331,24 +331,40 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
 def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] = None, small_m: int = SMALL_M,
                     activation: str = "float") -> torch.Tensor:
     """matmul() for a Prepared weight."""
+    return matmul_prepared_many(x, (w,), num_threads=num_threads, small_m=small_m, activation=activation)[0]
+
+
+def matmul_prepared_many(x: torch.Tensor, ws, *, num_threads: Optional[int] = None, small_m: int = SMALL_M,
+                         activation: str = "float") -> list:
+    """[matmul_prepared(x, w) for w in ws] for weights with the same in_features and padded K (e.g. the q, k, v
+    projections): x is checked and converted for the kernels once, and the kernels run back to back."""
     check_activation(activation)
     _check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    if x.shape[1] != w.in_features:
-        raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={w.in_features}")
-    M, N, Kp, g = x.shape[0], w.N, w.Kp, w.group_size
-    out = torch.empty(M, N)
-    if M == 0 or N == 0:
-        return out.to(x.dtype)
-    nt = _threads(num_threads, M * N * Kp)
+    w0 = ws[0]
+    for w in ws:
+        if x.shape[1] != w.in_features:
+            raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={w.in_features}")
+        if w.Kp != w0.Kp:
+            raise ValueError(f"matmul_prepared_many: padded K {w.Kp} differs from {w0.Kp}")
+    M, Kp = x.shape[0], w0.Kp
     out_dtype = x.dtype
+    if M == 0:
+        return [torch.empty(0, w.N, dtype=out_dtype) for w in ws]
     if activation == "bf16" and _BF16 and x.dtype != torch.bfloat16:
         x = x.detach().to(torch.bfloat16)       # the option: round the inputs, then compute as for bf16 ones
     plan = plan_matmul(M, Kp, _BF16 and x.dtype == torch.bfloat16, activation, small_m)
     # .bfloat16() / .float(): no copy when x already has that dtype (cheaper than .to(dtype) per call)
     xk = x.detach().bfloat16() if plan.kernel.startswith("bf16") else x.detach().float()
-    if Kp != w.in_features:
-        xk = F.pad(xk, (0, Kp - w.in_features))
+    if Kp != w0.in_features:
+        xk = F.pad(xk, (0, Kp - w0.in_features))
     xk = xk.contiguous()
     xk = _half_bits(xk) if xk.dtype == torch.bfloat16 else xk.numpy()
-    _k.matmul(xk, w.qweight, w.scales, w.zeros, g, w.bias, out.numpy(), _k.KERNELS[plan.kernel], plan.multi_row, nt)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+    kernel = _k.KERNELS[plan.kernel]
+    outs = []
+    for w in ws:
+        out = torch.empty(M, w.N)
+        if w.N:
+            _k.matmul(xk, w.qweight, w.scales, w.zeros, w.group_size, w.bias, out.numpy(), kernel, plan.multi_row,
+                      _threads(num_threads, M * w.N * Kp))
+        outs.append(out if out_dtype == torch.float32 else out.to(out_dtype))
+    return outs

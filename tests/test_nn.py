@@ -221,3 +221,23 @@ def test_set_activation_sets_every_int4_layer():
     assert all(m.activation == "bf16" for m in model.modules() if isinstance(m, Int4Linear))
     with pytest.raises(ValueError, match="activation"):
         set_activation_(model, "fp8")
+
+
+def test_run_group_equals_separate_calls_and_respects_hooks():
+    torch.manual_seed(0)
+    mods = [Int4Linear.from_linear(torch.nn.Linear(96, n), 32) for n in (64, 32, 32)]
+    for shape in ((1, 1, 96), (2, 5, 96)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            got = Int4Linear.run_group(mods, x)
+            want = [m(x) for m in mods]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    seen = []
+    h = mods[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        Int4Linear.run_group(mods, torch.randn(1, 96))
+    h.remove()
+    assert seen == [torch.Size([1, 32])]          # a hooked module is called as a module
+    x = torch.randn(1, 96, requires_grad=True)
+    sum(y.sum() for y in Int4Linear.run_group(mods, x)).backward()   # gradients flow as with separate calls
+    assert x.grad is not None
