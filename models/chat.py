@@ -103,7 +103,7 @@ class ChatSession:
         stop = self.tok.stop_ids
         out = []
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids[keep:]]), keep, self.cache)[0, -1]
+            logits = self.model(torch.tensor([ids[keep:]]), keep, self.cache, last_only=True)[0, -1]
             self.prefilled += len(ids) - keep
             self.cached = list(ids)
             try:

@@ -56,7 +56,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)    # this call's own: threads may share a model
     t0 = time.perf_counter()
-    logits = model(torch.tensor([prompt_ids]), 0, cache)[0, -1]
+    logits = model(torch.tensor([prompt_ids]), 0, cache, last_only=True)[0, -1]
     t1 = time.perf_counter()
     out = []
     pos = len(prompt_ids)

@@ -275,9 +275,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-    def forward(self, tokens, start_pos: int = 0, cache: Optional[list] = None):
+    def forward(self, tokens, start_pos: int = 0, cache: Optional[list] = None, last_only: bool = False):
         """tokens: [B, S] int64 -> logits [B, S, vocab] (fp32). cache: from new_cache() (else the attached
-        one from setup_cache(), if any)."""
+        one from setup_cache(), if any). last_only: logits of the last position only ([B, 1, vocab]), what a
+        prefill for generation needs (the output head is skipped for the others)."""
         B, S = tokens.shape
         if start_pos + S > self.args.max_seq_len:
             raise ValueError(f"sequence end {start_pos + S} exceeds max_seq_len={self.args.max_seq_len}")
@@ -286,4 +287,6 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, start_pos, None if cache is None else cache[i])
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -98,14 +98,14 @@ def quant4_speeds(path: Path, prompts, gen: int, repeats: int, dtype: str) -> di
             for r in range(repeats + 1):            # the first run warms up
                 cache = model.new_cache(1, n)
                 t0 = time.perf_counter()
-                model(toks, 0, cache)
+                model(toks, 0, cache, last_only=True)     # as generation does (and llama-bench)
                 times.append(time.perf_counter() - t0)
             out[f"pp{n}"] = n / statistics.median(times[1:])
         prompt = torch.randint(0, vocab, (1, 16), generator=g)
         times = []
         for r in range(repeats + 1):
             cache = model.new_cache(1, 16 + gen)
-            logits = model(prompt, 0, cache)[0, -1]
+            logits = model(prompt, 0, cache, last_only=True)[0, -1]
             t0 = time.perf_counter()
             for i in range(gen):
                 t = int(torch.argmax(logits))

@@ -289,3 +289,12 @@ def test_generate_in_inference_mode_leaves_the_model_usable_with_autograd():
     out = m(torch.tensor([[1, 2, 3, 4]]))
     out.sum().backward()          # inference tensors saved for backward would raise here
     assert m.tok_embeddings.weight.grad is not None
+
+
+def test_last_only_logits_equal_the_full_forward_last_position():
+    m = load_model().model
+    toks = torch.tensor([[1, 5, 9, 20, 3, 77]])
+    full = m(toks)
+    last = m(toks, last_only=True)
+    assert last.shape == (1, 1, full.shape[-1])
+    assert torch.allclose(last[0, 0], full[0, -1], atol=1e-5, rtol=1e-5)
