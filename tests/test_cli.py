@@ -68,3 +68,16 @@ def test_bench_e2e_runs_quant4_side_on_a_gguf(tmp_path):
                         "--prompt", "8", "--gen", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout
+
+
+@pytest.mark.parametrize("env, want", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                       ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_tools_wait_passively_unless_the_user_chose(env, want):
+    import os
+
+    code = (f"import sys, os; sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
+            "import _common; _common.apply_threads(None)\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(want), r.stderr
