@@ -288,7 +288,21 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     elif tok is None and tok_guess is not None and tok_guess.exists():
         tok = open_tokenizer(tok_guess)
     generation = _generation_config(path) if kind == "hf" else {}
-    return Loaded(model.relayout_head_(), args, kind, path, tok, quantized, generation)
+    model.relayout_head_()
+    release_freed_memory()
+    return Loaded(model, args, kind, path, tok, quantized, generation)
+
+
+def release_freed_memory() -> None:
+    """Give the conversion's freed temporaries back to the OS (glibc keeps them in its heap otherwise: a 5.1 GB
+    GGUF stayed at 6.2 GB resident after loading, 5.2 GB after this). A no-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _carried(carried: tuple, path) -> TokenizerSource:

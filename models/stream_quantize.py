@@ -25,7 +25,7 @@ from quant4.nn import Int4Linear
 from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
 from .llama import Transformer
-from .load import CheckpointError, Loaded, _detect
+from .load import CheckpointError, Loaded, _detect, release_freed_memory
 from .tokenizer import open_tokenizer
 
 
@@ -132,6 +132,7 @@ def quantize_checkpoint(path, group_size: int = 32, filter_fn: Optional[Callable
             records.append(SwapRecord(fqn, False, "not selected" if filter_fn else
                                       "not a projection (wq wk wv wo w1 w2 w3)"))
     model.eval().relayout_head_()
+    release_freed_memory()
     model.quant4_report = SwapReport(records)
     model.quant4_stream = {"float_bytes": float_bytes, "seconds": time.perf_counter() - t0}
     tok = open_tokenizer(tokenizer) if tokenizer is not None else _found_tokenizer(path, kind)
