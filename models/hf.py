@@ -196,46 +196,38 @@ def read_safetensors(file):
     touched stays resident while any tensor of the file lives: a 5 GB shard costs 5 GB of resident memory.
     Reading each tensor with plain file reads at the offsets the header gives keeps memory at one tensor.
     The header is validated first (JSON object, known dtypes, offsets inside the file and matching the shapes)."""
-    import struct
+    from quant4.serialization import FormatError, read_safetensors_header
 
     file = Path(file)
     size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{file}: too short for a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{file}: safetensors header length {n} exceeds the file ({size} bytes)")
+    try:
+        header, data_start = read_safetensors_header(file)
+    except FormatError as exc:
+        raise CheckpointError(str(exc)) from None
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{file}: safetensors header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{file}: safetensors header is not a JSON object")
-        entries = []
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = [int(x) for x in info["shape"]]
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{file}: tensor {key!r}: dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
-                                      f" is not F32/F16/BF16, or its entry is malformed") from None
-            numel = 1
-            for x in shape:
-                if x < 0:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}")
-                numel *= x
-            if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
-                raise CheckpointError(f"{file}: tensor {key!r}: offsets {begin}..{end} do not fit its shape "
-                                      f"{shape} or the file")
-            entries.append((begin, key, dtype, shape, end))
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(x) for x in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {key!r}: dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
+                                  f" is not F32/F16/BF16, or its entry is malformed") from None
+        numel = 1
+        for x in shape:
+            if x < 0:
+                raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}")
+            numel *= x
+        if end - begin != numel * dtype.itemsize or not 0 <= begin <= end <= size - data_start:
+            raise CheckpointError(f"{file}: tensor {key!r}: offsets {begin}..{end} do not fit its shape "
+                                  f"{shape} or the file")
+        entries.append((begin, key, dtype, shape, end))
+    with open(file, "rb") as f:
         for begin, key, dtype, shape, end in sorted(entries):
             t = torch.empty(shape, dtype=dtype)
-            f.seek(8 + n + begin)
+            f.seek(data_start + begin)
             got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else bytearray(0))
             if got != end - begin:
                 raise CheckpointError(f"{file}: tensor {key!r} is cut short")

@@ -209,8 +209,9 @@ def save_quantized(model: nn.Module, path, *, model_info: dict, tokenizer: Optio
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def read_header(path) -> dict:
-    """The safetensors header metadata of `path` (validated to be quant4-readable safetensors)."""
+def read_safetensors_header(path) -> tuple:
+    """(the JSON header of a safetensors file as a dict, the byte offset where its tensor data starts),
+    validated: length inside the file and under MAX_HEADER_BYTES, valid JSON, an object."""
     import struct
 
     path = Path(path)
@@ -228,6 +229,12 @@ def read_header(path) -> dict:
             raise FormatError(f"{path}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def read_header(path) -> dict:
+    """The safetensors header metadata of `path` (validated to be quant4-readable safetensors)."""
+    header, _ = read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: safetensors __metadata__ is not an object")

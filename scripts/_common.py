@@ -14,6 +14,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+TOKENIZER_FILES = ("a SentencePiece .model, a tokenizer.json, or a directory with one (default: the one the "
+                   "checkpoint carries or has beside it)")
+
+
+def add_checkpoint_args(ap, checkpoint_help="checkpoint (default: the embedded model)",
+                        tokenizer_help="tokenizer: " + TOKENIZER_FILES):
+    """--checkpoint (one; any kind load_model reads) and --tokenizer."""
+    ap.add_argument("--checkpoint", default=None, help=checkpoint_help)
+    ap.add_argument("--tokenizer", default=None, help=tokenizer_help)
+
+
 def add_thread_arg(ap):
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and quant4's kernels (default: torch's default)")

@@ -17,15 +17,14 @@ import argparse
 import sys
 import time
 
-from _common import (add_activation_args, add_layer_args, add_thread_arg, apply_activation, apply_threads,
+from _common import (add_activation_args, add_checkpoint_args, add_layer_args, add_thread_arg, apply_activation,
+                     apply_threads,
                      load_or_exit, refuse_unused_layer_args, run_main, tokenizer_or_exit)
 
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="tokenizer file or directory (default: the one the checkpoint carries or has beside it)")
+    add_checkpoint_args(ap)
     ap.add_argument("--system", default=None, help="a system message to start the conversation (default: none)")
     ap.add_argument("--prompt", default=None,
                     help="one user message: print the reply and exit (default: interactive)")

@@ -16,7 +16,8 @@ import sys
 import time
 
 
-from _common import (add_activation_args, add_layer_args, add_thread_arg, apply_activation, apply_threads,
+from _common import (add_activation_args, add_checkpoint_args, add_layer_args, add_thread_arg, apply_activation,
+                     apply_threads,
                      load_or_exit, peak_rss_mb, refuse_unused_layer_args, run_main, tokenizer_or_exit)
 
 from quant4.options import METHODS      # in-memory quantization: rtn or search (GPTQ: scripts/quantize.py)
@@ -24,9 +25,7 @@ from quant4.options import METHODS      # in-memory quantization: rtn or search 
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="tokenizer file or directory (default: the one the checkpoint carries or has beside it)")
+    add_checkpoint_args(ap)
     ap.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None,
                     help="quantize a float checkpoint to int4 before generating (default: on for the embedded model)")
     ap.add_argument("--compare", action="store_true", help="run float and int4 one after the other")

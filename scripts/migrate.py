@@ -75,7 +75,8 @@ def build_parser():
                          "bytes, layout")
     ap.add_argument("--layout", default=None, help="the input's packed layout, when it cannot be detected")
     ap.add_argument("--params", default=None, help="params.json with the model's n_heads (torch inputs)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer .model to reference / embed")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer to carry into the output: a SentencePiece .model, a tokenizer.json or a "
+                         "directory with one (default: the input's)")
     ap.add_argument("--torch-dtype", default="bf16", choices=sorted(DTYPES),
                     help="the activation dtype the .pth is for: its scales_and_zeros dtype (default: %(default)s)")
     ap.add_argument("--torch-layout", default=None, help="packed layout for .pth out (default: this torch's "

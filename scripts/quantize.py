@@ -17,7 +17,8 @@ import argparse
 import sys
 import time
 
-from _common import (add_calibration_args, advice, add_layer_args, add_thread_arg, apply_threads, calibration_tokens,
+from _common import (TOKENIZER_FILES, add_calibration_args, add_checkpoint_args, add_layer_args, add_thread_arg,
+                     advice, apply_threads, calibration_tokens,
                      load_or_exit, peak_rss_mb, run_main, tokenizer_or_exit)
 
 
@@ -33,10 +34,8 @@ def tensor_bytes(model) -> int:
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="input checkpoint (default: the embedded model)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="tokenizer to carry inside the output: a SentencePiece .model, a tokenizer.json or a directory "
-                         "with one (default: the one the checkpoint carries or has beside it)")
+    add_checkpoint_args(ap, "input checkpoint (default: the embedded model)",
+                        "tokenizer to carry inside the output: " + TOKENIZER_FILES)
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
