@@ -263,11 +263,7 @@ def hf_settings(tokenizer_config: dict, token_to_id, generation_config: Optional
         return token_to_id(value) if isinstance(value, str) else None
 
     bos = token(tokenizer_config.get("bos_token"))
-    eos = []
-    for source in (tokenizer_config.get("eos_token"),):
-        i = token(source)
-        if i is not None:
-            eos.append(i)
+    eos = [i for i in (token(tokenizer_config.get("eos_token")),) if i is not None]
     for cfg in (generation_config or {}, config or {}):
         v = cfg.get("eos_token_id")
         for i in (v if isinstance(v, list) else [v]):
