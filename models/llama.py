@@ -114,9 +114,22 @@ class RMSNorm(nn.Module):
         return (out * self.weight.float()).to(x.dtype)
 
 
+def rope_rotation(cos, sin):
+    """What apply_rope multiplies by, for the positions of one forward ([S, D/2] tables): eagerly one complex
+    tensor; when compiled the (cos, sin) pair, as torch.compile generates code for real arithmetic only."""
+    if torch.compiler.is_compiling():
+        return cos.float(), sin.float()
+    return torch.complex(cos.float(), sin.float())
+
+
 def apply_rope(x, rot):
-    """x: [B, S, H, D]; rot: [S, D/2] complex (cos + i sin): each adjacent pair (x[2i], x[2i+1]) is one complex
-    number, rotated by one complex multiply (fewer ops per call than cos/sin products and a stack)."""
+    """x: [B, S, H, D]; rot from rope_rotation: each adjacent pair (x[2i], x[2i+1]) is one complex number,
+    rotated by one complex multiply (eagerly fewer ops per call than cos/sin products and a stack); compiled, the
+    same rotation in real arithmetic, which the compiler fuses into one loop."""
+    if isinstance(rot, tuple):
+        cos, sin = rot[0][None, :, None, :], rot[1][None, :, None, :]
+        x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(x.dtype)
 
@@ -222,6 +235,11 @@ class Transformer(nn.Module):
         a = self.args
         if rope.depends_on_length(a.rope_scaling) and end > a.rope_scaling["original_max_position_embeddings"]:
             return rope.tables(a.head_dim, end, a.rope_theta, a.rope_scaling)   # frequencies for this length
+        if torch.compiler.is_compiling():
+            # tables are buffers a compiled graph reads; they are grown eagerly (setup_cache / new_cache)
+            torch._check(self.rope_cos.shape[0] >= end, lambda: "RoPE tables too short: call setup_cache() or "
+                         "new_cache() with the context length before running compiled")
+            return self.rope_cos, self.rope_sin
         with _ROPE_LOCK:      # readers in other threads see both tables of one length
             cos, sin = self.rope_cos, self.rope_sin
             if cos.shape[0] < end:
@@ -263,6 +281,7 @@ class Transformer(nn.Module):
         """A KV cache (one KVCache per layer) for forward(..., cache=...): each caller (thread) its own."""
         n = max_seq_len or self.args.max_seq_len
         dtype = dtype or self.tok_embeddings.weight.dtype
+        self.rope(min(n, self.args.max_seq_len))     # the tables for every position the cache holds
         return [KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype) for _ in self.layers]
 
     def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None):
@@ -283,7 +302,7 @@ class Transformer(nn.Module):
         if start_pos + S > self.args.max_seq_len:
             raise ValueError(f"sequence end {start_pos + S} exceeds max_seq_len={self.args.max_seq_len}")
         cos, sin = self.rope(start_pos + S)
-        rot = torch.complex(cos[start_pos : start_pos + S].float(), sin[start_pos : start_pos + S].float())
+        rot = rope_rotation(cos[start_pos : start_pos + S], sin[start_pos : start_pos + S])
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, start_pos, None if cache is None else cache[i])

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "gptq_quantize": "quant4.gptq", "quantize_model_gptq_": "quant4.gptq",
+    "Int4Config": "quant4.config", "quantize_": "quant4.config",
     "Int4Linear": "quant4.nn",
     "dequantize": "quant4.ops", "get_num_threads": "quant4.ops", "kernel_isa": "quant4.ops",
     "matmul": "quant4.ops", "openmp_enabled": "quant4.ops", "quantize": "quant4.ops",
@@ -20,7 +21,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["ACTIVATIONS", "GROUP_SIZES", "METHODS", "MODEL_METHODS"]
 
 
-_SUBMODULES = {"gptq", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap"}
+_SUBMODULES = {"config", "gptq", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap", "torch_ops"}
 
 
 def __getattr__(name):

@@ -11,6 +11,20 @@ from quant4 import ops
 from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
 
 
+def _torch_ops():
+    # imported on first compile: registering the custom ops costs ~50 ms that eager use never needs
+    from quant4 import torch_ops
+
+    return torch_ops
+
+
+def _tracing(x) -> bool:
+    """True while torch.compile or torch.export traces the model (fake or functional tensors; no memory to run
+    the kernels on): Int4Linear then records the custom op."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or (isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, nn.Parameter)))
+
+
 class _Int4LinearFn(torch.autograd.Function):
     """Int4 matmul with a gradient for the input (weights are frozen): grad_x = grad_y . w_hat."""
 
@@ -144,6 +158,10 @@ class Int4Linear(nn.Module):
         return layouts.torch_cpu_pack(codes), layouts.scales_and_zeros(self.scales, self.zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing(x):
+            # torch.compile / torch.export: the kernels as one custom op (quant4.torch_ops)
+            return _torch_ops().linear(x, self.qweight, self.scales, self.zeros, self.bias, self.group_size,
+                                       self.in_features, self.activation, self.num_threads)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Int4Linear expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -166,7 +184,7 @@ class Int4Linear(nn.Module):
         from torch.nn.modules import module as _m
 
         first = modules[0]
-        if (not isinstance(x, torch.Tensor) or (x.requires_grad and torch.is_grad_enabled())
+        if (not isinstance(x, torch.Tensor) or _tracing(x) or (x.requires_grad and torch.is_grad_enabled())
                 or _m._global_forward_hooks or _m._global_forward_pre_hooks
                 or any(type(m) is not Int4Linear or m._forward_hooks or m._forward_pre_hooks
                        or m.in_features != first.in_features or m.group_size != first.group_size

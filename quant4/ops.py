@@ -6,9 +6,14 @@ QUANT4_ISA=generic|avx2|avx512 overrides the choice.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
+import threading
+import weakref
 from typing import NamedTuple, Optional
+
+import numpy as np
 
 import torch
 from quant4.options import ACTIVATIONS, METHODS  # noqa: F401  (re-exported)
@@ -277,6 +282,40 @@ class Prepared:
     def matches(self, qweight, scales, zeros, bias) -> bool:
         # on every forward call: about 4 us for the four tensors
         return self.keys == (_tensor_key(qweight), _tensor_key(scales), _tensor_key(zeros), _tensor_key(bias))
+
+
+# Kernel views for callers that hold no module to cache them on (the custom op quant4::linear, which sees only
+# tensors): one Prepared per qweight tensor, found by identity, checked with Prepared.matches on every call. The
+# entry must not keep qweight alive (or no model would ever be freed): its qweight view is a raw pointer view,
+# used only while `matches` confirms the tensor's memory is unchanged, and the entry is dropped when qweight dies.
+_PREPARED: dict = {}
+_PREPARED_LOCK = threading.Lock()
+
+
+def _drop_prepared(key: int, ref) -> None:
+    with _PREPARED_LOCK:
+        entry = _PREPARED.get(key)
+        if entry is not None and entry[0] is ref:
+            del _PREPARED[key]
+
+
+def prepared_for(qweight, scales, zeros, group_size: int, in_features: int, bias=None) -> Prepared:
+    """The Prepared of these stored tensors, cached per qweight tensor (see above)."""
+    entry = _PREPARED.get(id(qweight))
+    if entry is not None:
+        ref, p = entry
+        if (ref() is qweight and p.group_size == group_size and p.in_features == in_features
+                and p.matches(qweight, scales, zeros, bias)):
+            return p
+    p = Prepared(qweight, scales, zeros, group_size, in_features, bias)
+    if qweight.is_contiguous() and qweight.numel():     # else p holds a copy, which does not reference qweight
+        raw = (ctypes.c_uint8 * qweight.numel()).from_address(qweight.data_ptr())
+        p.qweight = np.frombuffer(raw, dtype=np.uint8).reshape(qweight.shape)
+    key = id(qweight)
+    ref = weakref.ref(qweight, lambda r, key=key: _drop_prepared(key, r))
+    with _PREPARED_LOCK:
+        _PREPARED[key] = (ref, p)
+    return p
 
 
 class Plan(NamedTuple):

@@ -62,6 +62,15 @@ def weight_sqnr_db(w, q: Int4Linear) -> float:
     return float(20 * torch.log10(w.norm() / err)) if err > 0 else float("inf")
 
 
+@dataclass(frozen=True)
+class LayerSettings:
+    """How one nn.Linear is quantized (what a filter or an Int4Config resolves to, per layer)."""
+    group_size: int = 32
+    method: str = "rtn"
+    activation: str = "float"
+    num_threads: Optional[int] = None
+
+
 def quantize_model_(model: nn.Module, group_size: int = 32,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
                     num_threads: Optional[int] = None, activation: str = "float", method: str = "rtn",
@@ -75,12 +84,23 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
     What was swapped, and every nn.Linear left in float with the reason, is logged to the "quant4" logger
     (printed too with verbose=True) and stored as a list of SwapRecord in model.quant4_report
     (format_report() renders it as a table). progress=True shows a progress bar (tqdm, on stderr).
+    quant4.quantize_ with an Int4Config is the same with per-layer settings.
     """
+    select = filter_fn or is_projection
+    settings = LayerSettings(group_size, method, activation, num_threads)
+    why = "not a projection (wq wk wv wo w1 w2 w3)" if filter_fn is None else "not selected by filter_fn"
+    return swap_layers_(model, lambda mod, fqn: settings if select(mod, fqn) else None, why,
+                        verbose=verbose, progress=progress)
+
+
+def swap_layers_(model: nn.Module, choose: Callable[[nn.Module, str], Optional[LayerSettings]], why_kept: str, *,
+                 verbose: bool = False, progress: bool = False) -> nn.Module:
+    """The swap behind quantize_model_ and quantize_: choose(module, fqn) gives a selected layer's LayerSettings,
+    or None to keep it (reported with `why_kept`), or a str: keep it for that reason."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model_ expects an nn.Module, got {type(model).__name__}")
-    select = filter_fn or is_projection
     report = []
-    targets = {}        # id(linear) -> (linear, [every name it is reachable under])
+    targets = {}        # id(linear) -> (linear, settings, [every name it is reachable under])
     # remove_duplicate=False: a module shared under two names is seen (and later swapped) under both
     for fqn, mod in model.named_modules(remove_duplicate=False):
         if not fqn:
@@ -88,30 +108,33 @@ def quantize_model_(model: nn.Module, group_size: int = 32,
         if isinstance(mod, Int4Linear):
             report.append(SwapRecord(fqn, False, "already Int4Linear"))
             continue
-        chosen = bool(select(mod, fqn))
-        if chosen and not isinstance(mod, nn.Linear):
+        chosen = choose(mod, fqn)
+        if isinstance(chosen, str):
+            if isinstance(mod, nn.Linear):
+                report.append(SwapRecord(fqn, False, chosen))
+            continue
+        if chosen is not None and not isinstance(mod, nn.Linear):
             raise TypeError(f"filter_fn selected {fqn!r}, a {type(mod).__name__}; only nn.Linear can be quantized")
-        if chosen:
-            targets.setdefault(id(mod), (mod, []))[1].append(fqn)
+        if chosen is not None:
+            targets.setdefault(id(mod), (mod, chosen, []))[2].append(fqn)
         elif isinstance(mod, nn.Linear):
-            why = "not a projection (wq wk wv wo w1 w2 w3)" if filter_fn is None else "not selected by filter_fn"
-            report.append(SwapRecord(fqn, False, why))
+            report.append(SwapRecord(fqn, False, why_kept))
     # quantize everything first, swap only when every layer succeeded: a bad weight anywhere leaves the
     # model untouched (no half-quantized model)
     swaps = []
-    for linear, names in tqdm(targets.values(), desc="quantize", unit="layer", disable=not progress,
-                              file=sys.stderr):
+    for linear, st, names in tqdm(targets.values(), desc="quantize", unit="layer", disable=not progress,
+                                  file=sys.stderr):
         try:
-            q = Int4Linear.from_linear(linear, group_size, num_threads=num_threads, activation=activation,
-                                       method=method)
+            q = Int4Linear.from_linear(linear, st.group_size, num_threads=st.num_threads, activation=st.activation,
+                                       method=st.method)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{names[0]}: {exc}; the model was left unchanged") from exc
         sqnr = weight_sqnr_db(linear.weight, q)
         shared = f" (shared with {', '.join(names[1:])})" if len(names) > 1 else ""
         for fqn in names:
             swaps.append((fqn, q))
-            report.append(SwapRecord(fqn, True, f"int4 g{group_size} {method}{shared if fqn == names[0] else ''}",
-                                     sqnr))
+            report.append(SwapRecord(fqn, True, f"int4 g{st.group_size} {st.method}"
+                                     f"{shared if fqn == names[0] else ''}", sqnr))
     for fqn, q in swaps:
         model.set_submodule(fqn, q)
     for rec in report:
