@@ -49,6 +49,8 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default: %(default)s)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                     help="quant4's model dtype (default: %(default)s, what load_model gives)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure quant4 through torch.compile(model, dynamic=True), side by side with eager")
     add_thread_arg(ap)
     return ap
 
@@ -82,15 +84,14 @@ def make_model(shape: str, workdir: Path) -> Path:
     return path
 
 
-def quant4_speeds(path: Path, prompts, gen: int, repeats: int, dtype: str) -> dict:
+def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False) -> dict:
+    """tokens/s of prefill (each prompt length) and decode, medians after a warm-up run; compiled: through
+    torch.compile(model, dynamic=True) (its compilation happens in the warm-up)."""
     import torch
 
-    from quant4.models.load import load_model
-
-    model = load_model(path).model
-    if dtype == "bf16":
-        model.to(torch.bfloat16)
     vocab = model.args.vocab_size
+    model.setup_cache(1, max(max(prompts), 16 + gen))   # one attached cache, refilled by each run
+    fwd = torch.compile(model, dynamic=True) if compiled else model
     g = torch.Generator().manual_seed(0)
     out = {}
     with torch.inference_mode():
@@ -98,22 +99,21 @@ def quant4_speeds(path: Path, prompts, gen: int, repeats: int, dtype: str) -> di
             toks = torch.randint(0, vocab, (1, n), generator=g)
             times = []
             for r in range(repeats + 1):            # the first run warms up
-                cache = model.new_cache(1, n)
                 t0 = time.perf_counter()
-                model(toks, 0, cache, last_only=True)     # as generation does (and llama-bench)
+                fwd(toks, 0, last_only=True)        # as generation does (and llama-bench)
                 times.append(time.perf_counter() - t0)
             out[f"pp{n}"] = n / statistics.median(times[1:])
         prompt = torch.randint(0, vocab, (1, 16), generator=g)
         times = []
         for r in range(repeats + 1):
-            cache = model.new_cache(1, 16 + gen)
-            logits = model(prompt, 0, cache, last_only=True)[0, -1]
+            logits = fwd(prompt, 0, last_only=True)[0, -1]
             t0 = time.perf_counter()
             for i in range(gen):
                 t = int(torch.argmax(logits))
-                logits = model(torch.tensor([[t]]), 16 + i, cache)[0, -1]
+                logits = fwd(torch.tensor([[t]]), 16 + i)[0, -1]
             times.append(time.perf_counter() - t0)
         out[f"tg{gen}"] = gen / statistics.median(times[1:])
+    model.clear_cache()
     return out
 
 
@@ -137,14 +137,25 @@ def main(argv=None):
 
     path = Path(args.checkpoint) if args.checkpoint else make_model(args.shape, Path(args.workdir))
     threads = args.threads or quant4.get_num_threads()
-    ours = quant4_speeds(path, args.prompt, args.gen, args.repeats, args.dtype)
+    import torch
+
+    from quant4.models.load import load_model
+
+    model = load_model(path).model
+    if args.dtype == "bf16":
+        model.to(torch.bfloat16)
+    ours = quant4_speeds(model, args.prompt, args.gen, args.repeats)
+    comp = quant4_speeds(model, args.prompt, args.gen, args.repeats, compiled=True) if args.compile else {}
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}")
-    print("| phase | quant4 tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
+    cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
+        ["llama.cpp tok/s", "quant4 / llama.cpp"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for key, v in ours.items():
-        t = theirs.get(key)
-        print(f"| {key} | {v:.1f} | {f'{t:.1f}' if t else '-'} | {f'{v / t:.2f}x' if t else '-'} |")
+        c, t = comp.get(key), theirs.get(key)
+        row = f"| {key} | {v:.1f} |" + (f" {c:.1f} | {c / v:.2f}x |" if comp else "")
+        print(row + f" {f'{t:.1f}' if t else '-'} | {f'{v / t:.2f}x' if t else '-'} |")
     sys.stdout.flush()
 
 

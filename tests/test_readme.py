@@ -46,3 +46,16 @@ def test_python_api_block_runs(tmp_path):
 def test_docs_links_exist():
     for target in re.findall(r"\]\((docs/[^)]+)\)", README):
         assert (REPO / target).is_file(), target
+
+
+def test_transformers_block_runs(tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_reference import make_hf
+
+    make_hf(tmp_path / "tiny-llama", "llama3")         # stands in for the hub id: no network in tests
+    code = block("Hugging Face transformers, torch.compile, quantize_", "python")
+    assert '"HuggingFaceTB/SmolLM2-135M"' in code
+    code = code.replace('"HuggingFaceTB/SmolLM2-135M"', repr(str(tmp_path / "tiny-llama")))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "model-int4" / "model.safetensors").is_file()
