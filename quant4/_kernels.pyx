@@ -365,7 +365,7 @@ cdef extern from "_q4avx512.h" nogil:
     void q4_prep_x_dec_bf16(const uint16_t* x, Py_ssize_t Kp, Py_ssize_t g, uint16_t* xb, float* xs) noexcept
     void q4_dot_bf16(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const uint16_t* const* xb,
                      const float* const* xs, Py_ssize_t Kp, Py_ssize_t G, int lg, int nx, float* out) noexcept
-    int q4_vnni_available() noexcept
+    int q4_int8_available() noexcept
     void q4_quantize_x_int8(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
                             float* xs) noexcept
     float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
@@ -563,7 +563,7 @@ def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits
             _matmul_permuted(&w, &x[0, 0], M, &out[0, 0], out.shape[1], kernel == K_FP32_DECODE, multi_row,
                              num_threads)
         elif kernel == K_INT8_DECODE:
-            if not q4_vnni_available():
+            if not q4_int8_available():
                 raise RuntimeError("the int8-activation kernel is not available in this build / on this CPU")
             _matmul_int8(&w, &x[0, 0], M, &out[0, 0], out.shape[1], num_threads)
         else:
@@ -650,8 +650,8 @@ cdef inline void _dot_bf16_row(const Q4Rows* w, Py_ssize_t n, const uint16_t** x
 
 
 def int8_available():
-    """True if this build has the AVX512-VNNI int8-activation decode kernel and the CPU runs it."""
-    return bool(q4_vnni_available())
+    """True if this build has an int8-activation decode kernel (AVX512-VNNI or AVX2) and the CPU runs it."""
+    return bool(q4_int8_available())
 
 
 cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out, Py_ssize_t ldo,

@@ -5,12 +5,12 @@
  *                            exact-weight bf16 decode (q4_dot_bf16)
  *   vpternlogd (AVX512-F)    one op that merges two nibbles into the bf16 pair (16 + q_j, 16 + q_j+4)
  *   vpdpbusd (AVX512-VNNI)   u8 x s8 dot products of four pairs into int32: the int8-activation decode
- *                            (q4_dot1_int8)
+ *                            (q4_dot1_int8); AVX2 builds compile the same kernel with vpmaddubsw + vpmaddwd
  *   vcvtph2ps, reductions    the per-group zero terms (q4_zero_term_off)
  *
  * Only the _kernels_avx512 build has these instructions (setup.py adds -mavx512bf16 / -mavx512vnni when the
  * compiler accepts them); every other build compiles the stubs at the end of each section, which are never
- * called: q4_bf16_available() / q4_vnni_available() also check the CPU at run time, and quant4/ops.py only
+ * called: q4_bf16_available() / q4_int8_available() also check the CPU at run time, and quant4/ops.py only
  * dispatches to a kernel that is available. */
 #ifndef QUANT4_Q4AVX512_H
 #define QUANT4_Q4AVX512_H
@@ -195,17 +195,13 @@ Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, 
 #endif
 
 /* ---------------------------------------------------------------------------------------------------
- * int8-activation decode (AVX512-VNNI builds only; opt-in): activations are quantized per 32-k block to
+ * int8-activation decode (AVX512-VNNI and AVX2 builds): activations are quantized per 32-k block to
  * int8 with scale d_b = absmax_b / 127 (round to nearest even), and each 32-weight block's dot product
  * is one vpdpbusd of the raw 0..15 codes (u8) with the int8 activations, then scaled in float:
  *     y = sum_b scale_g(b) * d_b * sum_{k in b} xq_k q_k  +  sum_g (zero_g - 8 scale_g) * sum_{k in g} x_k
  * where the last sums use the exact float activations. About half the instructions of the fp32 kernel per
  * weight; the cost is the activation rounding (error <= d_b / 2 per element), measured in README. */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-static inline int q4_vnni_available(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni");
-}
+#if defined(__AVX2__)
 /* x [Kp] fp32 (permuted order) -> xq [Kp] int8, d [Kp/32] block scales, xs [G] group sums (group = cpg blocks) */
 static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
                                       float *xs) {
@@ -233,6 +229,13 @@ static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t c
         memcpy(xq + 32 * b + 16, t + 16, 16);
         memcpy(xq + 32 * b + 32, t, 16);
     }
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static inline int q4_int8_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
 }
 /* scale[g(b)] * d[b] for the blocks b in [b0, b0 + n) (n <= 16, cpg a power of two) -> f[0..16).
  * Masked loads never read past the row's G scales or the nblocks factors. */
@@ -303,8 +306,80 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + q4_zero_term(sc, zr, xs, G);
 }
+#elif defined(__AVX2__)
+/* AVX2 builds: the same scheme with vpmaddubsw + vpmaddwd in place of vpdpbusd. vpmaddubsw multiplies u8 codes
+ * by s8 activations and adds adjacent pairs into int16 (at most 2 * 15 * 127 = 3810: no saturation; the low- and
+ * high-nibble sums added, 7620), vpmaddwd by ones adds those pairs into int32: the same integer sums of four
+ * products per lane as vpdpbusd. Scale factors per block are computed in scalar code (one fp16 conversion and
+ * one multiply per 32 weights). */
+static inline int q4_int8_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+/* as q4_dot64_int8 above: 8 int32 lanes, lanes 0-3 from the block at chunk c, 4-7 from the next */
+static inline __m256i q4_dot64_int8_avx2(const uint8_t *w, const int8_t *xq, ptrdiff_t c, __m256i mask,
+                                         __m256i ones) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * c));
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+    const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
+    return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
+}
+/* [scale_g(b) d_b x 4 | scale_g(b+1) d_(b+1) x 4]; sh = log2(blocks per group) (a shift, not a division) */
+static inline __m256 q4_pair_factor(const uint16_t *sc, const float *d, ptrdiff_t b, int sh) {
+    const float f0 = q4_half_to_float(sc[b >> sh]) * d[b];
+    const float f1 = q4_half_to_float(sc[(b + 1) >> sh]) * d[b + 1];
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f0)), _mm_set1_ps(f1), 1);
+}
+Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
+                                 const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const ptrdiff_t nblocks = G * cpg;
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
+    ptrdiff_t b = 0;
+    for (; b + 4 <= nblocks; b += 4) {     /* four blocks (128 weights) per step, two accumulators */
+        const __m256i d0 = q4_dot64_int8_avx2(w, xq, b, mask, ones);
+        const __m256i d1 = q4_dot64_int8_avx2(w, xq, b + 2, mask, ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), q4_pair_factor(sc, d, b, sh), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), q4_pair_factor(sc, d, b + 2, sh), acc1);
+    }
+    for (; b + 2 <= nblocks; b += 2)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_dot64_int8_avx2(w, xq, b, mask, ones)),
+                               q4_pair_factor(sc, d, b, sh), acc0);
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
+    float y = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    if (b < nblocks) {     /* the lone last block: [evens | odds], 16 bytes */
+        const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * b));
+        const __m128i m = _mm_set1_epi8(15);
+        const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
+                                                  _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
+        const __m256i dd = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + 32 * b))), ones);
+        _mm256_storeu_ps(t, _mm256_cvtepi32_ps(dd));
+        y += (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) *
+             (q4_half_to_float(sc[b >> sh]) * d[b]);
+    }
+    /* sum_g (zero_g - 8 scale_g) * xs_g */
+    __m256 zacc = _mm256_setzero_ps();
+    ptrdiff_t gi = 0;
+    for (; gi + 8 <= G; gi += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + gi)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + gi)));
+        zacc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z), _mm256_loadu_ps(xs + gi), zacc);
+    }
+    _mm256_storeu_ps(t, zacc);
+    float z = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    for (; gi < G; gi++) {
+        const float s = q4_half_to_float(sc[gi]);
+        z += (q4_half_to_float(zr[gi]) - 8.0f * s) * xs[gi];
+    }
+    return y + z;
+}
 #else
-static inline int q4_vnni_available(void) { return 0; }
+static inline int q4_int8_available(void) { return 0; }
 static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
                                       float *xs) {
     (void)xp; (void)Kp; (void)cpg; (void)xq; (void)d; (void)xs;

@@ -75,7 +75,7 @@ class Int4Linear(nn.Module):
     forward accepts any leading dims, fp32/bf16/fp16 (result in the input dtype), non-contiguous input;
     gradients flow to the input (not to the frozen int4 weights).
     activation="int8" (a runtime choice, not saved) quantizes activations to int8 per 32-input block in
-    decode on AVX512-VNNI CPUs: faster, slightly less exact; activation="bf16" rounds fp32 inputs to bfloat16
+    decode (AVX512-VNNI or AVX2 CPUs): faster, slightly less exact; activation="bf16" rounds fp32 inputs to bfloat16
     to use the bf16 kernels (AVX512-BF16); see quant4.ops.matmul.
     The kernels read the buffers directly; module.to(dtype) leaves them in their stored dtypes.
     """

@@ -63,7 +63,7 @@ _INT8 = _k.int8_available()
 
 
 def int8_kernel_available() -> bool:
-    """True if activation="int8" decode runs on the AVX512-VNNI kernel (else it falls back to "float")."""
+    """True if activation="int8" decode runs on an int8 kernel (AVX512-VNNI or AVX2; else it falls back to "float")."""
     return _INT8
 
 
@@ -358,7 +358,7 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
 
     activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for single-row decode
-    (M = 1) on CPUs with AVX512-VNNI: faster, slightly less exact (see README); otherwise ignored (for
+    (M = 1) on CPUs with AVX512-VNNI or AVX2: faster, slightly less exact (see README); otherwise ignored (for
     M = 2..4 the fp32 multi-row kernel is faster). activation="bf16" (opt-in) rounds fp32/fp16 activations to
     bfloat16 and computes as for bf16 inputs (on CPUs with AVX512-BF16; else ignored), the result returned in
     x's dtype: the bf16 kernels' speed for fp32 models, at the cost of that one rounding.

@@ -48,7 +48,7 @@ def add_activation_args(ap):
                          "format (default: %(default)s)")
     ap.add_argument("--activation", default="float", choices=ACTIVATIONS,
                     help="int4 layers' inputs: float (as given), bf16 (fp32 inputs rounded to bf16: the bf16 "
-                         "kernels), int8 (per-32 int8 in decode, AVX512-VNNI) (default: %(default)s)")
+                         "kernels), int8 (per-32 int8 in decode, AVX512-VNNI or AVX2) (default: %(default)s)")
 
 
 def apply_activation(model, args) -> None:

@@ -49,6 +49,8 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default: %(default)s)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                     help="quant4's model dtype (default: %(default)s, what load_model gives)")
+    ap.add_argument("--activation", default=None, choices=("float", "int8", "bf16"),
+                    help="set every int4 layer's activation mode (quant4.set_activation_; default: as loaded)")
     ap.add_argument("--compile", action="store_true",
                     help="also measure quant4 through torch.compile(model, dynamic=True), side by side with eager")
     add_thread_arg(ap)
@@ -144,11 +146,14 @@ def main(argv=None):
     model = load_model(path).model
     if args.dtype == "bf16":
         model.to(torch.bfloat16)
+    if args.activation:
+        quant4.set_activation_(model, args.activation)
     ours = quant4_speeds(model, args.prompt, args.gen, args.repeats)
     comp = quant4_speeds(model, args.prompt, args.gen, args.repeats, compiled=True) if args.compile else {}
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
-    print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}")
+    act = f", activations {args.activation}" if args.activation else ""
+    print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}{act}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

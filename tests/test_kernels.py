@@ -304,7 +304,7 @@ def test_isa_choice(level, requested, expected):
     (5, 4096, False, "float", False, ("fp32-prefill", False)),
     (1, 4096, False, "int8", True, ("int8-decode", False)),
     (2, 4096, False, "int8", True, ("fp32-decode", False)),        # int8 only at M = 1
-    (1, 4096, False, "int8", False, ("fp32-decode", False)),       # no VNNI: the exact kernel
+    (1, 4096, False, "int8", False, ("fp32-decode", False)),       # no int8 kernel: the exact one
     (1, 4096, True, "float", False, ("bf16-decode", False)),
     (2, 11008, True, "float", False, ("bf16-decode", False)),
     (3, 11008, True, "float", False, ("fp32-decode", False)),      # four bf16 rows of K > 6144 crowd L1
@@ -317,7 +317,7 @@ def test_kernel_plan(monkeypatch, M, Kp, bf16, activation, int8_cpu, expected):
     assert tuple(ops.plan_matmul(M, Kp, bf16, activation)) == expected
 
 
-@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no AVX512-VNNI kernel on this CPU/build")
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8 kernel (AVX512-VNNI or AVX2) on this CPU/build")
 @pytest.mark.parametrize("g", GROUP_SIZES)
 def test_int8_activation_decode(g):
     """Opt-in int8 activations (M = 1 only; M > 1 keeps the exact kernel): per-32-block rounding keeps the
@@ -357,7 +357,7 @@ def _int8_activation_reference(x, qweight, scales, zeros, g, K):
     return y + ((zeros.float() - 8 * scales.float()) * xp.view(-1, g).sum(1)[None]).sum(1)
 
 
-@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no AVX512-VNNI kernel on this CPU/build")
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8 kernel (AVX512-VNNI or AVX2) on this CPU/build")
 @pytest.mark.parametrize("K", [96, 160, 1376, 4128])
 @pytest.mark.parametrize("g", GROUP_SIZES)
 def test_int8_activation_matches_its_definition(K, g):
