@@ -46,15 +46,27 @@ def add_activation_args(ap):
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                     help="the model's dtype: norms, embeddings, KV cache, activations; int4 layers keep their "
                          "format (default: %(default)s)")
-    ap.add_argument("--activation", default="float", choices=ACTIVATIONS,
-                    help="int4 layers' inputs: float (as given), bf16 (fp32 inputs rounded to bf16: the bf16 "
-                         "kernels), int8 (per-32 int8 in decode, AVX512-VNNI or AVX2) (default: %(default)s)")
+    ap.add_argument("--activation", default="auto", choices=("auto",) + ACTIVATIONS,
+                    help="int4 layers' inputs: float (exact: as given), bf16 (fp32 inputs rounded to bf16: the "
+                         "bf16 kernels), int8 (rounded to int8 per 32 inputs in decode, as llama.cpp does: "
+                         "AVX512-VNNI or AVX2 kernels), auto (int8 where this CPU has the kernel, else float) "
+                         "(default: %(default)s)")
+
+
+def resolve_activation(name: str) -> str:
+    """The tools' --activation: "auto" is int8 where this CPU has an int8 decode kernel (1.5-2.5x the exact
+    kernel per layer; its accuracy cost is in docs/quality.md), else float."""
+    from quant4 import ops
+
+    if name == "auto":
+        return "int8" if ops.int8_kernel_available() else "float"
+    return name
 
 
 def apply_activation(model, args) -> None:
     import quant4
 
-    quant4.set_activation_(model, args.activation)
+    quant4.set_activation_(model, resolve_activation(args.activation))
     if args.dtype != "fp32":
         model.to(torch_dtype(args.dtype))
 

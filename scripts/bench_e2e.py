@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, add_thread_arg, apply_threads, run_main
+from _common import REPO, add_thread_arg, apply_threads, resolve_activation, run_main
 
 SHAPES = {"smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, tie_embeddings=True),
           "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
@@ -49,8 +49,9 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default: %(default)s)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                     help="quant4's model dtype (default: %(default)s, what load_model gives)")
-    ap.add_argument("--activation", default=None, choices=("float", "int8", "bf16"),
-                    help="set every int4 layer's activation mode (quant4.set_activation_; default: as loaded)")
+    ap.add_argument("--activation", default="auto", choices=("auto", "float", "int8", "bf16"),
+                    help="every int4 layer's activation mode, as generate.py's --activation (default: "
+                         "%(default)s, what generate.py and chat.py do)")
     ap.add_argument("--compile", action="store_true",
                     help="also measure quant4 through torch.compile(model, dynamic=True), side by side with eager")
     add_thread_arg(ap)
@@ -146,14 +147,14 @@ def main(argv=None):
     model = load_model(path).model
     if args.dtype == "bf16":
         model.to(torch.bfloat16)
-    if args.activation:
-        quant4.set_activation_(model, args.activation)
+    activation = resolve_activation(args.activation)
+    quant4.set_activation_(model, activation)
     ours = quant4_speeds(model, args.prompt, args.gen, args.repeats)
     comp = quant4_speeds(model, args.prompt, args.gen, args.repeats, compiled=True) if args.compile else {}
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
-    act = f", activations {args.activation}" if args.activation else ""
-    print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}{act}")
+    print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
+          f"activations {activation}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

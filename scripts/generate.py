@@ -17,7 +17,7 @@ import time
 
 
 from _common import (add_activation_args, add_checkpoint_args, add_layer_args, add_thread_arg, apply_activation,
-                     apply_threads,
+                     apply_threads, resolve_activation,
                      load_or_exit, peak_rss_mb, refuse_unused_layer_args, run_main, tokenizer_or_exit)
 
 from quant4.options import METHODS      # in-memory quantization: rtn or search (GPTQ: scripts/quantize.py)
@@ -101,8 +101,9 @@ def main(argv=None):
             print(f"[{label}] quantized {n} layers in {time.perf_counter() - t1:.2f} s", file=sys.stderr)
         apply_activation(model, args)
         size = model_size(model)
+        act = f", activations {resolve_activation(args.activation)}" if size["int4_layers"] else ""
         print(f"[{label}] {size['int4_weights'] / 1e6:.2f} M int4 weights in {size['int4_layers']} layers, "
-              f"{size['float_params'] / 1e6:.2f} M float params; {size['bytes'] / 1e6:.2f} MB", file=sys.stderr)
+              f"{size['float_params'] / 1e6:.2f} M float params; {size['bytes'] / 1e6:.2f} MB{act}", file=sys.stderr)
         room = loaded.args.max_seq_len - len(prompt_ids)
         if args.max_new_tokens > room:
             print(f"[{label}] --max-new-tokens {args.max_new_tokens} capped at {room} by the model's context "

@@ -162,12 +162,13 @@ def _printed_continuation(prompt, n=24):
 @pytest.mark.parametrize("prompt", ["Once   upon  a    time", "Es war einmal ein Mädchen, 日本", "  Lily"])
 def test_generate_prints_exactly_the_generated_text(prompt):
     from quant4.models.generate import generate
-    from quant4 import quantize_model_
+    from quant4 import ops, quantize_model_, set_activation_
 
     shown = _printed_continuation(prompt)
     loaded = load_model()
     tok = SentencePieceTokenizer(TOK)
     model = quantize_model_(loaded.model, 32)
+    set_activation_(model, "int8" if ops.int8_kernel_available() else "float")    # the script's --activation auto
     ids = tok.encode(prompt)
     new, _ = generate(model, ids, 24, stop_ids=(tok.bos_id, tok.eos_id))
     expected = tok.decode(ids + new)[len(tok.decode(ids)):]
