@@ -159,6 +159,131 @@ def read_config(d: Path) -> dict:
     return cfg
 
 
+# An int4 directory (written by quantize.py --out DIR or by quant4.hf's save_pretrained): per quantized layer
+# <hf name>.qweight / .scales / .zeros (/ .bias) in quant4's stored format, HF's row order, and config.json's
+# quantization_config naming the layers and their group sizes. quant4.hf.Quant4Config reads the same keys.
+INT4_TENSORS = ("qweight", "scales", "zeros")
+QUANT_METHOD = "quant4"
+
+
+def int4_config(cfg: dict, d: Path) -> Optional[dict]:
+    """config.json's quantization_config when it is quant4's (None for a float directory); another tool's is
+    refused by name."""
+    from quant4.ops import check_group_size
+    from quant4.scheme import FORMAT_VERSION
+
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != QUANT_METHOD:
+        raise CheckpointError(f"{d}: quantized by {method!r} (quantization_config); quant4 reads float "
+                              f"directories and its own int4 ones")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{d}: quant4 format_version {qc.get('format_version')!r} (this quant4 reads "
+                              f"{FORMAT_VERSION})")
+    sizes = qc.get("group_sizes")
+    if not isinstance(sizes, dict) or not sizes:
+        raise CheckpointError(f"{d}: quantization_config has no group_sizes (the int4 layers)")
+    for name, g in sizes.items():
+        try:
+            check_group_size(g)
+        except ValueError as exc:
+            raise CheckpointError(f"{d}: quantization_config group_sizes[{name!r}]: {exc}") from None
+    return qc
+
+
+def read_hf_int4(directory, report: Optional[list] = None):
+    """An int4 directory -> (ModelArgs, layers {Meta name: info} as a quant4 file lists them, tensors in Meta
+    names and RoPE order)."""
+    d = Path(directory)
+    cfg = read_config(d)
+    qc = int4_config(cfg, d)
+    args = args_from_config(cfg, d, report)
+    layers = {}
+    for hf_name, g in qc["group_sizes"].items():
+        meta = _meta_name(f"{hf_name}.weight") if isinstance(hf_name, str) else None
+        layer = meta[: -len(".weight")] if meta is not None else ""
+        shape = _linear_shape(args, layer)
+        if shape is None:
+            raise CheckpointError(f"{d}: quantization_config names {hf_name!r}, not a layer of this model")
+        layers[layer] = {"group_size": g, "out_features": shape[0], "in_features": shape[1]}
+    tensors = dict(iter_hf_tensors(d, args, int4=True))
+    return args, layers, tensors
+
+
+def _linear_shape(args: ModelArgs, layer: str):
+    """[out, in] of a Meta-named linear layer of this config, or None."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    m = re.fullmatch(r"layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])", layer)
+    if layer == "output":
+        return args.vocab_size, args.dim
+    if m is None or int(m.group(1)) >= args.n_layers:
+        return None
+    return {"attention.wq": (q, args.dim), "attention.wk": (kv, args.dim), "attention.wv": (kv, args.dim),
+            "attention.wo": (args.dim, q), "feed_forward.w1": (args.hidden_dim, args.dim),
+            "feed_forward.w2": (args.dim, args.hidden_dim), "feed_forward.w3": (args.hidden_dim, args.dim)}[m.group(2)]
+
+
+TOKENIZER_AND_GENERATION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                  "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def write_hf_int4(out, source, model, args: ModelArgs, *, method: str) -> None:
+    """Write `model` (Meta names, Int4Linear layers) as an int4 Hugging Face directory next to its float source
+    directory: source's config.json plus quantization_config, tokenizer and generation files copied, tensors
+    under HF names in HF's row order. Written into a temporary directory renamed into place."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from quant4.nn import Int4Linear
+    from quant4.scheme import FORMAT_VERSION
+
+    out, source = Path(out), Path(source)
+    cfg = read_config(source)
+    tensors, sizes = {}, {}
+    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    for name, t in model.state_dict().items():
+        if name.endswith("_extra_state") or (name == "output.weight" and args.tie_embeddings):
+            continue
+        layer, _, suffix = name.rpartition(".")
+        hf = _hf_name(f"{layer}.weight" if layer in int4 else name)
+        if hf is None:
+            raise ValueError(f"no Hugging Face name for {name!r}")
+        if layer in int4:
+            hf = hf[: -len("weight")] + suffix
+            sizes[hf.rpartition(".")[0]] = int4[layer].group_size
+        if ".attention.wq." in name:
+            t = permute(t, args.n_heads)
+        elif ".attention.wk." in name:
+            t = permute(t, args.n_kv_heads)
+        tensors[hf] = t.contiguous()
+    cfg["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method,
+        "group_size": max(set(sizes.values()), key=list(sizes.values()).count), "activation": "float",
+        "target_modules": sorted({n.rsplit(".", 1)[1] for n in sizes}), "modules_to_not_convert": None,
+        "group_sizes": dict(sorted(sizes.items()))}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_AND_GENERATION_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def read_hf(directory, report: Optional[list] = None) -> tuple[ModelArgs, dict]:
     """Read a Hugging Face directory -> (ModelArgs, state_dict in Meta names and RoPE order), tensors in the
     dtype the files hold."""
@@ -172,8 +297,9 @@ def read_hf(directory, report: Optional[list] = None) -> tuple[ModelArgs, dict]:
     return args, sd
 
 
-def iter_hf_tensors(d: Path, args: ModelArgs):
-    """(Meta name, tensor) for each tensor of the directory's safetensors files, one at a time."""
+def iter_hf_tensors(d: Path, args: ModelArgs, int4: bool = False):
+    """(Meta name, tensor) for each tensor of the directory's safetensors files, one at a time (int4: also the
+    qweight / scales / zeros of an int4 directory's layers)."""
     from safetensors import SafetensorError
 
     files = _weight_files(d)
@@ -181,15 +307,16 @@ def iter_hf_tensors(d: Path, args: ModelArgs):
         raise CheckpointError(f"{d}: no *.safetensors files")
     for file in files:
         try:
-            yield from _read_hf_file(file, args)
+            yield from _read_hf_file(file, args, int4)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise CheckpointError(f"{file}: cannot read tensors ({exc})") from None
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_INT4_DTYPES = dict(_DTYPES, U8=torch.uint8)      # an int4 directory's packed codes
 
 
-def read_safetensors(file):
+def read_safetensors(file, dtypes: dict = _DTYPES):
     """(name, tensor) for each tensor of a safetensors file, in file order, each read into its own memory.
 
     safetensors' reader memory-maps the file and its tensors are views of the map, so every page a reader
@@ -209,12 +336,12 @@ def read_safetensors(file):
         if key == "__metadata__":
             continue
         try:
-            dtype = _DTYPES[info["dtype"]]
+            dtype = dtypes[info["dtype"]]
             shape = [int(x) for x in info["shape"]]
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {key!r}: dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
-                                  f" is not F32/F16/BF16, or its entry is malformed") from None
+                                  f" is not {'/'.join(dtypes)}, or its entry is malformed") from None
         numel = 1
         for x in shape:
             if x < 0:
@@ -234,9 +361,14 @@ def read_safetensors(file):
             yield key, t
 
 
-def _read_hf_file(file, args: ModelArgs):
-    for key, t in read_safetensors(file):
-        name = _meta_name(key)
+def _read_hf_file(file, args: ModelArgs, int4: bool = False):
+    for key, t in read_safetensors(file, _INT4_DTYPES if int4 else _DTYPES):
+        base, _, suffix = key.rpartition(".")
+        if int4 and suffix in INT4_TENSORS:
+            name = _meta_name(base + ".weight")
+            name = None if name is None else name[: -len("weight")] + suffix
+        else:
+            name = _meta_name(key)
         if name is None:
             if _IGNORED.match(key):
                 continue

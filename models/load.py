@@ -248,6 +248,15 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         tok_guess = _tokenizer_beside(path) if tok is None else None
     elif kind == "torch-int4":
         pass
+    elif kind == "hf" and _is_hf_int4(path):
+        from .hf import read_hf_int4
+
+        kind = "hf-int4"
+        args, layers, tensors = read_hf_int4(path, report=report)
+        tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+        model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
+        quantized = layers
+        tok_guess = path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else None
     elif kind == "quant4":
         from quant4.serialization import FormatError, read_quantized, read_tokenizer
 
@@ -287,10 +296,18 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         tok = open_tokenizer(tokenizer)
     elif tok is None and tok_guess is not None and tok_guess.exists():
         tok = open_tokenizer(tok_guess)
-    generation = _generation_config(path) if kind == "hf" else {}
+    generation = _generation_config(path) if kind in ("hf", "hf-int4") else {}
     model.relayout_head_()
     release_freed_memory()
     return Loaded(model, args, kind, path, tok, quantized, generation)
+
+
+def _is_hf_int4(path: Path) -> bool:
+    """A Hugging Face directory whose config.json says quant4 quantized it (other tools' are refused by
+    read_hf_int4 / read_hf with their name)."""
+    from .hf import int4_config, read_config
+
+    return int4_config(read_config(path), path) is not None
 
 
 def release_freed_memory() -> None:

@@ -32,9 +32,12 @@ from .tokenizer import open_tokenizer
 def _tensors(path, kind: str, report: Optional[list]):
     """(ModelArgs, iterator of (Meta name, tensor), number of tensors or None)."""
     if kind == "hf":
-        from .hf import args_from_config, iter_hf_tensors, read_config, _weight_files
+        from .hf import args_from_config, int4_config, iter_hf_tensors, read_config, _weight_files
 
-        args = args_from_config(read_config(path), path, report)
+        cfg = read_config(path)
+        if int4_config(cfg, path) is not None:
+            raise CheckpointError(f"{path} is already int4 (quant4); quantize its float checkpoint")
+        args = args_from_config(cfg, path, report)
         total = None
         try:
             from safetensors import safe_open

@@ -36,7 +36,10 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(ap, "input checkpoint (default: the embedded model)",
                         "tokenizer to carry inside the output: " + TOKENIZER_FILES)
-    ap.add_argument("--out", required=True, help="output .safetensors file")
+    ap.add_argument("--out", required=True,
+                    help="output: a .safetensors file (quant4's single file), or, from a Hugging Face directory, "
+                         "a directory (int4 Hugging Face layout: loads with transformers + quant4.hf, and with "
+                         "quant4's own tools)")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
     add_calibration_args(ap)
@@ -53,13 +56,18 @@ def main(argv=None):
     from quant4 import projection_filter, quantize_model_, quantize_model_gptq_
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise SystemExit(f"error: --out must end in .safetensors, got {out}")
-    if out.is_dir():
+    hf_out = out.suffix != ".safetensors"
+    if hf_out and not (args.checkpoint is not None and (Path(args.checkpoint) / "config.json").is_file()):
+        raise SystemExit(f"error: --out must end in .safetensors, got {out} (a directory output needs a Hugging "
+                         f"Face directory as --checkpoint)")
+    if not hf_out and out.is_dir():
         raise SystemExit(f"error: --out {out} is a directory; give a file name ending in .safetensors")
+    if hf_out and out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} exists and is not a directory")
     if out.exists() and not args.force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
-    if args.checkpoint is not None and out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+    if args.checkpoint is not None and out.exists() and (out.resolve() == Path(args.checkpoint).resolve()
+                                                         or Path(args.checkpoint).resolve() in out.resolve().parents):
         raise SystemExit(f"error: --out {out} is the --checkpoint being read; write to another file")
     if args.method != "gptq":
         given = [f for f, v, default in (("--calibration", args.calibration, None),
@@ -127,6 +135,15 @@ def finish(args, out, loaded, model, before, t0):
     from quant4.serialization import save_quantized
 
     print(format_report([r for r in model.quant4_report if r.swapped], model))
+    if out.suffix != ".safetensors":
+        from quant4.models.hf import write_hf_int4
+
+        write_hf_int4(out, loaded.path, model, loaded.args, method=args.method)
+        after = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+        print(f"size: {before / 1e6:.2f} MB float -> {after / 1e6:.2f} MB ({after / before:.1%}); wrote {out}/ "
+              f"(Hugging Face layout, int4 in quant4's format) in {time.perf_counter() - t0:.1f} s, peak RSS "
+              f"{peak_rss_mb():.0f} MB")
+        return
     # the file stands alone: the tokenizer inside, no local paths (the source by its file name only)
     info = {"type": "llama", "config": dict(loaded.args.to_dict(), dropout=0.0), "source": Path(loaded.path).name}
     tok = loaded.tokenizer

@@ -134,3 +134,62 @@ def test_compiled_transformers_model_matches_eager(tmp_path):
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(TOKENS[:, :16]).logits, model(TOKENS[:, :16]).logits, atol=1e-5, rtol=0)
+
+
+# -- quant4's own tools and transformers read each other's int4 directories ---------------------------------
+
+def test_quantize_script_writes_a_directory_transformers_loads(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    src, out = tmp_path / "float", tmp_path / "int4"
+    make_hf(src, "qwen2")
+    (src / "tokenizer_config.json").write_text('{"bos_token": null}')
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "quantize.py"), "--checkpoint", str(src),
+                        "--out", str(out), "--method", "search"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors").is_file()
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    direct = quantized(src, method="search")
+    # the same bytes as transformers' on-the-fly quantization: identical logits
+    assert torch.equal(hf_logits(theirs), hf_logits(direct))
+    mine = load_model(out)
+    assert mine.kind == "hf-int4" and len(mine.quantized) == 14
+    with torch.no_grad():
+        ours = mine.model(TOKENS)
+    want = hf_logits(direct)
+    assert (ours - want).abs().max() < 2e-4 * want.abs().max()
+    # an int4 directory is not quantized again
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "quantize.py"), "--checkpoint", str(out),
+                        "--out", str(tmp_path / "again.safetensors")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "already int4" in r.stderr
+
+
+def test_quant4_loads_what_transformers_saved(tmp_path):
+    src, out = tmp_path / "float", tmp_path / "int4"
+    make_hf(src, "llama3")
+    model = quantized(src, group_sizes={"model.layers.1.mlp.up_proj": 128})
+    model.save_pretrained(out)
+    mine = load_model(out)
+    assert mine.model.layers[1].feed_forward.w3.group_size == 128
+    with torch.no_grad():
+        ours = mine.model(TOKENS)
+    want = hf_logits(model)
+    assert (ours - want).abs().max() < 2e-4 * want.abs().max()
+
+
+def test_other_tools_quantized_directories_are_refused_by_name(tmp_path):
+    from quant4.models.load import CheckpointError
+
+    make_hf(tmp_path, "llama2")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'gptq'"):
+        load_model(tmp_path)
+    cfg["quantization_config"] = {"quant_method": "quant4", "format_version": 1, "group_sizes": {"lm_head.x": 32}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm_head.x"):
+        load_model(tmp_path)
