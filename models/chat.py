@@ -88,8 +88,11 @@ class ChatSession:
         (KeyboardInterrupt) ends the reply early and returns what was generated so far."""
         import torch
 
+        from quant4 import ops
+
         from .generate import sample
 
+        ops.warn_if_oversubscribed()
         ids = self.prompt_ids(messages)
         if len(ids) >= self.context:
             raise ValueError(f"the conversation is {len(ids)} tokens; the context is {self.context} tokens "

@@ -7,6 +7,8 @@ from typing import Callable, Optional
 
 import torch
 
+from quant4 import ops
+
 
 @dataclass
 class GenStats:
@@ -54,6 +56,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
         raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {limit}")
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    ops.warn_if_oversubscribed()
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)    # this call's own: threads may share a model
     t0 = time.perf_counter()
     logits = model(torch.tensor([prompt_ids]), 0, cache, last_only=True)[0, -1]

@@ -112,6 +112,58 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else min(torch.get_num_threads(), MAX_THREADS)
 
 
+def spinning_wait_policy() -> bool:
+    """True if OpenMP's idle threads spin (libgomp's default; OMP_WAIT_POLICY=PASSIVE or GOMP_SPINCOUNT=0 make
+    them sleep): with another busy process, spinning threads take its CPU time and decode slows 10-30x."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    return policy != "PASSIVE" and os.environ.get("GOMP_SPINCOUNT", "").strip() not in ("0", "0.0")
+
+
+def runnable_elsewhere(threads: int, read=None) -> Optional[int]:
+    """How many runnable tasks this process's `threads` do not account for, from /proc/loadavg's running count
+    (the fewest of three reads, 1 ms apart: an instant's blip is not a neighbour); None where it cannot tell."""
+    import time
+
+    def proc_loadavg():
+        with open("/proc/loadavg") as f:
+            return f.read()
+
+    read = read or proc_loadavg
+    counts = []
+    for i in range(3):
+        try:
+            counts.append(int(read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i < 2:
+            time.sleep(0.001)
+    return max(0, min(counts) - threads)
+
+
+_warned_oversubscribed = False
+
+
+def warn_if_oversubscribed(read=None) -> bool:
+    """Warn once per process when quant4's threads plus other runnable tasks exceed the CPUs (models.generate
+    checks before each generation); returns True if it warned now."""
+    global _warned_oversubscribed
+    if _warned_oversubscribed:
+        return False
+    threads, cpus = get_num_threads(), os.cpu_count() or 1
+    others = runnable_elsewhere(threads, read)
+    if others is None or others == 0 or others + threads <= cpus:
+        return False
+    _warned_oversubscribed = True
+    fix = ("set OMP_WAIT_POLICY=PASSIVE before importing torch (quant4's command-line tools do), or use fewer "
+           "threads" if spinning_wait_policy() else "use fewer threads (quant4.set_num_threads / --threads)")
+    import warnings
+
+    warnings.warn(f"quant4: {threads} threads and about {others} other runnable task(s) share {cpus} CPUs; "
+                  f"OpenMP kernels slow down sharply when the CPUs are oversubscribed: {fix}", RuntimeWarning,
+                  stacklevel=3)
+    return True
+
+
 # Below this much work per thread (multiply-adds or weights), waking another thread costs more than it saves.
 MIN_WORK_PER_THREAD = 1 << 18
 

@@ -10,6 +10,7 @@ the same file with the same threads (-p prompt lengths, -n --gen, -r --repeats).
 the ratio quant4 / llama.cpp. The machine should be otherwise idle (busy neighbours collapse OpenMP throughput).
 It keeps libgomp's default spinning threads; the user tools wait passively (scripts/_common.py), which cost
 about 6% of decode on the 135M-shaped model on an idle machine and saves 2.4x when another process is busy.
+--busy runs the whole comparison beside one CPU-bound process, quant4 waiting passively as the tools do.
 
 llama-bench comes from llama.cpp's source, e.g. the copy inside llama-cpp-python's source distribution:
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xf llama_cpp_python-*.tar.gz
@@ -52,6 +53,9 @@ def build_parser():
     ap.add_argument("--activation", default="auto", choices=("auto", "float", "int8", "bf16"),
                     help="every int4 layer's activation mode, as generate.py's --activation (default: "
                          "%(default)s, what generate.py and chat.py do)")
+    ap.add_argument("--busy", action="store_true",
+                    help="run everything beside one competing CPU-bound process (a busy neighbour), for quant4 "
+                         "and llama.cpp alike")
     ap.add_argument("--compile", action="store_true",
                     help="also measure quant4 through torch.compile(model, dynamic=True), side by side with eager")
     add_thread_arg(ap)
@@ -135,7 +139,8 @@ def llama_speeds(exe: str, path: Path, prompts, gen: int, repeats: int, threads)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    apply_threads(args.threads, wait_policy=False)   # libgomp's default spinning, as llama-bench's threads spin
+    # idle: libgomp's default spinning, as llama-bench's threads spin; --busy: the tools' passive waiting
+    apply_threads(args.threads, wait_policy=args.busy)
     import quant4
 
     path = Path(args.checkpoint) if args.checkpoint else make_model(args.shape, Path(args.workdir))
@@ -145,6 +150,20 @@ def main(argv=None):
     from quant4.models.load import load_model
 
     model = load_model(path).model
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        table(args, path, model, threads)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+
+
+def table(args, path, model, threads):
+    import torch
+
+    import quant4
+
     if args.dtype == "bf16":
         model.to(torch.bfloat16)
     activation = resolve_activation(args.activation)
@@ -154,7 +173,7 @@ def main(argv=None):
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
-          f"activations {activation}")
+          f"activations {activation}{', beside one busy process' if args.busy else ''}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

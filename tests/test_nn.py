@@ -241,3 +241,30 @@ def test_run_group_equals_separate_calls_and_respects_hooks():
     x = torch.randn(1, 96, requires_grad=True)
     sum(y.sum() for y in Int4Linear.run_group(mods, x)).backward()   # gradients flow as with separate calls
     assert x.grad is not None
+
+
+def test_oversubscription_warning(monkeypatch):
+    """One warning per process when other runnable tasks plus quant4's threads exceed the CPUs; the advice
+    depends on the OpenMP wait policy."""
+    from quant4 import ops
+
+    monkeypatch.setattr(ops, "_warned_oversubscribed", False)
+    monkeypatch.setattr(ops.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ops, "get_num_threads", lambda: 2)
+    idle = lambda: "0.10 0.20 0.30 2/300 12345"         # noqa: E731  our two threads, nothing else
+    busy = lambda: "1.90 1.20 0.80 3/300 12345"         # noqa: E731  one more
+    assert ops.runnable_elsewhere(2, idle) == 0 and ops.runnable_elsewhere(2, busy) == 1
+    blips = iter(["0 0 0 5/300 1", "0 0 0 2/300 1", "0 0 0 5/300 1"])
+    assert ops.runnable_elsewhere(2, lambda: next(blips)) == 0          # the fewest of three reads
+    assert ops.runnable_elsewhere(2, lambda: "garbage") is None
+    assert not ops.warn_if_oversubscribed(idle)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    with pytest.warns(RuntimeWarning, match="OMP_WAIT_POLICY=PASSIVE"):
+        assert ops.warn_if_oversubscribed(busy)
+    assert not ops.warn_if_oversubscribed(busy)                            # once
+    monkeypatch.setattr(ops, "_warned_oversubscribed", False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with pytest.warns(RuntimeWarning, match="fewer threads") as rec:
+        ops.warn_if_oversubscribed(busy)
+    assert "OMP_WAIT_POLICY" not in str(rec[0].message)
