@@ -302,6 +302,27 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     return Loaded(model, args, kind, path, tok, quantized, generation)
 
 
+def page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages under a tensor that is no longer needed (MADV_PAGEOUT): a tensor that
+    is a view of a file's memory map (transformers reads safetensors that way) otherwise keeps every page it
+    covers resident until the map closes. Nothing is lost: file pages are read again and anonymous ones swapped
+    if anything touches them. A no-op where the call does not exist (Linux < 5.4, other systems)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    n = t.numel() * t.element_size()
+    if n < mmap.PAGESIZE or t.device.type != "cpu":
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = (t.data_ptr() + n - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 21)      # MADV_PAGEOUT
+    except (OSError, AttributeError):
+        pass
+
+
 def _is_hf_int4(path: Path) -> bool:
     """A Hugging Face directory whose config.json says quant4 quantized it (other tools' are refused by
     read_hf_int4 / read_hf with their name)."""

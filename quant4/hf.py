@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quant4 import ops
 from quant4.config import HF_NAMES, Int4Config
+from quant4.models.load import page_out
 from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
@@ -101,6 +102,7 @@ class _QuantizeWeight(ConversionOps):
         if linear.bias is not None and bias is None:        # its bias is read after the weight: a slot for it
             q.register_buffer("bias", torch.zeros(linear.out_features))
         model.set_submodule(module_name, q)
+        page_out(weight)      # transformers' tensors are views of the file's memory map: drop the float pages
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         self.hf_quantizer.quantized[module_name] = group_size

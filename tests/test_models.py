@@ -298,3 +298,21 @@ def test_last_only_logits_equal_the_full_forward_last_position():
     last = m(toks, last_only=True)
     assert last.shape == (1, 1, full.shape[-1])
     assert torch.allclose(last[0, 0], full[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_page_out_keeps_the_values(tmp_path):
+    """page_out only asks the kernel to reclaim pages: a tensor's values survive it, whether its memory is
+    anonymous or a view of a file's memory map."""
+    from safetensors.torch import load_file, save_file
+
+    from quant4.models.load import page_out
+
+    t = torch.randn(1 << 20)
+    want = t.clone()
+    page_out(t)
+    page_out(t[5:70000])                       # an unaligned view
+    assert torch.equal(t, want)
+    save_file({"w": want.view(1024, 1024)}, str(tmp_path / "w.safetensors"))
+    mapped = load_file(str(tmp_path / "w.safetensors"))["w"]
+    page_out(mapped)
+    assert torch.equal(mapped.view(-1), want)
