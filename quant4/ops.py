@@ -237,8 +237,9 @@ def quantize(weight: torch.Tensor, group_size: int, *, num_threads: Optional[int
 
     method="rtn": scale and zero from the group's min and max (quant4.scheme). method="search": per group,
     the clipped range [min + a*range, max - b*range] (a, b in SEARCH_GRID) whose float16 scale and zero give
-    the smallest squared reconstruction error; never worse than "rtn" on any group. Codes are then computed
-    from the chosen scale and zero exactly as for "rtn".
+    the smallest squared reconstruction error; never worse than "rtn" on any group. method="refit": the search,
+    then least-squares refits of scale and zero for the codes they give (quant4.refit); never worse than the
+    search on any group. Codes are then computed from the chosen scale and zero exactly as for "rtn".
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -261,11 +262,15 @@ def quantize(weight: torch.Tensor, group_size: int, *, num_threads: Optional[int
         raise ValueError(f"weight has a non-finite value ({float(w[row, col])}) at {(row, col)}; "
                          f"quant4 refuses NaN/Inf weights")
     scales16, zeros16, m = qparams_from_minmax(mins, maxs)
-    if method == "search":
+    if method in ("search", "refit"):
         s32, z32 = scales16.float(), zeros16.float()
         _k.search_qparams(_as_np(w), group_size, torch.tensor(SEARCH_GRID, dtype=torch.float32).numpy(),
                           s32.numpy(), z32.numpy(), nt)
         scales16, zeros16 = s32.to(torch.float16), z32.to(torch.float16)
+        if method == "refit":
+            from quant4.refit import refit
+
+            scales16, zeros16 = refit(w, scales16, zeros16, group_size)
         m = zeros16.float() - 8 * scales16.float()
     qweight = torch.empty(N, Kp // 2, dtype=torch.uint8)
     _k.quantize_pack(_as_np(w), _as_np(m), _as_np(scales16.float()), group_size, qweight.numpy(), nt)

@@ -128,6 +128,7 @@ def run_main(main):
 
 
 METHOD_HELP = {"rtn": "min/max scale and zero", "search": "a per-group clipping search",
+               "refit": "the search, then least-squares refits of scale and zero",
                "gptq": "GPTQ on calibration text, group scales by the search",
                "gptq-refine": "GPTQ with two rounds of scale/zero refits"}
 
