@@ -41,10 +41,13 @@ test: install
 test-long: install
 	QUANT4_HYPOTHESIS_PROFILE=long $(PY) -m pytest
 
-# the README's quality table: float vs rtn / search / gptq, g32/64/128, embedded model and stories260K
+# the README's quality table: float vs rtn / search / refit / gptq, g32/64/128, embedded model and stories260K;
+# with LLAMA_QUANTIZE=path/to/llama-quantize also llama.cpp's Q4_0 / Q4_1 / Q4_K_M on the same models and text
 quality: install
 	$(PY) scripts/eval.py --checkpoint embedded ../shared/models/stories260K/stories260K.bin \
-		--method rtn search gptq gptq-refine --group-size 32 64 128 --json bench_out/quality.json
+		--method rtn search refit gptq gptq-refine --group-size 32 64 128 --json bench_out/quality.json \
+		$(if $(LLAMA_QUANTIZE),--llama-quantize $(LLAMA_QUANTIZE),)
+	$(if $(LLAMA_QUANTIZE),,@echo "llama.cpp rows skipped: pass LLAMA_QUANTIZE=path/to/llama-quantize")
 
 bench: install
 	$(PY) scripts/bench.py

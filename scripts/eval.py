@@ -117,7 +117,8 @@ def evaluate(args, checkpoint, tokenizer):
         tq = time.perf_counter() - tq
         sc = score(model, ids, args.window, ref.logprobs)
         q_bytes = weight_bytes(model)
-        rows.append(emit({"model": label, "variant": f"int4 {method} g{g}", "group_size": g, "method": method,
+        rows.append(emit({"model": label, "variant": f"int4 {method} g{g} ({projection_bpw(model):.2f} bpw)",
+                          "group_size": g, "method": method, "bpw": projection_bpw(model),
                           "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1, "bytes": q_bytes,
                           "basis": ref.perplexity, "quantize_s": round(tq, 2)}))
         if args.activation and method == "rtn":
@@ -132,9 +133,62 @@ def evaluate(args, checkpoint, tokenizer):
                 rows.append(emit({"model": label, "variant": f"int4 rtn g{g}, decode, {act} activations",
                                   "group_size": g, "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1,
                                   "bytes": q_bytes, "basis": ref_dec.perplexity}))
+    if args.llama_quantize:
+        rows += llama_cpp_rows(args, loaded, label, ids, ref)
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
+
+
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def projection_bpw(model=None, gguf_path=None) -> float:
+    """Bits per weight of the seven projections: of a model's Int4Linear layers (codes, fp16 scales and zeros),
+    or of a GGUF file's blk.*.{attn_q, ..., ffn_down} tensors as stored."""
+    if gguf_path is not None:
+        from gguf import GGUFReader
+
+        bits = n = 0
+        for t in GGUFReader(str(gguf_path)).tensors:
+            if t.name.startswith("blk.") and t.name.split(".")[2] in PROJECTIONS:
+                bits += 8 * int(t.n_bytes)
+                n += int(t.n_elements)
+        return bits / n
+    from quant4 import Int4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    bits = sum(8 * (m.qweight.numel() + 2 * m.scales.numel() + 2 * m.zeros.numel()) for m in layers)
+    return bits / sum(m.in_features * m.out_features for m in layers)
+
+
+def llama_cpp_rows(args, loaded, label, ids, ref):
+    """llama.cpp's quantizers on the same float model, scored on the same text: the model exported to GGUF F32,
+    quantized by llama-quantize to each --llama-types type, loaded by quant4 (Q4_0 / Q4_1 codes kept, other
+    types dequantized: the weights llama.cpp chose, computed in fp32 like quant4's rows)."""
+    import subprocess
+    import tempfile
+
+    from quant4.models.evaluate import score
+    from quant4.models.gguf import write_gguf
+    from quant4.models.load import load_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        write_gguf(loaded.model, loaded.args, f32, tokenizer=loaded.tokenizer)
+        for kind in args.llama_types:
+            out = Path(tmp) / f"{kind}.gguf"
+            r = subprocess.run([args.llama_quantize, str(f32), str(out), kind], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"error: llama-quantize {kind} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+            model = load_model(out).model
+            sc = score(model, ids, args.window, ref.logprobs)
+            rows.append(emit({"model": label, "variant": f"llama.cpp {kind} ({projection_bpw(gguf_path=out):.2f} bpw)",
+                              "group_size": None, "method": f"llama.cpp {kind}", "ppl": sc.perplexity, "kl": sc.kl,
+                              "top1": sc.top1, "bytes": out.stat().st_size, "basis": ref.perplexity,
+                              "bpw": projection_bpw(gguf_path=out)}))
+    return rows
 
 
 def build_parser():
@@ -156,6 +210,11 @@ def build_parser():
                     help="add rows decoding one token at a time: rtn int4 with float and with these activation "
                          "modes, against the float model decoding the same way")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison (default: %(default)s)")
+    ap.add_argument("--llama-quantize", default=None, metavar="PATH",
+                    help="llama.cpp's llama-quantize: add rows for its quantizers on the same model and text "
+                         "(see --llama-types; build it as scripts/bench_e2e.py --help shows, target llama-quantize)")
+    ap.add_argument("--llama-types", nargs="+", default=["Q4_0", "Q4_1", "Q4_K_M"],
+                    help="llama-quantize types for --llama-quantize (default: %(default)s)")
     ap.add_argument("--json", default=None, help="write the results here")
     add_calibration_args(ap)
     add_thread_arg(ap)

@@ -122,3 +122,19 @@ def test_eval_scores_an_int4_file_alone_or_against_a_reference(tmp_path, capsys)
     _script("eval").main(["--checkpoint", str(q)] + common)
     alone = [r for r in capsys.readouterr().out.splitlines() if "int4 file" in r][0]
     assert alone.split("|")[3] == from_file.split("|")[3] and alone.split("|")[5].strip() == ""
+
+
+def test_eval_bits_per_weight_of_models_and_gguf_files(tmp_path):
+    """eval.py's bpw column: int4 g32 with fp16 scale and zero is 5.0 bits per weight, g64 4.5; a GGUF Q4_1
+    projection (20 bytes per 32 weights) 5.0 too, read from the file's tensors."""
+    from quant4 import quantize_model_
+    from quant4.models.gguf import write_gguf
+    from quant4.models.load import load_model
+
+    ev = _script("eval")
+    loaded = load_model()
+    q32 = quantize_model_(loaded.model, 32)
+    assert ev.projection_bpw(q32) == 5.0
+    assert ev.projection_bpw(quantize_model_(load_model().model, 64)) == 4.5
+    path = write_gguf(q32, loaded.args, tmp_path / "m.gguf", tokenizer=loaded.tokenizer)
+    assert ev.projection_bpw(gguf_path=path) == 5.0
