@@ -62,7 +62,7 @@ def evaluate(args, checkpoint, tokenizer):
     """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
     from tqdm import tqdm
 
-    from quant4 import quantize_model_, quantize_model_gptq_, set_activation_
+    from quant4 import Int4Config, quantize_, quantize_model_, quantize_model_gptq_, set_activation_
     from quant4.models.evaluate import encode_blocks, heldout_text, score
 
     loaded = load_or_exit(checkpoint, tokenizer=tokenizer)
@@ -133,6 +133,24 @@ def evaluate(args, checkpoint, tokenizer):
                 rows.append(emit({"model": label, "variant": f"int4 rtn g{g}, decode, {act} activations",
                                   "group_size": g, "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1,
                                   "bytes": q_bytes, "basis": ref_dec.perplexity}))
+    budget_cal = None
+    for bpw in args.budget:
+        from quant4.budget import input_power, plan_bits_per_weight, plan_group_sizes
+
+        if budget_cal is None:
+            cal = cal if cal is not None else calibration_tokens(args, tok, loaded.args.max_seq_len,
+                                                                 loaded.args.vocab_size)
+            budget_cal = input_power(base, cal)
+        for method in [m for m in args.method if not m.startswith("gptq")]:
+            plan = plan_group_sizes(base, bpw, method=method, power=budget_cal)
+            config = Int4Config(method=method, targets=[], overrides={n: {"group_size": g} for n, g in plan.items()})
+            model = quantize_(copy.deepcopy(base), config)
+            mix = ", ".join(f"g{g} x{list(plan.values()).count(g)}" for g in sorted(set(plan.values())))
+            sc = score(model, ids, args.window, ref.logprobs)
+            rows.append(emit({"model": label, "variant": f"int4 {method} budget {bpw} ({projection_bpw(model):.2f} "
+                              f"bpw: {mix})", "method": method, "group_size": None, "bpw": projection_bpw(model),
+                              "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1, "bytes": weight_bytes(model),
+                              "basis": ref.perplexity, "plan_bpw": plan_bits_per_weight(base, plan)}))
     if args.llama_quantize:
         rows += llama_cpp_rows(args, loaded, label, ids, ref)
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
@@ -210,6 +228,9 @@ def build_parser():
                     help="add rows decoding one token at a time: rtn int4 with float and with these activation "
                          "modes, against the float model decoding the same way")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison (default: %(default)s)")
+    ap.add_argument("--budget", type=float, nargs="*", default=[], metavar="BPW",
+                    help="add rows with mixed group sizes under these bits-per-weight budgets, one per "
+                         "calibration-free --method (quant4.budget; e.g. 4.5 = Q4_0's and g64's bytes)")
     ap.add_argument("--llama-quantize", default=None, metavar="PATH",
                     help="llama.cpp's llama-quantize: add rows for its quantizers on the same model and text "
                          "(see --llama-types; build it as scripts/bench_e2e.py --help shows, target llama-quantize)")

@@ -161,3 +161,24 @@ def test_a_bad_layer_leaves_the_model_unchanged():
     with pytest.raises(ValueError, match="layers.1.o_proj.*unchanged"):
         quantize_(model)
     assert not any(isinstance(m, Int4Linear) for m in model.modules())
+
+
+# -- mixed group sizes under a budget ------------------------------------------------------------------------
+
+def test_budget_plan_fits_and_spends_it():
+    from quant4.budget import plan_bits_per_weight, plan_group_sizes, quantize_to_budget_, stored_bits
+
+    assert stored_bits(10, 64, 32) == 10 * (4 * 64 + 32 * 2)             # 5.0 bits per weight at g32
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=256))
+    model.init_weights(3)
+    for bpw in (4.3, 4.5, 4.8, 5.0):
+        plan = plan_group_sizes(model, bpw)
+        got = plan_bits_per_weight(model, plan)
+        assert got <= bpw and got > bpw - 0.25, (bpw, got)              # within the budget, most of it spent
+    assert set(plan_group_sizes(model, 5.0).values()) == {32}            # g32 everywhere is exactly 5.0
+    with pytest.raises(ValueError, match="budget"):
+        plan_group_sizes(model, 4.0)
+    tokens = torch.randint(0, 64, (2, 16))
+    quantize_to_budget_(model, 4.5, calibration=tokens)
+    sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
+    assert len([m for m in model.modules() if isinstance(m, Int4Linear)]) == 14 and sizes <= {32, 64, 128, 256}
