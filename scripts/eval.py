@@ -142,15 +142,19 @@ def evaluate(args, checkpoint, tokenizer):
                                                                  loaded.args.vocab_size)
             budget_cal = input_power(base, cal)
         for method in [m for m in args.method if not m.startswith("gptq")]:
-            plan = plan_group_sizes(base, bpw, method=method, power=budget_cal)
-            config = Int4Config(method=method, targets=[], overrides={n: {"group_size": g} for n, g in plan.items()})
-            model = quantize_(copy.deepcopy(base), config)
-            mix = ", ".join(f"g{g} x{list(plan.values()).count(g)}" for g in sorted(set(plan.values())))
-            sc = score(model, ids, args.window, ref.logprobs)
-            rows.append(emit({"model": label, "variant": f"int4 {method} budget {bpw} ({projection_bpw(model):.2f} "
-                              f"bpw: {mix})", "method": method, "group_size": None, "bpw": projection_bpw(model),
-                              "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1, "bytes": weight_bytes(model),
-                              "basis": ref.perplexity, "plan_bpw": plan_bits_per_weight(base, plan)}))
+            for how in ("weight error", "KL"):
+                plan = plan_group_sizes(base, bpw, method=method, power=budget_cal,
+                                        kl_tokens=cal[:8] if how == "KL" else None)
+                config = Int4Config(method=method, targets=[],
+                                    overrides={n: {"group_size": g} for n, g in plan.items()})
+                model = quantize_(copy.deepcopy(base), config)
+                mix = ", ".join(f"g{g} x{list(plan.values()).count(g)}" for g in sorted(set(plan.values())))
+                sc = score(model, ids, args.window, ref.logprobs)
+                rows.append(emit({"model": label, "variant": f"int4 {method} budget {bpw} by {how} "
+                                  f"({projection_bpw(model):.2f} bpw: {mix})", "method": method, "group_size": None,
+                                  "bpw": projection_bpw(model), "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1,
+                                  "bytes": weight_bytes(model), "basis": ref.perplexity,
+                                  "plan_bpw": plan_bits_per_weight(base, plan)}))
     if args.llama_quantize:
         rows += llama_cpp_rows(args, loaded, label, ids, ref)
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "

@@ -179,6 +179,8 @@ def test_budget_plan_fits_and_spends_it():
     with pytest.raises(ValueError, match="budget"):
         plan_group_sizes(model, 4.0)
     tokens = torch.randint(0, 64, (2, 16))
+    by_kl = plan_group_sizes(model, 4.5, kl_tokens=tokens)                # measured KL per layer and size
+    assert plan_bits_per_weight(model, by_kl) <= 4.5
     quantize_to_budget_(model, 4.5, calibration=tokens)
     sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
     assert len([m for m in model.modules() if isinstance(m, Int4Linear)]) == 14 and sizes <= {32, 64, 128, 256}
