@@ -42,6 +42,10 @@ def build_parser():
                          "quant4's own tools)")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_layer_args(ap)
+    ap.add_argument("--budget", type=float, default=None, metavar="BPW",
+                    help="mix group sizes per layer to fit this many bits per weight (e.g. 4.5), ranked by each "
+                         "layer's measured KL on 8 windows of --calibration text (quant4.budget; instead of "
+                         "--group-size; rtn, search or refit)")
     add_calibration_args(ap)
     add_thread_arg(ap)
     return ap
@@ -69,7 +73,10 @@ def main(argv=None):
     if args.checkpoint is not None and out.exists() and (out.resolve() == Path(args.checkpoint).resolve()
                                                          or Path(args.checkpoint).resolve() in out.resolve().parents):
         raise SystemExit(f"error: --out {out} is the --checkpoint being read; write to another file")
-    if args.method != "gptq":
+    if args.budget is not None and (args.method == "gptq" or args.group_size != 32):
+        raise SystemExit("error: --budget chooses the group sizes itself, for --method rtn, search or refit "
+                         "(not with --group-size or --method gptq)")
+    if args.method != "gptq" and args.budget is None:
         given = [f for f, v, default in (("--calibration", args.calibration, None),
                                          ("--calib-sequences", args.calib_sequences, 256),
                                          ("--calib-len", args.calib_len, 256),
@@ -80,7 +87,7 @@ def main(argv=None):
         raise SystemExit(f"error: --gptq-refine must be >= 0, got {args.gptq_refine}")
     t0 = time.perf_counter()
     select = projection_filter(args.include, args.exclude)
-    if args.method != "gptq" and streamable(args.checkpoint):
+    if args.method != "gptq" and args.budget is None and streamable(args.checkpoint):
         # read and quantize one tensor at a time: the float model never exists whole
         from quant4.models.stream_quantize import quantize_checkpoint
 
@@ -107,6 +114,22 @@ def main(argv=None):
     n_selected = sum(1 for n, m in model.named_modules() if n and select(m, n))
     if not n_selected:
         raise SystemExit("error: no layers selected")
+    if args.budget is not None:
+        from quant4.budget import plan_bits_per_weight, plan_group_sizes
+        from quant4.config import Int4Config, quantize_
+
+        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len, loaded.args.vocab_size)
+        print(f"{loaded.path} ({loaded.kind}): {n_selected} layers to int4 ({args.method}) within {args.budget} "
+              f"bits per weight, ranked by KL on {min(8, len(cal))} calibration windows")
+        try:
+            plan = plan_group_sizes(model, args.budget, select, method=args.method, kl_tokens=cal[:8])
+        except ValueError as exc:
+            raise SystemExit(f"error: --budget: {exc}")
+        mix = ", ".join(f"g{g} x{list(plan.values()).count(g)}" for g in sorted(set(plan.values())))
+        print(f"plan: {mix}, {plan_bits_per_weight(model, plan):.3f} bits per weight")
+        quantize_(model, Int4Config(method=args.method, targets=[],
+                                    overrides={n: {"group_size": g} for n, g in plan.items()}), progress=True)
+        return finish(args, out, loaded, model, before, t0)
     print(f"{loaded.path} ({loaded.kind}): {n_selected} layers to int4 g{args.group_size} ({args.method})")
     if args.method == "gptq":
         cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len, loaded.args.vocab_size)

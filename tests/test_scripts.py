@@ -138,3 +138,26 @@ def test_eval_bits_per_weight_of_models_and_gguf_files(tmp_path):
     assert ev.projection_bpw(quantize_model_(load_model().model, 64)) == 4.5
     path = write_gguf(q32, loaded.args, tmp_path / "m.gguf", tokenizer=loaded.tokenizer)
     assert ev.projection_bpw(gguf_path=path) == 5.0
+
+
+def test_quantize_script_budget(tmp_path, capsys):
+    """--budget mixes group sizes within the bits per weight it is given, ranked on the calibration text; it
+    replaces --group-size and does not combine with GPTQ."""
+    from helpers import STORIES
+    from quant4 import Int4Linear
+    from quant4.budget import stored_bits
+    from quant4.models.load import load_model
+
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(STORIES))
+    out = tmp_path / "b.safetensors"
+    _script("quantize").main(["--out", str(out), "--budget", "4.5", "--calibration", str(text),
+                              "--calib-sequences", "8", "--calib-len", "64"])
+    assert "plan: g" in capsys.readouterr().out
+    layers = [m for m in load_model(out).model.modules() if isinstance(m, Int4Linear)]
+    bits = sum(stored_bits(m.out_features, m.in_features, m.group_size) for m in layers)
+    assert bits <= 4.5 * sum(m.in_features * m.out_features for m in layers)
+    assert len({m.group_size for m in layers}) > 1
+    for bad in (["--group-size", "64"], ["--method", "gptq"]):
+        with pytest.raises(SystemExit, match="--budget"):
+            _script("quantize").main(["--out", str(tmp_path / "c.safetensors"), "--budget", "4.5"] + bad)
