@@ -181,7 +181,9 @@ class Quant4HfQuantizer(HfQuantizer):
         for fqn in self.targets:
             mod = model.get_submodule(fqn)
             for name, buf in mod.named_buffers():
-                if buf.is_meta:
+                # transformers flags what it read from the checkpoint; a missing int4 tensor would otherwise be
+                # left as uninitialized memory with only a warning in its loading report
+                if buf.is_meta or (self.pre_quantized and not getattr(buf, "_is_hf_initialized", False)):
                     raise ValueError(f"quant4: the checkpoint has no {fqn}.{name}")
         cfg.group_sizes = dict(sorted(self.quantized.items()))
         return model

@@ -193,3 +193,23 @@ def test_other_tools_quantized_directories_are_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="lm_head.x"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "resized"])
+def test_a_damaged_int4_directory_is_refused(tmp_path, damage):
+    """A tensor missing from the checkpoint would be left uninitialized by transformers with only a warning, a
+    resized one re-initialized: both are errors, never a model computing garbage."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = tmp_path / "float", tmp_path / "int4"
+    make_hf(src, "qwen2")
+    quantized(src).save_pretrained(out)
+    tensors = load_file(out / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.scales"
+    if damage == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = torch.cat([tensors[key]] * 2, 1)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError), match="q_proj.scales|size"):
+        AutoModelForCausalLM.from_pretrained(out)
