@@ -318,6 +318,12 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
             raise FormatError(f"quantized layer {name!r} is [{info.get('out_features')}, {info.get('in_features')}] "
                               f"but the model's config needs [{want[0]}, {want[1]}]")
         keys = [f"{name}.{k}" for k in ("qweight", "scales", "zeros", "bias")]
+        missing = [k for k in keys[:3] if k not in tensors]
+        if missing:
+            raise FormatError(f"file does not match the model: missing {missing}")
+        if (getattr(old, "bias", None) is not None) != (keys[3] in tensors):
+            raise FormatError(f"quantized layer {name!r}: the model's config "
+                              f"{'has a bias there and the file none' if keys[3] not in tensors else 'has no bias there but the file one'}")
         mod = Int4Linear.from_packed(tensors[keys[0]], tensors[keys[1]], tensors[keys[2]],
                                      in_features=info["in_features"], group_size=info["group_size"],
                                      bias=tensors.get(keys[3]), num_threads=num_threads)

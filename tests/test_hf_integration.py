@@ -213,3 +213,19 @@ def test_a_damaged_int4_directory_is_refused(tmp_path, damage):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises((ValueError, RuntimeError), match="q_proj.scales|size"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("key", ["q_proj.qweight", "q_proj.bias"])
+def test_quant4_refuses_an_int4_directory_missing_a_tensor(tmp_path, key):
+    from safetensors.torch import load_file, save_file
+
+    from quant4.serialization import FormatError
+
+    src, out = tmp_path / "float", tmp_path / "int4"
+    make_hf(src, "qwen2")
+    quantized(src).save_pretrained(out)
+    tensors = load_file(out / "model.safetensors")
+    del tensors[f"model.layers.0.self_attn.{key}"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="layers.0.attention.wq"):
+        load_model(out)
