@@ -322,7 +322,7 @@ class Prepared:
     .data = ..., set_(), share_memory_(), a copied or unpickled module -- fails the check and forces a rebuild.
     """
 
-    __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features")
+    __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features", "plans")
 
     def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None):
         self.N, self.Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
@@ -335,6 +335,7 @@ class Prepared:
         self.scales, self.zeros = _half_bits(scales), _half_bits(zeros)
         self.bias = None if bias is None else _as_np(bias.detach().float())
         self.group_size, self.in_features = group_size, in_features
+        self.plans = {}       # (M, activation, threads) -> (kernel code, multi_row, threads for this call)
 
     def matches(self, qweight, scales, zeros, bias) -> bool:
         # on every forward call: about 4 us for the four tensors
@@ -430,13 +431,38 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     return matmul_prepared_many(x, (w,), num_threads=num_threads, small_m=small_m, activation=activation)[0]
 
 
+def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
+    """matmul_prepared_many's common case -- contiguous fp32 activations, K a whole number of groups, "float" or
+    "int8" -- with the kernel choice cached per weight: the same kernels and results, less Python per call."""
+    M = x.shape[0]
+    threads = get_num_threads() if num_threads is None else num_threads
+    xk = x.detach().numpy()
+    outs = []
+    for w in ws:
+        plan = w.plans.get((M, activation, threads))
+        if plan is None:
+            p = plan_matmul(M, w.Kp, False, activation)
+            plan = w.plans[M, activation, threads] = (_k.KERNELS[p.kernel], p.multi_row,
+                                                       _threads(threads, M * w.N * w.Kp))
+        out = torch.empty(M, w.N)
+        if w.N:
+            _k.matmul(xk, w.qweight, w.scales, w.zeros, w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2])
+        outs.append(out)
+    return outs
+
+
 def matmul_prepared_many(x: torch.Tensor, ws, *, num_threads: Optional[int] = None, small_m: int = SMALL_M,
                          activation: str = "float") -> list:
     """[matmul_prepared(x, w) for w in ws] for weights with the same in_features and padded K (e.g. the q, k, v
     projections): x is checked and converted for the kernels once, and the kernels run back to back."""
+    w0 = ws[0]
+    if (type(x) is torch.Tensor and x.dtype is torch.float32 and small_m == SMALL_M and x.is_cpu
+            and (activation == "float" or activation == "int8") and x.dim() == 2 and x.shape[0]
+            and x.shape[1] == w0.Kp == w0.in_features and x.is_contiguous()
+            and all(w.Kp == w0.Kp and w.in_features == w0.in_features for w in ws)):
+        return _matmul_fp32_direct(x, ws, num_threads, activation)
     check_activation(activation)
     _check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    w0 = ws[0]
     for w in ws:
         if x.shape[1] != w.in_features:
             raise ValueError(f"x has {x.shape[1]} features (shape {tuple(x.shape)}), expected in_features={w.in_features}")
