@@ -335,7 +335,7 @@ class Prepared:
         self.scales, self.zeros = _half_bits(scales), _half_bits(zeros)
         self.bias = None if bias is None else _as_np(bias.detach().float())
         self.group_size, self.in_features = group_size, in_features
-        self.plans = {}       # (M, activation, threads) -> (kernel code, multi_row, threads for this call)
+        self.plans = {}       # (M <= SMALL_M, activation, threads) -> (kernel code, multi_row, threads)
 
     def matches(self, qweight, scales, zeros, bias) -> bool:
         # on every forward call: about 4 us for the four tensors
@@ -442,8 +442,9 @@ def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
         plan = w.plans.get((M, activation, threads))
         if plan is None:
             p = plan_matmul(M, w.Kp, False, activation)
-            plan = w.plans[M, activation, threads] = (_k.KERNELS[p.kernel], p.multi_row,
-                                                       _threads(threads, M * w.N * w.Kp))
+            plan = (_k.KERNELS[p.kernel], p.multi_row, _threads(threads, M * w.N * w.Kp))
+            if M <= SMALL_M:        # decode shapes only: one entry per prompt length would grow without bound
+                w.plans[M, activation, threads] = plan
         out = torch.empty(M, w.N)
         if w.N:
             _k.matmul(xk, w.qweight, w.scales, w.zeros, w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2])

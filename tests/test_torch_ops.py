@@ -184,3 +184,11 @@ def test_budget_plan_fits_and_spends_it():
     quantize_to_budget_(model, 4.5, calibration=tokens)
     sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
     assert len([m for m in model.modules() if isinstance(m, Int4Linear)]) == 14 and sizes <= {32, 64, 128, 256}
+
+
+def test_kernel_plan_cache_holds_decode_shapes_only():
+    m = layer(bias=False)
+    p = m._prepared()
+    for M in (1, 2, 9, 33, 100):
+        m(torch.randn(M, 96))
+    assert {key[0] for key in p.plans} == {1, 2}
