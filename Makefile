@@ -12,7 +12,7 @@ ENV := .venv
 endif
 PY := $(ENV)/bin/python
 STAMP := $(ENV)/.quant4-installed
-SOURCES := requirements-dev.txt requirements-torch.txt pyproject.toml setup.py $(wildcard quant4/*.pyx quant4/*.h)
+SOURCES := requirements-dev.txt requirements-torch.txt pyproject.toml setup.py $(wildcard quant4/*.pyx quant4/*.pxi quant4/*.h)
 HAS_TORCH := import sys, torch; v = torch.__version__.split("+")[0].split("."); sys.exit((int(v[0]), int(v[1])) < (2, 6))
 
 .PHONY: install demo test test-long bench asan clean quality

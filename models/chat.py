@@ -90,6 +90,7 @@ class ChatSession:
 
         from quant4 import ops
 
+        from .fast_decode import decode_step
         from .generate import sample
 
         ops.warn_if_oversubscribed()
@@ -109,6 +110,7 @@ class ChatSession:
             logits = self.model(torch.tensor([ids[keep:]]), keep, self.cache, last_only=True)[0, -1]
             self.prefilled += len(ids) - keep
             self.cached = list(ids)
+            step = decode_step(self.model, self.cache)
             try:
                 while len(out) < max_new_tokens and len(self.cached) < self.context:
                     t = sample(logits, **self.sampling, generator=self.generator)
@@ -117,7 +119,7 @@ class ChatSession:
                     out.append(t)
                     if on_token is not None:
                         on_token(t)
-                    logits = self.model(torch.tensor([[t]]), len(self.cached), self.cache)[0, -1]
+                    logits = step(t, len(self.cached))
                     self.cached.append(t)
             except KeyboardInterrupt:
                 pass

@@ -9,6 +9,8 @@ import torch
 
 from quant4 import ops
 
+from .fast_decode import decode_step
+
 
 @dataclass
 class GenStats:
@@ -47,8 +49,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p
 @torch.inference_mode()
 def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_ids=(), on_token: Optional[Callable[[int], None]] = None):
-    """-> (new token ids, GenStats). Stops at max_new_tokens, a stop id, or the model's max_seq_len."""
+             stop_ids=(), on_token: Optional[Callable[[int], None]] = None, lean: bool = True):
+    """-> (new token ids, GenStats). Stops at max_new_tokens, a stop id, or the model's max_seq_len.
+    Decode steps take the lean path (models/fast_decode.py) when the model allows it; lean=False: forward."""
     if not prompt_ids:
         raise ValueError("prompt_ids is empty")
     limit = model.args.max_seq_len
@@ -61,6 +64,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
     t0 = time.perf_counter()
     logits = model(torch.tensor([prompt_ids]), 0, cache, last_only=True)[0, -1]
     t1 = time.perf_counter()
+    step = decode_step(model, cache, lean=lean)
     out = []
     pos = len(prompt_ids)
     for _ in range(max_new_tokens):
@@ -72,7 +76,7 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
             on_token(tok)
         if len(out) == max_new_tokens:
             break
-        logits = model(torch.tensor([[tok]]), pos, cache)[0, -1]
+        logits = step(tok, pos)
         pos += 1
     t2 = time.perf_counter()
     return out, GenStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)

@@ -681,3 +681,6 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
         free(xp)
         free(xq)
     return 0
+
+
+include "_decode_stack.pxi"

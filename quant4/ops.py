@@ -431,6 +431,12 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     return matmul_prepared_many(x, (w,), num_threads=num_threads, small_m=small_m, activation=activation)[0]
 
 
+def decode_stack_state(*args):
+    """The kernels' raw state of a one-token decode through a stack of layers, for quant4.decode.DecodeStack
+    (which checks everything it is given)."""
+    return _k.DecodeStack(*args)
+
+
 def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
     """matmul_prepared_many's common case -- contiguous fp32 activations, K a whole number of groups, "float" or
     "int8" -- with the kernel choice cached per weight: the same kernels and results, less Python per call."""

@@ -96,6 +96,8 @@ def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False
     torch.compile(model, dynamic=True) (its compilation happens in the warm-up)."""
     import torch
 
+    from quant4.models.fast_decode import decode_step
+
     vocab = model.args.vocab_size
     model.setup_cache(1, max(max(prompts), 16 + gen))   # one attached cache, refilled by each run
     fwd = torch.compile(model, dynamic=True) if compiled else model
@@ -111,13 +113,16 @@ def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False
                 times.append(time.perf_counter() - t0)
             out[f"pp{n}"] = n / statistics.median(times[1:])
         prompt = torch.randint(0, vocab, (1, 16), generator=g)
+        # as generate() decodes: the lean path when the model allows it (eagerly), else forward
+        step = decode_step(model) if not compiled else (lambda t, pos: fwd(torch.tensor([[t]]), pos)[0, -1])
+        out["lean"] = getattr(step, "lean", False)
         times = []
         for r in range(repeats + 1):
             logits = fwd(prompt, 0, last_only=True)[0, -1]
             t0 = time.perf_counter()
             for i in range(gen):
                 t = int(torch.argmax(logits))
-                logits = fwd(torch.tensor([[t]]), 16 + i)[0, -1]
+                logits = step(t, 16 + i)
             times.append(time.perf_counter() - t0)
         out[f"tg{gen}"] = gen / statistics.median(times[1:])
     model.clear_cache()
@@ -170,10 +175,13 @@ def table(args, path, model, threads):
     quant4.set_activation_(model, activation)
     ours = quant4_speeds(model, args.prompt, args.gen, args.repeats)
     comp = quant4_speeds(model, args.prompt, args.gen, args.repeats, compiled=True) if args.compile else {}
+    lean = ours.pop("lean")
+    comp.pop("lean", None)
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
-          f"activations {activation}{', beside one busy process' if args.busy else ''}")
+          f"activations {activation}, decode {'lean path' if lean else 'through forward'}"
+          f"{', beside one busy process' if args.busy else ''}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -1,0 +1,88 @@
+"""Decode steps for generation: one token through quant4's lean path (quant4.decode.DecodeStack, one kernel
+call per token) when the model is one it computes exactly as the model's forward does, else through the
+model's forward.
+
+The lean path takes a Transformer of this package whose layers are the plain classes of models/llama.py, in
+fp32, with every projection an Int4Linear of one activation mode ("float" or "int8") and thread setting, in
+eval mode, with no hooks on any module. Anything else (float projections, bf16 models, subclasses, hooks,
+training) decodes through forward, with the same results.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.nn.modules import module as _module
+
+from .llama import Attention, FeedForward, KVCache, RMSNorm, Transformer, TransformerBlock
+
+
+def lean_stack(model, cache: Optional[list] = None):
+    """The quant4.decode.DecodeStack running `model`'s layers on `cache` (from model.new_cache(1, ...); None:
+    the attached one, setup_cache), or None when the model is not one it runs exactly (see above). Rebuild it
+    whenever the model's weights or the cache change."""
+    from quant4.decode import DecodeLayer, DecodeStack
+    from quant4.nn import Int4Linear
+
+    if type(model) is not Transformer or model.training:
+        return None
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    a = model.args
+    caches = cache if cache is not None else [layer.attention.cache for layer in model.layers]
+    if len(caches) != len(model.layers) or type(model.norm) is not RMSNorm:
+        return None
+    if model.tok_embeddings.weight.dtype != torch.float32 or model.norm.eps != a.norm_eps:
+        return None
+    layers, settings = [], set()
+    for layer, c in zip(model.layers, caches):
+        att, ff = layer.attention, layer.feed_forward
+        if (type(layer) is not TransformerBlock or type(att) is not Attention or type(ff) is not FeedForward
+                or type(layer.attention_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm
+                or type(c) is not KVCache or c.k.shape[0] != 1
+                or layer.attention_norm.eps != a.norm_eps or layer.ffn_norm.eps != a.norm_eps):
+            return None
+        projs = (att.wq, att.wk, att.wv, att.wo, ff.w1, ff.w3, ff.w2)
+        if any(type(p) is not Int4Linear for p in projs):
+            return None
+        settings.update((p.activation, p.num_threads) for p in projs)
+        if att.wo.bias is not None or any(p.bias is not None for p in (ff.w1, ff.w2, ff.w3)):
+            return None          # the model has biases on q/k/v only (Qwen2); anything else runs forward
+        layers.append(DecodeLayer(layer.attention_norm.weight, *(p._prepared() for p in projs[:4]),
+                                  layer.ffn_norm.weight, *(p._prepared() for p in projs[4:]), c.k[0], c.v[0]))
+    if len(settings) != 1:
+        return None
+    activation, num_threads = settings.pop()
+    if activation not in ("float", "int8"):
+        return None
+    try:
+        return DecodeStack(layers, model.norm.weight, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                           head_dim=a.head_dim, eps=float(a.norm_eps), activation=activation,
+                           num_threads=num_threads)
+    except (TypeError, ValueError):
+        return None      # e.g. dtypes or group sizes it does not take: forward runs the model
+
+
+def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Callable[[int, int], torch.Tensor]:
+    """step(token, pos) -> the logits (fp32 [vocab]) of `token` at position `pos`, the cache holding positions
+    < pos: what model(torch.tensor([[token]]), pos, cache)[0, -1] gives, through the lean path when the model
+    allows it (lean=False: always forward). Built for one generation: the lean path reads the weights and the
+    cache as they are now."""
+    stack = lean_stack(model, cache) if lean else None
+    if stack is None:
+        return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
+    emb, out, limit = model.tok_embeddings.weight, model.output, model.args.max_seq_len
+    x = torch.empty(model.args.dim)
+
+    def step(token: int, pos: int) -> torch.Tensor:
+        if pos + 1 > limit:
+            raise ValueError(f"sequence end {pos + 1} exceeds max_seq_len={limit}")
+        x.copy_(emb[token])
+        cos, sin = model.rope(pos + 1)
+        h = stack.step(x, pos, cos[pos].float(), sin[pos].float())
+        return out(h.view(1, 1, -1))[0, 0].float()
+
+    step.lean = True
+    return step

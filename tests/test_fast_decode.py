@@ -1,0 +1,153 @@
+"""The lean decode path (quant4.decode.DecodeStack via models/fast_decode.py) against the model's forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant4
+from quant4 import ops
+from quant4.decode import DecodeLayer, DecodeStack
+from quant4.models.fast_decode import decode_step, lean_stack
+from quant4.models.generate import generate
+from quant4.models.llama import ModelArgs, Transformer
+from quant4.models.load import load_model
+
+
+def _model(activation="float", **kw):
+    args = dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=300, hidden_dim=160, max_seq_len=128)
+    args.update(kw)
+    group_size = args.pop("group_size", 32)
+    m = Transformer(ModelArgs(**args))
+    m.init_weights(seed=3)
+    with torch.no_grad():          # norms away from 1 and biases non-zero, so that a wrong one shows
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    quant4.quantize_model_(m, group_size, activation=activation)
+    return m.eval()
+
+
+def _compare(model, cache_tol=1e-4, steps=24, prompt=(1, 5, 9, 13, 20, 7)):
+    """Teacher-forced decode through forward and through decode_step from equal prefilled caches -> (largest
+    logit difference relative to the largest logit, top-1 agreement, largest KL(forward || lean))."""
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(1, 64), model.new_cache(1, 64)
+        p = torch.tensor([list(prompt)])
+        model(p, 0, c1)
+        model(p, 0, c2)
+        step = decode_step(model, c2)
+        assert getattr(step, "lean", False)
+        g = torch.Generator().manual_seed(0)
+        worst, agree, kl = 0.0, 0, 0.0
+        for i in range(steps):
+            tok, pos = int(torch.randint(0, model.args.vocab_size, (1,), generator=g)), len(prompt) + i
+            a = model(torch.tensor([[tok]]), pos, c1)[0, -1]
+            b = step(tok, pos)
+            worst = max(worst, float((a - b).abs().max() / a.abs().max()))
+            agree += int(a.argmax() == b.argmax())
+            kl = max(kl, float(F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum")))
+        for x, y in zip(c1, c2):       # the caches hold the same keys and values
+            assert torch.allclose(x.k, y.k, rtol=0, atol=cache_tol * float(x.k.abs().max()))
+            assert torch.allclose(x.v, y.v, rtol=0, atol=cache_tol * float(x.v.abs().max()))
+    return worst, agree / steps, kl
+
+
+@pytest.mark.parametrize("kw", [
+    {},                                                     # grouped-query attention, tied embeddings
+    {"n_kv_heads": 6, "tie_embeddings": False},             # multi-head attention, separate head
+    {"qkv_bias": True, "head_dim": 24},                     # Qwen2-style biases, head_dim != dim / n_heads
+    {"group_size": 64},                                     # K = 96 and 160 padded to 128 and 192
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}},
+])
+def test_lean_matches_forward_float_activations(kw):
+    worst, agree, kl = _compare(_model(**kw))
+    assert worst < 1e-5 and agree == 1.0 and kl < 1e-6      # KL: fp32 noise
+
+
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8-activation kernel on this CPU")
+def test_lean_matches_forward_int8_activations():
+    # the same int8 kernels; the float parts (RMSNorm, SiLU's exp) differ from PyTorch's in the last bit, which
+    # can move an activation across an int8 rounding boundary: equal in distribution, not bit for bit
+    worst, agree, kl = _compare(_model("int8"), cache_tol=0.05)
+    assert worst < 0.05 and agree >= 0.9 and kl < 1e-4
+
+
+def test_embedded_model_generates_the_same_tokens():
+    model = load_model().model
+    quant4.quantize_model_(model, 32)
+    ids = [1, 40, 47, 26, 116]
+    lean, s1 = generate(model, ids, 40)
+    slow, s2 = generate(model, ids, 40, lean=False)
+    assert lean == slow and len(lean) == 40
+
+
+def test_results_do_not_depend_on_threads():
+    model = _model()
+    outs = []
+    for threads in (1, 2):
+        quant4.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                cache = model.new_cache(1, 32)
+                model(torch.tensor([[3, 4, 5]]), 0, cache)
+                step = decode_step(model, cache)
+                outs.append(torch.stack([step(t, 3 + i) for i, t in enumerate((7, 8, 9))]))
+        finally:
+            quant4.set_num_threads(None)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_models_it_does_not_run_exactly_take_forward():
+    model = _model()
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        assert lean_stack(model, cache) is not None
+        model.train()
+        assert lean_stack(model, cache) is None
+        model.eval()
+        h = model.layers[1].feed_forward.register_forward_hook(lambda *a: None)
+        assert lean_stack(model, cache) is None
+        h.remove()
+        quant4.set_activation_(model.layers[0].attention.wq, "bf16")
+        assert lean_stack(model, cache) is None
+        quant4.set_activation_(model, "float")
+        assert lean_stack(model.bfloat16(), model.new_cache(1, 16)) is None     # bf16: forward
+    mixed = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=100))
+    quant4.quantize_model_(mixed, 32, filter_fn=lambda m, name: quant4.is_projection(m, name) and not name.endswith("w2"))
+    with torch.inference_mode():
+        cache = mixed.new_cache(1, 8)
+        step = decode_step(mixed, cache)                     # a float projection: forward
+        assert not getattr(step, "lean", False)
+        mixed(torch.tensor([[1, 2]]), 0, cache)
+        assert step(3, 2).shape == (100,)
+
+
+def test_decode_stack_checks_its_input():
+    model = _model()
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        stack = lean_stack(model, cache)
+        x, cs = torch.zeros(96), torch.zeros(8)
+        with pytest.raises(ValueError, match="pos"):
+            stack.step(x, 16, cs, cs)
+        with pytest.raises(TypeError, match="x must have dtype"):
+            stack.step(x.double(), 0, cs, cs)
+        with pytest.raises(ValueError, match="cos"):
+            stack.step(x, 0, torch.zeros(9), cs)
+        L = model.layers[0]
+        a, f = L.attention, L.feed_forward
+        layer = DecodeLayer(L.attention_norm.weight, a.wq._prepared(), a.wk._prepared(), a.wv._prepared(),
+                            a.wo._prepared(), L.ffn_norm.weight, f.w1._prepared(), f.w3._prepared(),
+                            f.w2._prepared(), cache[0].k[0], cache[0].v[0])
+        kw = dict(n_heads=6, n_kv_heads=2, head_dim=16, eps=1e-5)
+        DecodeStack([layer], model.norm.weight, **kw)
+        with pytest.raises(ValueError, match="wk is"):
+            DecodeStack([layer._replace(wk=a.wq._prepared())], model.norm.weight, **kw)
+        with pytest.raises(ValueError, match="k_cache"):
+            DecodeStack([layer._replace(k_cache=cache[0].k[0, :, :8])], model.norm.weight, **kw)
+        with pytest.raises(ValueError, match="attn_norm"):
+            DecodeStack([layer._replace(attn_norm=torch.ones(95))], model.norm.weight, **kw)
+        with pytest.raises(ValueError, match="n_kv_heads"):
+            DecodeStack([layer], model.norm.weight, **{**kw, "n_kv_heads": 4})
+        with pytest.raises(ValueError, match="activation"):
+            DecodeStack([layer], model.norm.weight, **kw, activation="bf16")
