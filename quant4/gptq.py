@@ -213,6 +213,37 @@ def _blocks(model: nn.Module, select) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def check_calibration(calibration, batch_size: int) -> None:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
+            or calibration.numel() == 0:
+        raise ValueError(f"calibration must be a non-empty int64 tensor [n_sequences, seq_len], got "
+                         f"{getattr(calibration, 'dtype', type(calibration))} "
+                         f"{tuple(getattr(calibration, 'shape', ()))}")
+    ops.check_int("batch_size", batch_size)
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, blocks, calibration: torch.Tensor, batch_size: int) -> list:
+    """[(hidden, args, kwargs)] the first block receives for each batch of calibration windows (the model runs
+    only up to it)."""
+    captured = []
+
+    def grab(mod, args, kwargs):
+        captured.append((args[0], args[1:], kwargs))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in range(0, calibration.shape[0], batch_size):
+            try:
+                model(calibration[b:b + batch_size])
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return captured
+
+
 def _input_sets(block: nn.Module, prefix: str, select, args, kwargs):
     """Group the block's selected nn.Linear layers by the input tensor they receive, in call order. The inputs
     are held until the grouping is done: compared by identity, never by address (a freed input's memory may be
@@ -245,26 +276,22 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
                          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, damp: float = 0.01,
                          block_size: int = 128, method: str = "rtn", act_order: bool = False, refine: int = 0,
                          batch_size: int = 16, num_threads: Optional[int] = None,
-                         progress: bool = False) -> nn.Module:
+                         progress: bool = False, awq: bool = False) -> nn.Module:
     """Quantize the selected nn.Linear layers of `model` with GPTQ, in place; return the model.
 
     calibration: int64 token ids [n_sequences, seq_len] fed to model(tokens) in batches of batch_size.
     The model must hold its repeated blocks in an nn.ModuleList (model.layers) and call them in order as
     block(hidden, *rest) -> hidden. Selected layers outside the blocks are quantized without calibration
     (method). Other arguments as in gptq_quantize and quantize_model_; the report is model.quant4_report.
-    progress=True shows a progress bar over the blocks (tqdm, on stderr).
+    progress=True shows a progress bar over the blocks (tqdm, on stderr). awq=True first scales each block's
+    input channels by their activations (quant4.awq: quant4's Llama blocks only), folding the scales into the
+    float RMSNorm weights and the wv / w3 rows, so the stored format is unchanged.
     """
     from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model_gptq_ expects an nn.Module, got {type(model).__name__}")
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
-            or calibration.numel() == 0:
-        raise ValueError(f"calibration must be a non-empty int64 tensor [n_sequences, seq_len], got "
-                         f"{getattr(calibration, 'dtype', type(calibration))} "
-                         f"{tuple(getattr(calibration, 'shape', ()))}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_calibration(calibration, batch_size)
     ops.check_group_size(group_size)
     select = filter_fn or is_projection
     if not any(isinstance(m, nn.Linear) and select(m, n) for n, m in model.named_modules() if n):
@@ -272,28 +299,22 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
         raise ValueError(f"no float nn.Linear layer of the model is selected" +
                          (f"; it is already int4 ({n4} Int4Linear layers): GPTQ quantizes a float model" if n4 else ""))
     list_name, blocks = _blocks(model, select)
-
-    # inputs of the first block, per batch
-    captured = []
-
-    def grab(mod, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
-
-    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for b in range(0, calibration.shape[0], batch_size):
-            try:
-                model(calibration[b:b + batch_size])
-            except _Stop:
-                pass
-    finally:
-        h.remove()
+    captured = first_block_inputs(model, blocks, calibration, batch_size)
     hidden = [c[0] for c in captured]
     report = []
     t0 = time.perf_counter()
     for bi, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress, file=sys.stderr)):
         prefix = f"{list_name}.{bi}"
+        if awq:
+            from quant4 import awq as _awq
+
+            _awq.check_block(block, prefix)
+            att = block.attention
+            found = _awq.scale_block_(block, _awq.block_hessians(block, [(x, r, k) for x, (_, r, k) in
+                                                                        zip(hidden, captured)]),
+                                      group_size, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads,
+                                      head_dim=att.head_dim, num_threads=num_threads)
+            log.info(f"awq: {prefix}: " + ", ".join(f"{n} alpha {a:.1f} (error x{r:.2f})" for n, a, r in found))
         sets = _input_sets(block, prefix, select, (hidden[0],) + captured[0][1], captured[0][2])
         for names in sets:
             first = block.get_submodule(names[0])
@@ -331,7 +352,8 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
                 q = Int4Linear.from_packed(qw, s, z, in_features=K, group_size=group_size, bias=bias,
                                            num_threads=num_threads)
                 report.append(SwapRecord(f"{prefix}.{fqn}", True,
-                                         f"int4 g{group_size} gptq ({method}{f', refine {refine}' if refine else ''})",
+                                         f"int4 g{group_size} {'awq+' if awq else ''}gptq "
+                                         f"({method}{f', refine {refine}' if refine else ''})",
                                          weight_sqnr_db(lin.weight, q)))
                 block.set_submodule(fqn, q)
             del H

@@ -3,5 +3,5 @@ build their --help from these before anything heavy is imported)."""
 
 GROUP_SIZES = (32, 64, 128, 256)            # inputs per scale and zero (quant4.scheme)
 METHODS = ("rtn", "search", "refit")        # per-layer quantizers, no calibration (quant4.ops.quantize)
-MODEL_METHODS = ("rtn", "search", "refit", "gptq")   # how a model's layers can be quantized (gptq: calibration text)
+MODEL_METHODS = ("rtn", "search", "refit", "gptq", "tune")   # how a model's layers can be quantized (gptq, tune: calibration text)
 ACTIVATIONS = ("float", "int8", "bf16")     # what Int4Linear does with its inputs (quant4.ops)

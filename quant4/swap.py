@@ -16,8 +16,8 @@ from quant4.nn import Int4Linear
 log = logging.getLogger("quant4")
 
 PROJECTION_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-# How a model's layers can be quantized: quantize_model_(method="rtn" | "search"), or quantize_model_gptq_
-# (calibration text; its group scales by "search").
+# How a model's layers can be quantized: quantize_model_(method="rtn" | "search" | "refit"), or with calibration
+# text quantize_model_gptq_ (its group scales by "search") or quant4.tune.tune_model_.
 
 
 def is_projection(module: nn.Module, fqn: str) -> bool:
@@ -180,9 +180,9 @@ def format_report(report, model: Optional[nn.Module] = None) -> str:
         worst = min(done, key=lambda r: r.sqnr_db)
         lines.append(f"  {len(done)} layers int4; weight SQNR mean {sum(r.sqnr_db for r in done) / len(done):.2f} dB, "
                      f"worst {worst.sqnr_db:.2f} dB ({worst.name})")
-        if any("gptq" in r.reason for r in done):
-            lines.append("  (GPTQ minimises each layer's output error on the calibration inputs, not the weight error: "
-                         "its weight SQNR can be lower than round-to-nearest's while the model is closer to float)")
+        if any("gptq" in r.reason or "tuned" in r.reason for r in done):
+            lines.append("  (GPTQ and tuning minimise output error on the calibration inputs, not the weight error: "
+                         "their weight SQNR can be lower than round-to-nearest's while the model is closer to float)")
     return "\n".join(lines)
 
 

@@ -130,7 +130,11 @@ def run_main(main):
 METHOD_HELP = {"rtn": "min/max scale and zero", "search": "a per-group clipping search",
                "refit": "the search, then least-squares refits of scale and zero",
                "gptq": "GPTQ on calibration text, group scales by the search",
-               "gptq-refine": "GPTQ with two rounds of scale/zero refits"}
+               "gptq-refine": "GPTQ with two rounds of scale/zero refits",
+               "tune": "block-wise tuning of rounding, scales and zeros on calibration text (signed gradient)",
+               "awq-tune": "activation-aware channel scales, then block-wise tuning",
+               "awq-gptq": "activation-aware channel scales (folded into the float norms and wv/w3), then GPTQ",
+               "awq-gptq-refine": "the same, then GPTQ with two rounds of refits"}
 
 
 def add_layer_args(ap, methods=None, sweep=False):
@@ -152,15 +156,22 @@ def add_layer_args(ap, methods=None, sweep=False):
                     help="keep these projections in float (attribute or full name), e.g. w2")
 
 
-def add_calibration_args(ap):
+def add_calibration_args(ap, gptq_options: bool = True):
+    """--calibration, --calib-sequences, --calib-len; gptq_options: also --gptq-refine and --awq (eval.py names
+    those variants as methods instead)."""
     ap.add_argument("--calibration", default=None, metavar="TEXT",
                     help="GPTQ: calibration text file (default: ../shared/data/tinystories_train.txt)")
     ap.add_argument("--calib-sequences", type=int, default=256,
                     help="GPTQ: calibration windows (default: %(default)s)")
     ap.add_argument("--calib-len", type=int, default=256,
                     help="GPTQ: tokens per calibration window (default: %(default)s)")
+    if not gptq_options:
+        return
     ap.add_argument("--gptq-refine", type=int, default=0, metavar="N",
                     help="GPTQ: rounds of least-squares scale/zero refits (2 measured best; 5-10x the time)")
+    ap.add_argument("--awq", action="store_true",
+                    help="GPTQ / tune: activation-aware input-channel scales first (quant4.awq; quant4's Llama "
+                         "blocks)")
 
 
 def refuse_unused_layer_args(args, used: bool, why: str) -> None:

@@ -7,7 +7,9 @@
 Variants: float, then for each --group-size and --method: rtn (min/max), search (clipping search), gptq
 (GPTQ on --calib-sequences windows of --calib-len tokens from --calibration, default
 ../shared/data/tinystories_train.txt, group scales by the clipping search), gptq-refine (the same with two
-rounds of least-squares scale/zero refits, refine=2).
+rounds of least-squares scale/zero refits, refine=2), awq-gptq / awq-gptq-refine (the same after
+activation-aware scaling of each block's input channels, quant4.awq), tune / awq-tune (block-wise tuning of
+rounding, scales and zeros on the same calibration windows, quant4.tune, with or without the scaling first).
 
 Text: --text (default: the held-out first 300,000 bytes of ../shared/data/tinystories_val_head.txt), split
 at blank lines with a BOS before each block, the first --tokens tokens, non-overlapping windows of
@@ -31,7 +33,7 @@ from _common import (add_calibration_args, add_layer_args, add_thread_arg, apply
 
 from quant4.options import MODEL_METHODS
 
-EVAL_METHODS = MODEL_METHODS + ("gptq-refine",)
+EVAL_METHODS = MODEL_METHODS + ("gptq-refine", "awq-gptq", "awq-gptq-refine", "awq-tune")
 
 
 
@@ -62,7 +64,7 @@ def evaluate(args, checkpoint, tokenizer):
     """Rows (dicts) for one float checkpoint: the float model, then every method x group size."""
     from tqdm import tqdm
 
-    from quant4 import Int4Config, quantize_, quantize_model_, quantize_model_gptq_, set_activation_
+    from quant4 import Int4Config, quantize_, quantize_model_, quantize_model_gptq_, set_activation_, tune_model_
     from quant4.models.evaluate import encode_blocks, heldout_text, score
 
     loaded = load_or_exit(checkpoint, tokenizer=tokenizer)
@@ -103,15 +105,18 @@ def evaluate(args, checkpoint, tokenizer):
     rows = [emit({"model": label, "variant": "float", "group_size": None, "ppl": ref.perplexity, "kl": 0.0,
                   "top1": 1.0, "bytes": weight_bytes(base), "basis": ref.perplexity})]
     cal = (calibration_tokens(args, tok, loaded.args.max_seq_len, loaded.args.vocab_size)
-           if any(m.startswith("gptq") for m in args.method) else None)
+           if any("gptq" in m or "tune" in m for m in args.method) else None)
     dec_ids = ids[: args.decode_tokens]
     ref_dec = None
     variants = [(g, m) for g in args.group_size for m in args.method]
     for g, method in tqdm(variants, desc=label, unit="variant", file=sys.stderr, leave=False):
         tq = time.perf_counter()
-        if method.startswith("gptq"):
+        if "tune" in method:
+            model = tune_model_(copy.deepcopy(base), cal, g, awq=method.startswith("awq"))
+        elif "gptq" in method:
             model = quantize_model_gptq_(copy.deepcopy(base), cal, g, method="search",
-                                         refine=2 if method == "gptq-refine" else 0)
+                                         refine=2 if method.endswith("refine") else 0,
+                                         awq=method.startswith("awq"))
         else:
             model = quantize_model_(copy.deepcopy(base), g, method=method)
         tq = time.perf_counter() - tq
@@ -141,7 +146,7 @@ def evaluate(args, checkpoint, tokenizer):
             cal = cal if cal is not None else calibration_tokens(args, tok, loaded.args.max_seq_len,
                                                                  loaded.args.vocab_size)
             budget_cal = input_power(base, cal)
-        for method in [m for m in args.method if not m.startswith("gptq")]:
+        for method in [m for m in args.method if "gptq" not in m and "tune" not in m]:
             for how in ("weight error", "KL"):
                 plan = plan_group_sizes(base, bpw, method=method, power=budget_cal,
                                         kl_tokens=cal[:8] if how == "KL" else None)
@@ -156,7 +161,9 @@ def evaluate(args, checkpoint, tokenizer):
                                   "bytes": weight_bytes(model), "basis": ref.perplexity,
                                   "plan_bpw": plan_bits_per_weight(base, plan)}))
     if args.llama_quantize:
-        rows += llama_cpp_rows(args, loaded, label, ids, ref)
+        if args.llama_imatrix and cal is None:
+            cal = calibration_tokens(args, tok, loaded.args.max_seq_len, loaded.args.vocab_size)
+        rows += llama_cpp_rows(args, loaded, label, ids, ref, tok, cal)
     print(f"{loaded.path} ({loaded.kind}), {len(ids)} tokens, windows of {args.window}; "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows, {"checkpoint": str(loaded.path), "tokens": len(ids), "window": args.window}
@@ -184,10 +191,12 @@ def projection_bpw(model=None, gguf_path=None) -> float:
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
-def llama_cpp_rows(args, loaded, label, ids, ref):
+def llama_cpp_rows(args, loaded, label, ids, ref, tok, cal):
     """llama.cpp's quantizers on the same float model, scored on the same text: the model exported to GGUF F32,
     quantized by llama-quantize to each --llama-types type, loaded by quant4 (Q4_0 / Q4_1 codes kept, other
-    types dequantized: the weights llama.cpp chose, computed in fp32 like quant4's rows)."""
+    types dequantized: the weights llama.cpp chose, computed in fp32 like quant4's rows). With --llama-imatrix,
+    each type again with llama.cpp's importance matrix, computed by llama-imatrix on the same calibration
+    windows GPTQ gets (decoded to text, one window per line)."""
     import subprocess
     import tempfile
 
@@ -199,15 +208,25 @@ def llama_cpp_rows(args, loaded, label, ids, ref):
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "f32.gguf"
         write_gguf(loaded.model, loaded.args, f32, tokenizer=loaded.tokenizer)
-        for kind in args.llama_types:
-            out = Path(tmp) / f"{kind}.gguf"
-            r = subprocess.run([args.llama_quantize, str(f32), str(out), kind], capture_output=True, text=True)
+        imatrix = None
+        if args.llama_imatrix:
+            text, imatrix = Path(tmp) / "calibration.txt", Path(tmp) / "imatrix.gguf"
+            text.write_text("\n".join(tok.decode(w) for w in cal.tolist()) + "\n")
+            r = subprocess.run([args.llama_imatrix, "-m", str(f32), "-f", str(text), "-o", str(imatrix), "-c",
+                                str(cal.shape[1]), "--no-ppl"], capture_output=True, text=True)
+            if r.returncode != 0 or not imatrix.is_file():
+                raise SystemExit(f"error: llama-imatrix failed: {(r.stderr or r.stdout).strip()[-300:]}")
+        for kind, im in [(k, None) for k in args.llama_types] + [(k, imatrix) for k in args.llama_types if imatrix]:
+            name = f"{kind}{' + imatrix' if im else ''}"
+            out = Path(tmp) / f"{kind}{'-imatrix' if im else ''}.gguf"
+            cmd = [args.llama_quantize] + (["--imatrix", str(im)] if im else []) + [str(f32), str(out), kind]
+            r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
-                raise SystemExit(f"error: llama-quantize {kind} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+                raise SystemExit(f"error: llama-quantize {name} failed: {(r.stderr or r.stdout).strip()[-300:]}")
             model = load_model(out).model
             sc = score(model, ids, args.window, ref.logprobs)
-            rows.append(emit({"model": label, "variant": f"llama.cpp {kind} ({projection_bpw(gguf_path=out):.2f} bpw)",
-                              "group_size": None, "method": f"llama.cpp {kind}", "ppl": sc.perplexity, "kl": sc.kl,
+            rows.append(emit({"model": label, "variant": f"llama.cpp {name} ({projection_bpw(gguf_path=out):.2f} bpw)",
+                              "group_size": None, "method": f"llama.cpp {name}", "ppl": sc.perplexity, "kl": sc.kl,
                               "top1": sc.top1, "bytes": out.stat().st_size, "basis": ref.perplexity,
                               "bpw": projection_bpw(gguf_path=out)}))
     return rows
@@ -238,10 +257,13 @@ def build_parser():
     ap.add_argument("--llama-quantize", default=None, metavar="PATH",
                     help="llama.cpp's llama-quantize: add rows for its quantizers on the same model and text "
                          "(see --llama-types; build it as scripts/bench_e2e.py --help shows, target llama-quantize)")
+    ap.add_argument("--llama-imatrix", default=None, metavar="PATH",
+                    help="llama.cpp's llama-imatrix (with --llama-quantize): also each type quantized with an "
+                         "importance matrix from the calibration text (target llama-imatrix)")
     ap.add_argument("--llama-types", nargs="+", default=["Q4_0", "Q4_1", "Q4_K_M"],
                     help="llama-quantize types for --llama-quantize (default: %(default)s)")
     ap.add_argument("--json", default=None, help="write the results here")
-    add_calibration_args(ap)
+    add_calibration_args(ap, gptq_options=False)
     add_thread_arg(ap)
     return ap
 
@@ -252,6 +274,11 @@ def main(argv=None):
     if args.tokens < 2 or args.window < 2 or args.decode_tokens < 2:
         raise SystemExit(f"error: --tokens, --window and --decode-tokens must be >= 2, got {args.tokens}, "
                          f"{args.window} and {args.decode_tokens}")
+    if args.llama_imatrix and not args.llama_quantize:
+        raise SystemExit("error: --llama-imatrix needs --llama-quantize")
+    for flag, exe in (("--llama-quantize", args.llama_quantize), ("--llama-imatrix", args.llama_imatrix)):
+        if exe and not Path(exe).is_file():
+            raise SystemExit(f"error: {flag} {exe}: no such file")
     checkpoints = [None if c in (None, "embedded") else c for c in args.checkpoint]
     toks = args.tokenizer or [None] * len(checkpoints)
     if len(toks) != len(checkpoints):

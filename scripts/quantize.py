@@ -9,7 +9,11 @@ copy exists), prints each layer's SQNR and the sizes, and writes one safetensors
 (temporary file + rename). An existing --out is kept unless --force.
 
 --method gptq runs GPTQ block by block on --calib-sequences windows of --calib-len tokens drawn from
---calibration (default: ../shared/data/tinystories_train.txt), group scales chosen by the clipping search.
+--calibration (default: ../shared/data/tinystories_train.txt), group scales chosen by the clipping search;
+--method tune tunes each block's rounding, scales and zeros on the same windows for the block's output
+(quant4.tune; slower than GPTQ, closer to the float model). --awq (with either) first scales each block's
+input channels by their calibration activations (quant4.awq), the scales folded into the float RMSNorm
+weights and the wv / w3 rows (the stored format is unchanged).
 """
 from __future__ import annotations
 
@@ -73,21 +77,25 @@ def main(argv=None):
     if args.checkpoint is not None and out.exists() and (out.resolve() == Path(args.checkpoint).resolve()
                                                          or Path(args.checkpoint).resolve() in out.resolve().parents):
         raise SystemExit(f"error: --out {out} is the --checkpoint being read; write to another file")
-    if args.budget is not None and (args.method == "gptq" or args.group_size != 32):
+    calibrated = args.method in ("gptq", "tune")
+    if args.budget is not None and (calibrated or args.group_size != 32):
         raise SystemExit("error: --budget chooses the group sizes itself, for --method rtn, search or refit "
-                         "(not with --group-size or --method gptq)")
-    if args.method != "gptq" and args.budget is None:
+                         "(not with --group-size or --method gptq / tune)")
+    if not calibrated and args.budget is None:
         given = [f for f, v, default in (("--calibration", args.calibration, None),
                                          ("--calib-sequences", args.calib_sequences, 256),
                                          ("--calib-len", args.calib_len, 256),
-                                         ("--gptq-refine", args.gptq_refine, 0)) if v != default]
+                                         ("--gptq-refine", args.gptq_refine, 0),
+                                         ("--awq", args.awq, False)) if v != default]
         if given:
-            raise SystemExit(f"error: {', '.join(given)} only apply to --method gptq")
+            raise SystemExit(f"error: {', '.join(given)} only apply to --method gptq or tune")
+    if args.method == "tune" and args.gptq_refine:
+        raise SystemExit("error: --gptq-refine applies to --method gptq only")
     if args.gptq_refine < 0:
         raise SystemExit(f"error: --gptq-refine must be >= 0, got {args.gptq_refine}")
     t0 = time.perf_counter()
     select = projection_filter(args.include, args.exclude)
-    if args.method != "gptq" and args.budget is None and streamable(args.checkpoint):
+    if not calibrated and args.budget is None and streamable(args.checkpoint):
         # read and quantize one tensor at a time: the float model never exists whole
         from quant4.models.stream_quantize import quantize_checkpoint
 
@@ -131,11 +139,17 @@ def main(argv=None):
                                     overrides={n: {"group_size": g} for n, g in plan.items()}), progress=True)
         return finish(args, out, loaded, model, before, t0)
     print(f"{loaded.path} ({loaded.kind}): {n_selected} layers to int4 g{args.group_size} ({args.method})")
-    if args.method == "gptq":
+    if args.method == "tune":
+        from quant4.tune import tune_model_
+
+        cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len, loaded.args.vocab_size)
+        print(f"tuning on {cal.shape[0]} calibration windows of {cal.shape[1]} tokens")
+        tune_model_(model, cal, args.group_size, select, progress=True, awq=args.awq)
+    elif args.method == "gptq":
         cal = calibration_tokens(args, tokenizer_or_exit(loaded), loaded.args.max_seq_len, loaded.args.vocab_size)
         print(f"GPTQ calibration: {cal.shape[0]} windows of {cal.shape[1]} tokens")
         quantize_model_gptq_(model, cal, args.group_size, select, method="search", refine=args.gptq_refine,
-                             progress=True)
+                             progress=True, awq=args.awq)
     else:
         quantize_model_(model, args.group_size, select, method=args.method, progress=True)
     return finish(args, out, loaded, model, before, t0)
