@@ -41,12 +41,14 @@ test: install
 test-long: install
 	QUANT4_HYPOTHESIS_PROFILE=long $(PY) -m pytest
 
-# the README's quality table: float vs rtn / search / refit / gptq, g32/64/128, embedded model and stories260K;
-# with LLAMA_QUANTIZE=path/to/llama-quantize also llama.cpp's Q4_0 / Q4_1 / Q4_K_M on the same models and text
+# the README's quality table: float vs rtn / search / refit / gptq / awq+gptq / tune, g32/64/128, embedded model and
+# stories260K; with LLAMA_QUANTIZE=path/to/llama-quantize also llama.cpp's Q4_0 / Q4_1 / Q4_K_M on the same models
+# and text, and with LLAMA_IMATRIX=path/to/llama-imatrix each of those again with an importance matrix
 quality: install
 	$(PY) scripts/eval.py --checkpoint embedded ../shared/models/stories260K/stories260K.bin \
-		--method rtn search refit gptq gptq-refine --group-size 32 64 128 --json bench_out/quality.json \
-		$(if $(LLAMA_QUANTIZE),--llama-quantize $(LLAMA_QUANTIZE),)
+		--method rtn search refit gptq gptq-refine awq-gptq-refine tune --group-size 32 64 128 \
+		--json bench_out/quality.json \
+		$(if $(LLAMA_QUANTIZE),--llama-quantize $(LLAMA_QUANTIZE),) $(if $(LLAMA_IMATRIX),--llama-imatrix $(LLAMA_IMATRIX),)
 	$(if $(LLAMA_QUANTIZE),,@echo "llama.cpp rows skipped: pass LLAMA_QUANTIZE=path/to/llama-quantize")
 
 bench: install
