@@ -7,7 +7,7 @@ largest single tensor in fp32 plus what the reader holds: Hugging Face directori
 from their safetensors files (sharded or not); the other float formats through their readers (memory-mapped
 where the format allows).
 
-Methods "rtn" and "search" (per-layer, no calibration). GPTQ needs the activations of the layers before, so
+Methods "rtn", "search" and "refit" (the default; per layer, no calibration). GPTQ needs the activations of the layers before, so
 it runs on a loaded model instead (quant4.gptq).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from quant4 import ops
 from quant4.nn import Int4Linear
+from quant4.options import DEFAULT_METHOD
 from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
 from .llama import Transformer
@@ -70,7 +71,7 @@ def _tensors(path, kind: str, report: Optional[list]):
 
 
 def quantize_checkpoint(path, group_size: int = 32, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-                        *, method: str = "rtn", tokenizer=None, num_threads: Optional[int] = None,
+                        *, method: str = DEFAULT_METHOD, tokenizer=None, num_threads: Optional[int] = None,
                         report: Optional[list] = None, progress: bool = False) -> Loaded:
     """Read a float checkpoint and quantize its selected nn.Linear layers (filter_fn(module, name), default the
     seven projections) as their weights arrive -> Loaded with the int4 model; model.quant4_report as from

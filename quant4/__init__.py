@@ -3,7 +3,7 @@
 The names below are imported on first use (PEP 562), so `import quant4` alone, and the command-line tools'
 --help, do not import torch.
 """
-from quant4.options import ACTIVATIONS, GROUP_SIZES, METHODS, MODEL_METHODS
+from quant4.options import ACTIVATIONS, DEFAULT_METHOD, GROUP_SIZES, METHODS, MODEL_METHODS
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,7 @@ _LAZY = {
     "SwapRecord": "quant4.swap", "format_report": "quant4.swap", "is_projection": "quant4.swap",
     "projection_filter": "quant4.swap", "quantize_model_": "quant4.swap", "set_activation_": "quant4.swap",
 }
-__all__ = sorted(_LAZY) + ["ACTIVATIONS", "GROUP_SIZES", "METHODS", "MODEL_METHODS"]
+__all__ = sorted(_LAZY) + ["ACTIVATIONS", "DEFAULT_METHOD", "GROUP_SIZES", "METHODS", "MODEL_METHODS"]
 
 
 _SUBMODULES = {"awq", "config", "decode", "gptq", "tune", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap", "torch_ops"}

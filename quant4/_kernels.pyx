@@ -192,7 +192,14 @@ def quantize_pack(const float[:, ::1] w,        # IN  [N, K]
 # error-minimizing scale and zero (calibration-free)
 
 cdef enum:
-    MAXC = 64       # candidates per group in the scale/zero search (grid of at most 8 x 8)
+    MAXC = 40       # candidates per group in the scale/zero search (round to nearest and a grid of up to 6 x 6,
+                    # padded with copies of candidate 0 to whole vectors of 8: q4_search_errors)
+
+
+cdef extern from "_q4fit.h" nogil:
+    void q4_search_errors(const float* w, Py_ssize_t n, const float* cm, const float* ci, const float* cs,
+                          const float* cz, int nc, float* err) noexcept
+    void q4_fit_pass(const float* w, Py_ssize_t n, float s, float z, double* out) noexcept
 
 
 cdef void _search_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G, const float* grid,
@@ -231,20 +238,13 @@ cdef void _search_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ss
                 cs[nc] = q4_round_half(sc)
                 cz[nc] = q4_round_half(lo + <float>8.0 * sc)
                 nc = nc + 1
-        for c in range(nc):
+        for c in range(nc, MAXC):       # padding: copies of candidate 0, which never win (strictly better only)
+            cs[c] = cs[0]
+            cz[c] = cz[0]
+        for c in range(MAXC):
             cm[c] = cz[c] - <float>8.0 * cs[c]
             ci[c] = <float>1.0 / cs[c] if cs[c] != 0.0 else 0.0
-            err[c] = 0.0
-        for k in range(k0, k0 + n):
-            wk = w[k]
-            for c in range(nc):
-                # codes by reciprocal here (a search heuristic); stored codes use a true division
-                q = (wk - cm[c]) * ci[c]
-                q = <float>0.0 if q < <float>0.0 else q      # ternaries, not fminf/fmaxf: those do not
-                q = <float>15.0 if q > <float>15.0 else q    # vectorize (NaN rules differ from vmaxps)
-                q = <float>8.0 if cs[c] == <float>0.0 else rintf(q)
-                e = (q - <float>8.0) * cs[c] + cz[c] - wk
-                err[c] = err[c] + e * e
+        q4_search_errors(w + k0, n, cm, ci, cs, cz, MAXC, err)
         best_c = 0
         for c in range(1, nc):
             if err[c] < err[best_c]:
@@ -267,6 +267,63 @@ def search_qparams(const float[:, ::1] w,       # IN  [N, K]
     with nogil:
         for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=16):
             _search_row(&w[n, 0], K, group_size, G, &grid[0], grid.shape[0], &scales[n, 0], &zeros[n, 0])
+
+
+cdef void _refit_row(const float* w, Py_ssize_t K, Py_ssize_t group_size, Py_ssize_t G, int rounds,
+                     float* scales, float* zeros) noexcept nogil:
+    # Per group: fit s and m to the current codes by least squares (s = cov(q, w) / var(q), m = mean(w) - s
+    # mean(q)), round them to float16 (zero = m + 8s), recompute the codes, repeat; keep the float16 pair with
+    # the smallest error seen, starting from the one given (never worse than it). One pass over the group per
+    # round gives the pair's error and the sums of the next fit (q4_fit_pass). A zero scale (a constant group
+    # or float16 underflow) is left as it is: every code is 8, nothing to fit.
+    cdef Py_ssize_t gi, k0, n, r
+    cdef float s, z, bs, bz, be, cs, cz
+    cdef double den, fs, fm
+    cdef double t[5]
+    for gi in range(G):
+        k0 = gi * group_size
+        n = min(group_size, K - k0)
+        s = scales[gi]
+        z = zeros[gi]
+        if s == 0.0:
+            continue
+        bs, bz = s, z
+        q4_fit_pass(w + k0, n, s, z, t)
+        be = <float>t[0]
+        for r in range(rounds):
+            den = n * t[3] - t[1] * t[1]
+            if den <= 0:
+                break
+            fs = (n * t[4] - t[1] * t[2]) / den
+            if fs <= 0:
+                break
+            fm = (t[2] - fs * t[1]) / n
+            cs = q4_round_half(<float>fs)
+            cz = q4_round_half(<float>(fm + 8.0 * fs))
+            if not (cs == cs and cz == cz) or cs - cs != 0.0 or cz - cz != 0.0 or cs == 0.0:
+                break               # NaN, inf or zero in float16
+            s, z = cs, cz
+            q4_fit_pass(w + k0, n, s, z, t)
+            if <float>t[0] < be:
+                bs, bz, be = s, z, <float>t[0]
+        scales[gi] = bs
+        zeros[gi] = bz
+
+
+def refit_qparams(const float[:, ::1] w,        # IN  [N, K]
+                  Py_ssize_t group_size,
+                  int rounds,
+                  float[:, ::1] scales,         # IN/OUT [N, G] float16-valued
+                  float[:, ::1] zeros,          # IN/OUT [N, G]
+                  int num_threads):
+    """Least-squares refits of each group's float16 scale and zero to its codes, `rounds` times; each group
+    keeps the best pair seen (never worse than the input's)."""
+    cdef Py_ssize_t N = w.shape[0], K = w.shape[1], G = scales.shape[1], n
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="dynamic", chunksize=16):
+            _refit_row(&w[n, 0], K, group_size, G, rounds, &scales[n, 0], &zeros[n, 0])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from quant4 import ops
-from quant4.options import GROUP_SIZES
+from quant4.options import DEFAULT_METHOD, GROUP_SIZES
 from quant4.scheme import padded_k
 
 
@@ -57,7 +57,7 @@ def input_power(model: nn.Module, tokens: torch.Tensor,
 
 
 def kl_sensitivity(model: nn.Module, tokens: torch.Tensor, layers: dict, group_sizes=GROUP_SIZES,
-                   method: str = "rtn") -> dict:
+                   method: str = DEFAULT_METHOD) -> dict:
     """{(layer name, group size): KL(float || model with only that layer quantized at that size)}, mean over the
     next-token distributions of the calibration tokens [n, length]: each layer's measured share of the KL,
     assumed to add up across layers. One forward pass per layer and size."""
@@ -81,7 +81,7 @@ def kl_sensitivity(model: nn.Module, tokens: torch.Tensor, layers: dict, group_s
 
 
 def plan_group_sizes(model: nn.Module, bits_per_weight: float,
-                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, method: str = "rtn",
+                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, method: str = DEFAULT_METHOD,
                      group_sizes=GROUP_SIZES, power: Optional[dict] = None,
                      kl_tokens: Optional[torch.Tensor] = None) -> dict:
     """{layer name: group size} for the selected nn.Linear layers (filter_fn, default quant4.swap.is_projection)
@@ -144,7 +144,7 @@ def plan_bits_per_weight(model: nn.Module, plan: dict) -> float:
 
 
 def quantize_to_budget_(model: nn.Module, bits_per_weight: float,
-                        filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, method: str = "rtn",
+                        filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *, method: str = DEFAULT_METHOD,
                         calibration: Optional[torch.Tensor] = None, **kwargs) -> nn.Module:
     """plan_group_sizes (ranked by measured KL on `calibration` tokens [n, length] when given, else by relative
     weight error), then quantize the model in place with that plan (quant4.quantize_ with per-layer overrides); other keyword arguments as quantize_

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional, Union
 from torch import nn
 
 from quant4 import ops
-from quant4.options import ACTIVATIONS, METHODS
+from quant4.options import ACTIVATIONS, DEFAULT_METHOD, METHODS
 from quant4.swap import PROJECTION_NAMES, LayerSettings, swap_layers_
 
 META_NAMES = PROJECTION_NAMES
@@ -40,7 +40,7 @@ class Int4Config:
     {"lm_head": {}}). When several patterns match, the last one in the mapping wins.
     """
     group_size: int = 32
-    method: str = "rtn"
+    method: str = DEFAULT_METHOD
     activation: str = "float"
     num_threads: Optional[int] = None
     targets: Union[str, tuple] = "all"

@@ -24,6 +24,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quant4 import ops
+from quant4.options import DEFAULT_METHOD
 from quant4.config import HF_NAMES, Int4Config
 from quant4.models.load import page_out
 from quant4.nn import Int4Linear
@@ -53,7 +54,7 @@ class Quant4Config(QuantizationConfigMixin):
     64). A saved model's config lists every quantized layer here; `layers` is that list and is written, not set.
     """
 
-    def __init__(self, group_size: int = 32, method: str = "rtn", activation: str = "float",
+    def __init__(self, group_size: int = 32, method: str = DEFAULT_METHOD, activation: str = "float",
                  target_modules: Optional[list] = None, modules_to_not_convert: Optional[list] = None,
                  group_sizes: Optional[dict] = None, format_version: int = FORMAT_VERSION, **kwargs):
         unknown = set(kwargs) - {"quant_method"}

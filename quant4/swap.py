@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from quant4.options import MODEL_METHODS  # noqa: F401  (re-exported)
+from quant4.options import DEFAULT_METHOD, MODEL_METHODS  # noqa: F401  (re-exported)
 from torch import nn
 from tqdm import tqdm
 
@@ -16,7 +16,7 @@ from quant4.nn import Int4Linear
 log = logging.getLogger("quant4")
 
 PROJECTION_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-# How a model's layers can be quantized: quantize_model_(method="rtn" | "search" | "refit"), or with calibration
+# How a model's layers can be quantized: quantize_model_(method="refit" (default) | "rtn" | "search"), or with calibration
 # text quantize_model_gptq_ (its group scales by "search") or quant4.tune.tune_model_.
 
 
@@ -66,14 +66,14 @@ def weight_sqnr_db(w, q: Int4Linear) -> float:
 class LayerSettings:
     """How one nn.Linear is quantized (what a filter or an Int4Config resolves to, per layer)."""
     group_size: int = 32
-    method: str = "rtn"
+    method: str = DEFAULT_METHOD
     activation: str = "float"
     num_threads: Optional[int] = None
 
 
 def quantize_model_(model: nn.Module, group_size: int = 32,
                     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
-                    num_threads: Optional[int] = None, activation: str = "float", method: str = "rtn",
+                    num_threads: Optional[int] = None, activation: str = "float", method: str = DEFAULT_METHOD,
                     verbose: bool = False, progress: bool = False) -> nn.Module:
     """Replace selected nn.Linear modules of `model` by Int4Linear, in place; return the model.
 

@@ -139,7 +139,7 @@ METHOD_HELP = {"rtn": "min/max scale and zero", "search": "a per-group clipping 
 
 def add_layer_args(ap, methods=None, sweep=False):
     """--group-size, --method (one each, or lists where a script sweeps), --include, --exclude."""
-    from quant4.options import GROUP_SIZES, MODEL_METHODS
+    from quant4.options import DEFAULT_METHOD, GROUP_SIZES, MODEL_METHODS
 
     methods = tuple(methods or MODEL_METHODS)
     many = {"nargs": "+"} if sweep else {}
@@ -147,7 +147,7 @@ def add_layer_args(ap, methods=None, sweep=False):
                     metavar="G", help=f"inputs per scale and zero, one of {', '.join(map(str, GROUP_SIZES))}"
                                       f"{' (several: one row each)' if sweep else ''} (default: %(default)s)",
                     **many)
-    ap.add_argument("--method", default=["rtn"] if sweep else "rtn", choices=methods, metavar="M",
+    ap.add_argument("--method", default=[DEFAULT_METHOD] if sweep else DEFAULT_METHOD, choices=methods, metavar="M",
                     help="; ".join(f"{m}: {METHOD_HELP[m]}" for m in methods) + " (default: %(default)s)",
                     **many)
     ap.add_argument("--include", nargs="*", default=[], metavar="NAME",
@@ -176,7 +176,9 @@ def add_calibration_args(ap, gptq_options: bool = True):
 
 def refuse_unused_layer_args(args, used: bool, why: str) -> None:
     """--group-size / --method / --include / --exclude given where nothing is quantized: an error, not ignored."""
-    given = [f for f, v, default in (("--group-size", args.group_size, 32), ("--method", args.method, "rtn"),
+    from quant4.options import DEFAULT_METHOD
+
+    given = [f for f, v, default in (("--group-size", args.group_size, 32), ("--method", args.method, DEFAULT_METHOD),
                                      ("--include", args.include, []), ("--exclude", args.exclude, []))
              if v != default]
     if given and not used:

@@ -15,7 +15,7 @@ Text: --text (default: the held-out first 300,000 bytes of ../shared/data/tinyst
 at blank lines with a BOS before each block, the first --tokens tokens, non-overlapping windows of
 --window tokens, every token after a window's first scored (models/evaluate.py). For each variant:
 perplexity, mean KL(float || variant) of the next-token distributions, top-1 agreement with float, and
-the bytes of the model's weights. --activation int8 bf16 adds, per group size, the rtn int4 model decoding
+the bytes of the model's weights. --activation int8 bf16 adds, per group size, the first --method's int4 model decoding
 one token at a time with float and with those activation modes, scored against the float model decoding the
 same way. Rows print as they are computed.
 """
@@ -126,7 +126,7 @@ def evaluate(args, checkpoint, tokenizer):
                           "group_size": g, "method": method, "bpw": projection_bpw(model),
                           "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1, "bytes": q_bytes,
                           "basis": ref.perplexity, "quantize_s": round(tq, 2)}))
-        if args.activation and method == "rtn":
+        if args.activation and method == args.method[0]:
             if ref_dec is None:
                 ref_dec = score(base, dec_ids, args.window, decode=True)
                 rows.append(emit({"model": label, "variant": f"float, decode, {len(dec_ids)} tokens",

@@ -153,4 +153,4 @@ def test_gptq_on_an_int4_model_says_so():
     with pytest.raises(ValueError, match="already int4 \\(42 Int4Linear layers\\)"):
         quantize_model_gptq_(model, torch.randint(0, 100, (2, 16)), 32)
     table = str(model.quant4_report)                  # the report prints as a table
-    assert "layers.0.attention.wq" in table and "int4 g32 rtn" in table and "weight SQNR mean" in table
+    assert "layers.0.attention.wq" in table and "int4 g32 refit" in table and "weight SQNR mean" in table

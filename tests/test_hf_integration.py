@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import quant4.hf  # noqa: E402
-from quant4 import Int4Config, Int4Linear, ops, quantize_  # noqa: E402
+from quant4 import DEFAULT_METHOD, Int4Config, Int4Linear, ops, quantize_  # noqa: E402
 from quant4.models.generate import generate  # noqa: E402
 from quant4.models.load import load_model  # noqa: E402
 from test_hf_reference import TOKENS, hf_logits, make_hf  # noqa: E402
@@ -45,7 +45,7 @@ def test_from_pretrained_quantizes_the_projections(tmp_path, variant):
     # each layer holds exactly what quant4's quantizer makes of the float weight (and the float bias)
     for name, q in layers.items():
         lin = ref.get_submodule(name)
-        want = ops.quantize(lin.weight.detach(), 32)
+        want = ops.quantize(lin.weight.detach(), 32, method=DEFAULT_METHOD)     # Quant4Config's default
         assert all(torch.equal(a, b) for a, b in zip((q.qweight, q.scales, q.zeros), want)), name
         if lin.bias is not None:
             assert torch.equal(q.bias, lin.bias.detach().float()), name

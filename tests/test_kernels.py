@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import quant4
 from quant4 import ops, reference
-from quant4.scheme import GROUP_SIZES, padded_k
+from quant4.scheme import GROUP_SIZES, padded_k, round_codes
 from helpers import assert_matmul_close
 
 SHAPES_K = [64, 172, 288, 768, 1376]
@@ -399,6 +399,25 @@ def test_refit_reduces_error_further():
     srch = _group_sq_error(w, *quant4.quantize(w, 32, method="search"), 32).sum()
     fit = _group_sq_error(w, *quant4.quantize(w, 32, method="refit"), 32).sum()
     assert fit < 0.97 * srch
+
+
+@pytest.mark.parametrize("N,K,g", [(128, 1024, 32), (64, 100, 32), (64, 512, 128)])
+def test_refit_kernel_matches_the_reference(N, K, g):
+    # the kernel sums the line fit in float64, the oracle in float32: the same float16 pair for nearly every
+    # group (measured 99.7%), and never a worse one by more than rounding
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(N, K, generator=gen)
+    w[torch.rand(N, K, generator=gen) < 0.001] *= 20
+    _, s, z = quant4.quantize(w, g, method="search")
+    qk, sk, zk = quant4.quantize(w, g, method="refit")
+    rs, rz = reference.refit(w, s, z, g)
+    assert ((sk == rs) & (zk == rz)).float().mean() > 0.99
+    Kp = padded_k(K, g)
+    codes = round_codes(torch.nn.functional.pad(w, (0, Kp - K)).view(N, -1, g), rs[..., None].float(),
+                        (rz.float() - 8 * rs.float())[..., None]).view(N, Kp).to(torch.uint8)
+    codes[:, K:] = 0
+    ref_err = _group_sq_error(w, reference.pack(codes), rs, rz, g)
+    assert (_group_sq_error(w, qk, sk, zk, g) <= ref_err * (1 + 1e-3) + 1e-9).float().mean() > 0.99
 
 
 def test_search_reduces_error_and_keeps_codes_consistent():

@@ -111,8 +111,8 @@ def test_eval_scores_an_int4_file_alone_or_against_a_reference(tmp_path, capsys)
     _script("quantize").main(["--out", str(q)])
     capsys.readouterr()
     common = ["--text", str(text), "--tokens", "600", "--window", "128"]
-    _script("eval").main(["--method", "rtn", "--group-size", "32"] + common)          # float, quantized in memory
-    in_memory = [r for r in capsys.readouterr().out.splitlines() if "int4 rtn g32" in r][0]
+    _script("eval").main(["--group-size", "32"] + common)          # float, quantized in memory (default method)
+    in_memory = [r for r in capsys.readouterr().out.splitlines() if "int4 refit g32" in r][0]
     _script("eval").main(["--checkpoint", str(q), "--reference", str(EMBEDDED_MODEL)] + common)
     rows = capsys.readouterr().out.splitlines()
     from_file = [r for r in rows if "int4 file (quant4)" in r][0]
