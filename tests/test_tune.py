@@ -67,3 +67,30 @@ def test_bad_arguments():
         tune_model_(model, cal, 32, lr=2.0)
     with pytest.raises(ValueError, match="iters"):
         tune_model_(model, cal, 32, iters=0)
+
+
+def test_quantize_script_tune_and_awq(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    from helpers import REPO
+
+    monkeypatch.setitem(tune_model_.__kwdefaults__, "iters", 10)       # the script's path, not the tuning
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("quantize", REPO / "scripts" / "quantize.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(STORIES))
+    out = tmp_path / "t.safetensors"
+    script.main(["--method", "tune", "--awq", "--calibration", str(text), "--calib-sequences", "4",
+                 "--calib-len", "32", "--out", str(out)])
+    assert "tuning on 4 calibration windows of 32 tokens" in capsys.readouterr().out
+    loaded = load_model(out)
+    assert len(loaded.quantized) == 42
+    assert torch.isfinite(loaded.model(torch.tensor([[1, 50, 60, 70]]))).all()
+    for bad, msg in ((["--method", "tune", "--gptq-refine", "1"], "--gptq-refine applies to --method gptq"),
+                     (["--awq"], "only apply to --method gptq or tune")):
+        with pytest.raises(SystemExit, match=msg):
+            script.main(bad + ["--out", str(tmp_path / "x.safetensors")])
