@@ -16,12 +16,15 @@ subset of MAX_SEARCH_ROWS rows.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 from torch import nn
 
 from quant4 import ops
+
+log = logging.getLogger("quant4")
 
 # (the op whose output feeds the set: its output is divided by s, the layers of the set: columns times s)
 FOLDS = (
@@ -137,3 +140,15 @@ def scale_block_(block: nn.Module, hessians: dict, group_size: int, *, n_heads: 
         else:                                    # an RMSNorm: its weight multiplies each channel
             prev.weight.div_(s.to(prev.weight.dtype))
     return out
+
+
+def scale_block_from_inputs_(block: nn.Module, prefix: str, inputs, group_size: int,
+                             num_threads: Optional[int] = None) -> list:
+    """check_block, block_hessians over `inputs` [(hidden, args, kwargs)] and scale_block_ with the block's head
+    layout: what GPTQ and tuning run on each block before quantizing it (logged)."""
+    check_block(block, prefix)
+    att = block.attention
+    found = scale_block_(block, block_hessians(block, inputs), group_size, n_heads=att.n_heads,
+                         n_kv_heads=att.n_kv_heads, head_dim=att.head_dim, num_threads=num_threads)
+    log.info(f"awq: {prefix}: " + ", ".join(f"{n} alpha {a:.1f} (error x{r:.2f})" for n, a, r in found))
+    return found

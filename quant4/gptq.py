@@ -306,15 +306,10 @@ def quantize_model_gptq_(model: nn.Module, calibration: torch.Tensor, group_size
     for bi, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress, file=sys.stderr)):
         prefix = f"{list_name}.{bi}"
         if awq:
-            from quant4 import awq as _awq
+            from quant4.awq import scale_block_from_inputs_
 
-            _awq.check_block(block, prefix)
-            att = block.attention
-            found = _awq.scale_block_(block, _awq.block_hessians(block, [(x, r, k) for x, (_, r, k) in
-                                                                        zip(hidden, captured)]),
-                                      group_size, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads,
-                                      head_dim=att.head_dim, num_threads=num_threads)
-            log.info(f"awq: {prefix}: " + ", ".join(f"{n} alpha {a:.1f} (error x{r:.2f})" for n, a, r in found))
+            scale_block_from_inputs_(block, prefix, [(x, r, k) for x, (_, r, k) in zip(hidden, captured)],
+                                     group_size, num_threads)
         sets = _input_sets(block, prefix, select, (hidden[0],) + captured[0][1], captured[0][2])
         for names in sets:
             first = block.get_submodule(names[0])

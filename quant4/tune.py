@@ -129,13 +129,9 @@ def tune_model_(model: nn.Module, calibration: torch.Tensor, group_size: int = 3
         with torch.no_grad():
             targets = [block(x, *extra[0], **extra[1]) for x in hidden_f]
             if awq:       # activation-aware channel scales first (the same float function, quant4.awq)
-                from quant4 import awq as _awq
+                from quant4.awq import scale_block_from_inputs_
 
-                _awq.check_block(block, prefix)
-                att = block.attention
-                _awq.scale_block_(block, _awq.block_hessians(block, [(x,) + extra for x in hidden_q]), group_size,
-                                  n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, head_dim=att.head_dim,
-                                  num_threads=num_threads)
+                scale_block_from_inputs_(block, prefix, [(x,) + extra for x in hidden_q], group_size, num_threads)
         fakes = {n: _Fake(block.get_submodule(n).weight, group_size, init, num_threads) for n in names}
         params = [p for f in fakes.values() for p in f.params]
         start = _mse(block, {f"{n}.weight": f.weight().detach() for n, f in fakes.items()}, hidden_q, targets, extra)

@@ -1,5 +1,7 @@
 """Paths and assertion helpers shared by the tests."""
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -7,6 +9,16 @@ import torch
 from quant4 import reference
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (its main() runs in-process); scripts/ goes on sys.path for _common."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 SHARED = Path(os.environ.get("QUANT4_SHARED", REPO.parent / "shared"))
 
 

@@ -1,8 +1,6 @@
 """GPTQ: the stored format, equality with plain quantization when inputs are uncorrelated, lower output error
 than round-to-nearest on correlated calibration inputs, the block-by-block model driver and the scripts."""
 import copy
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.load import load_model, load_tokenizer
 from quant4 import Int4Linear, gptq_quantize, quantize, quantize_model_, quantize_model_gptq_
 from quant4 import reference
-from helpers import REPO, STORIES
+from helpers import REPO, STORIES, load_script
 
 
 def _correlated(n, k, seed=0):
@@ -131,10 +129,7 @@ def test_calibration_windows():
 
 
 def test_quantize_script_gptq(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location("quantize", REPO / "scripts" / "quantize.py")
-    quantize_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quantize_script)
+    quantize_script = load_script("quantize")
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join(STORIES))
     out = tmp_path / "g.safetensors"

@@ -1,5 +1,4 @@
 """scripts/quantize.py and scripts/generate.py end to end, in-process."""
-import importlib.util
 import sys
 
 import pytest
@@ -9,16 +8,13 @@ from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.llama2c import write_llama2c
 from quant4.models.load import EMBEDDED_MODEL, load_model
 from quant4 import Int4Linear, quantize_model_
-from helpers import REPO
+from helpers import REPO, load_script
 
 sys.path.insert(0, str(REPO / "scripts"))
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name)
 
 
 def _checkpoint(tmp_path):

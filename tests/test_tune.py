@@ -70,17 +70,11 @@ def test_bad_arguments():
 
 
 def test_quantize_script_tune_and_awq(tmp_path, capsys, monkeypatch):
-    import importlib.util
-    import sys
-
-    from helpers import REPO
+    from helpers import load_script
 
     monkeypatch.setitem(tune_model_.__kwdefaults__, "iters", 10)       # the script's path, not the tuning
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location("quantize", REPO / "scripts" / "quantize.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("quantize")
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join(STORIES))
     out = tmp_path / "t.safetensors"
