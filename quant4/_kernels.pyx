@@ -36,6 +36,9 @@ cdef enum:
     NB = 16         # weight rows per prefill task: 16 rows x KCMAX floats = 128 KB of scratch (L2)
     KCMAX = 2048    # prefill k panel; a multiple of every group size, long enough to amortize the
                     # 16 horizontal sums that end each 4 x 4 tile
+    NB8 = 64        # weight rows per int8-prefill task (4 slabs of 16)
+    KC8 = 512       # int8-prefill k panel (a multiple of every group size): two slabs of it, 16 KB of codes,
+                    # stay in L1 while every activation row passes
 
 
 cdef void* _scratch(size_t nbytes, str what) except NULL:
@@ -427,6 +430,18 @@ cdef extern from "_q4avx512.h" nogil:
                             float* xs) noexcept
     float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
                        const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg) noexcept
+    void q4_quantize_x_int8_blocks(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
+                                   float* xs) noexcept
+    int q4_int8_prefill_available() noexcept
+    enum:
+        Q4_I8_TM    # activation rows per int8 prefill register tile
+    void q4_pack_slab_int8(const uint8_t* w, Py_ssize_t ldq, const uint16_t* sc, const uint16_t* zr, Py_ssize_t G,
+                           Py_ssize_t rows, Py_ssize_t b0, Py_ssize_t nb, Py_ssize_t cpg, uint8_t* codes, float* fs,
+                           float* zt) noexcept
+    void q4_tile_int8(const int8_t* const* xq, const float* const* dx, const float* const* xs, const uint8_t* c0,
+                      const uint8_t* c1, const float* f0, const float* f1, const float* z0, const float* z1,
+                      Py_ssize_t nb, Py_ssize_t cpg, float* const* out, Py_ssize_t col, const float* bias,
+                      int ncols, int first, int tm, int nv) noexcept
 
 
 ctypedef struct Q4Rows:
@@ -586,9 +601,10 @@ cdef enum:
     K_BF16_DECODE = 2
     K_BF16_PREFILL = 3
     K_INT8_DECODE = 4
+    K_INT8_PREFILL = 5
 
 KERNELS = {"fp32-decode": K_FP32_DECODE, "fp32-prefill": K_FP32_PREFILL, "bf16-decode": K_BF16_DECODE,
-           "bf16-prefill": K_BF16_PREFILL, "int8-decode": K_INT8_DECODE}
+           "bf16-prefill": K_BF16_PREFILL, "int8-decode": K_INT8_DECODE, "int8-prefill": K_INT8_PREFILL}
 
 ctypedef fused act_t:
     float           # fp32 activations: fp32 and int8 kernels
@@ -606,8 +622,8 @@ def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits
            bint multi_row,                      # fp32-decode at M = 1: Q4_DR weight rows per pass
            int num_threads):
     """out = x . dequantize(w)^T (+ bias), fp32 accumulation, on the kernel the caller chose:
-    fp32-decode / fp32-prefill (fp32 x), int8-decode (fp32 x rounded to int8 per 32 inputs, M = 1,
-    needs int8_available()), bf16-decode (exact weights, M <= 4, Kp % 128 == 0) / bf16-prefill (bf16 x, needs
+    fp32-decode / fp32-prefill (fp32 x), int8-decode / int8-prefill (fp32 x rounded to int8 per 32 inputs;
+    need int8_available() / int8_prefill_available()), bf16-decode (exact weights, M <= 4, Kp % 128 == 0) / bf16-prefill (bf16 x, needs
     bf16_available()). Decode streams each weight row once for a few activation rows; prefill dequantizes panels
     of weight rows into per-thread scratch and multiplies them in register tiles."""
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1]
@@ -623,6 +639,10 @@ def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits
             if not q4_int8_available():
                 raise RuntimeError("the int8-activation kernel is not available in this build / on this CPU")
             _matmul_int8(&w, &x[0, 0], M, &out[0, 0], out.shape[1], num_threads)
+        elif kernel == K_INT8_PREFILL:
+            if not q4_int8_prefill_available():
+                raise RuntimeError("the int8-activation prefill kernel is not available in this build / on this CPU")
+            _matmul_int8_prefill(&w, &x[0, 0], M, &out[0, 0], out.shape[1], num_threads)
         else:
             raise ValueError(f"kernel {kernel} needs bf16 activations")
     else:
@@ -715,20 +735,13 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
                       int num_threads) except -1:
     # Decode with activations dynamically quantized to int8 per 32-k block
     cdef Py_ssize_t Kp = w.Kp, G = w.G, cpg = w.cpg, nb = Kp // 32, n, m
-    cdef float* xp = <float*>_scratch(M * (Kp + nb + G) * sizeof(float), "activation scratch")
+    cdef float* xp
     cdef int8_t* xq
+    _quantize_x_rows(x, M, Kp, cpg, True, &xp, &xq, num_threads)
     cdef float* d = xp + M * Kp
     cdef float* xs = d + M * nb
     try:
-        xq = <int8_t*>_scratch(M * Kp, "activation scratch")
-    except MemoryError:
-        free(xp)
-        raise
-    try:
         with nogil:
-            for m in range(M):
-                q4_permute_x(x + m * Kp, Kp, xp + m * Kp)
-                q4_quantize_x_int8(xp + m * Kp, Kp, cpg, xq + m * Kp, d + m * nb, xs + m * G)
             for n in prange(w.N, num_threads=num_threads, schedule="static"):
                 for m in range(M):
                     out[m * ldo + n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, w.zr + n * G, xq + m * Kp,
@@ -738,6 +751,114 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
         free(xp)
         free(xq)
     return 0
+
+
+def int8_prefill_available():
+    """True if this build has the int8-activation prefill kernel (AVX512-VNNI) and the CPU runs it."""
+    return bool(q4_int8_prefill_available())
+
+
+cdef int _quantize_x_rows(const float* x, Py_ssize_t M, Py_ssize_t Kp, Py_ssize_t cpg, bint paired,
+                          float** xp_out, int8_t** xq_out, int num_threads) except -1:
+    # activation rows -> permuted order, rounded to int8 per 32-k block (paired: pairs of blocks reordered for
+    # the decode kernel); *xp_out holds the fp32 copy, then the block scales d [M, Kp/32] and group sums
+    # xs [M, G] (both freed with it); the caller frees both buffers
+    cdef Py_ssize_t nb = Kp // 32, G = Kp // (32 * cpg), m
+    cdef float* xp = <float*>_scratch(M * (Kp + nb + G) * sizeof(float), "activation scratch")
+    cdef int8_t* xq
+    try:
+        xq = <int8_t*>_scratch(M * Kp, "activation scratch")
+    except MemoryError:
+        free(xp)
+        raise
+    with nogil:
+        for m in prange(M, num_threads=num_threads, schedule="static"):
+            q4_permute_x(x + m * Kp, Kp, xp + m * Kp)
+            if paired:
+                q4_quantize_x_int8(xp + m * Kp, Kp, cpg, xq + m * Kp, xp + M * Kp + m * nb,
+                                   xp + M * (Kp + nb) + m * G)
+            else:
+                q4_quantize_x_int8_blocks(xp + m * Kp, Kp, cpg, xq + m * Kp, xp + M * Kp + m * nb,
+                                          xp + M * (Kp + nb) + m * G)
+    xp_out[0] = xp
+    xq_out[0] = xq
+    return 0
+
+
+cdef void _prefill_block_int8(const Q4Rows* w, const int8_t* xq, const float* d, const float* xs, Py_ssize_t M,
+                              float* out, Py_ssize_t ldo, uint8_t* codes, float* fs, float* zt) noexcept nogil:
+    # One block of w.N <= NB8 weight rows (w from _block), out at its column 0: per k panel of KC8, its slabs are
+    # repacked (q4_pack_slab_int8), then each pair of slabs meets every activation row in tiles of Q4_I8_TM.
+    cdef const int8_t* xr[Q4_I8_TM]
+    cdef const float* dr[Q4_I8_TM]
+    cdef const float* sr[Q4_I8_TM]
+    cdef float* orow[Q4_I8_TM]
+    cdef Py_ssize_t rows = w.N, Kp = w.Kp, G = w.G, cpg = w.cpg, nb_all = w.Kp // 32
+    cdef Py_ssize_t k0 = 0, kc, b0, nbk, ngk, nslab = (rows + 15) // 16, s, m0, i
+    cdef int tm, nv
+    while k0 < Kp:
+        kc = min(<Py_ssize_t>KC8, Kp - k0)
+        b0 = k0 // 32
+        nbk = kc // 32
+        ngk = nbk // cpg
+        for s in range(nslab):
+            q4_pack_slab_int8(w.qw + 16 * s * w.ldq, w.ldq, w.sc + 16 * s * G, w.zr + 16 * s * G, G,
+                              min(<Py_ssize_t>16, rows - 16 * s), b0, nbk, cpg, codes + s * nbk * 512,
+                              fs + s * nbk * 16, zt + s * ngk * 16)
+        s = 0
+        while s < nslab:
+            nv = 2 if s + 1 < nslab else 1
+            m0 = 0
+            while m0 < M:
+                tm = <int>min(<Py_ssize_t>Q4_I8_TM, M - m0)
+                for i in range(tm):
+                    xr[i] = xq + (m0 + i) * Kp + k0
+                    dr[i] = d + (m0 + i) * nb_all + b0
+                    sr[i] = xs + (m0 + i) * G + b0 // cpg
+                    orow[i] = out + (m0 + i) * ldo
+                q4_tile_int8(xr, dr, sr, codes + s * nbk * 512, codes + (s + nv - 1) * nbk * 512,
+                             fs + s * nbk * 16, fs + (s + nv - 1) * nbk * 16, zt + s * ngk * 16,
+                             zt + (s + nv - 1) * ngk * 16, nbk, cpg, orow, 16 * s,
+                             (w.bias + 16 * s) if w.bias != NULL else NULL, <int>min(<Py_ssize_t>32, rows - 16 * s),
+                             k0 == 0, tm, nv)
+                m0 += tm
+            s += 2
+        k0 += kc
+
+
+cdef int _matmul_int8_prefill(const Q4Rows* w, const float* x, Py_ssize_t M, float* out, Py_ssize_t ldo,
+                              int num_threads) except -1:
+    # Prefill with activations rounded to int8 per 32-k block (the decode kernel's rounding), on AVX512-VNNI:
+    # parallel over blocks of NB8 weight rows, each thread repacking panels into its own scratch.
+    cdef Py_ssize_t Kp = w.Kp, G = w.G, nb = Kp // 32, nblk = (w.N + NB8 - 1) // NB8, blk
+    cdef size_t per = NB8 * KC8
+    cdef float* xp
+    cdef int8_t* xq
+    cdef uint8_t* codes
+    cdef float* fs
+    cdef Q4Rows b
+    cdef int failed = 0
+    cdef int* failed_p = &failed   # shared flag, written through a pointer (never a reduction)
+    _quantize_x_rows(x, M, Kp, w.cpg, False, &xp, &xq, num_threads)
+    try:
+        with nogil, parallel(num_threads=num_threads):
+            codes = <uint8_t*>malloc(per + 2 * (per // 32) * sizeof(float))
+            try:
+                if codes == NULL:
+                    failed_p[0] = 1
+                else:
+                    fs = <float*>(codes + per)
+                    for blk in prange(nblk, schedule="dynamic", chunksize=1):
+                        b = _block(w, blk * NB8)
+                        b.N = min(<Py_ssize_t>NB8, b.N)
+                        _prefill_block_int8(&b, xq, xp + M * Kp, xp + M * (Kp + nb), M, out + blk * NB8, ldo,
+                                            codes, fs, fs + per // 32)
+            finally:
+                free(codes)
+    finally:
+        free(xp)
+        free(xq)
+    return _check_thread_scratch(failed, per + 2 * (per // 32) * sizeof(float))
 
 
 include "_decode_stack.pxi"

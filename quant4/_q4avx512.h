@@ -203,8 +203,10 @@ Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, 
  * weight; the cost is the activation rounding (error <= d_b / 2 per element), measured in README. */
 #if defined(__AVX2__)
 /* x [Kp] fp32 (permuted order) -> xq [Kp] int8, d [Kp/32] block scales, xs [G] group sums (group = cpg blocks) */
-static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
-                                      float *xs) {
+/* the rounding shared by decode and prefill: x [Kp] fp32 (permuted order) -> xq [Kp] int8 in the same order,
+ * d [Kp/32] block scales, xs [G] exact group sums */
+static inline void q4_quantize_x_int8_blocks(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
+                                             float *xs) {
     for (ptrdiff_t b = 0; b < Kp / 32; b++) {
         const float *v = xp + 32 * b;
         float amax = 0.0f, sum = 0.0f;
@@ -220,15 +222,32 @@ static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t c
         if (b % cpg == 0) xs[b / cpg] = 0.0f;
         xs[b / cpg] += sum;
     }
-    /* pairs of blocks (b, b+1) -> [evens b | evens b+1 | odds b | odds b+1], the order in which 32 packed
-     * bytes (two weight blocks) unpack; a lone last block keeps [evens | odds] */
-    for (ptrdiff_t b = 0; b + 2 <= Kp / 32; b += 2) {
-        int8_t t[64];
-        memcpy(t, xq + 32 * b + 16, 16);        /* odds b */
-        memcpy(t + 16, xq + 32 * b + 32, 16);   /* evens b+1 */
-        memcpy(xq + 32 * b + 16, t + 16, 16);
-        memcpy(xq + 32 * b + 32, t, 16);
+}
+/* Runs of blocks the decode kernel multiplies per load: 4 (64 packed bytes, one zmm) on AVX512-VNNI builds,
+ * 2 (32 bytes, one ymm) on AVX2 builds */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q4_I8_RUN 4
+#else
+#define Q4_I8_RUN 2
+#endif
+/* blocks b..b+r-1 of xq -> [evens b | ... | evens b+r-1 | odds b | ... | odds b+r-1] */
+static inline void q4_interleave_blocks(int8_t *xq, int r) {
+    int8_t t[32 * Q4_I8_RUN];
+    for (int i = 0; i < r; i++) {
+        memcpy(t + 16 * i, xq + 32 * i, 16);
+        memcpy(t + 16 * (r + i), xq + 32 * i + 16, 16);
     }
+    memcpy(xq, t, (size_t)(32 * r));
+}
+/* for the decode kernel: the rounding above, then runs of Q4_I8_RUN blocks reordered into the order in which
+ * their packed bytes unpack (low nibbles of all, then high nibbles of all); a shorter tail: a pair the same
+ * way, then a lone block as it is ([evens | odds]) */
+static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
+                                      float *xs) {
+    q4_quantize_x_int8_blocks(xp, Kp, cpg, xq, d, xs);
+    ptrdiff_t b = 0;
+    for (; b + Q4_I8_RUN <= Kp / 32; b += Q4_I8_RUN) q4_interleave_blocks(xq + 32 * b, Q4_I8_RUN);
+    for (; b + 2 <= Kp / 32; b += 2) q4_interleave_blocks(xq + 32 * b, 2);
 }
 #endif
 
@@ -260,11 +279,28 @@ static inline __m256i q4_dot64_int8(const uint8_t *w, const int8_t *xq, ptrdiff_
                                             _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
     return _mm256_dpbusd_epi32(dot, hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
 }
+#ifndef Q4_I8_PF_BYTES
+#define Q4_I8_PF_BYTES 1024
+#endif
+#ifndef Q4_I8_PREFETCH
+#define Q4_I8_PREFETCH(p) __builtin_prefetch((p), 0, 0)
+#endif
+/* The int8 dot products of 128 weights (the four 16-byte chunks from c on) with their activations: 16 int32
+ * lanes, lanes 4i..4i+3 from chunk c + i (low and high nibbles summed in the same lanes) */
+static inline __m512i q4_dot128_int8(const uint8_t *w, const int8_t *xq, ptrdiff_t c, __m512i mask) {
+    const __m512i v = _mm512_loadu_si512((const void *)(w + 16 * c));
+    const __m512i lo = _mm512_and_si512(v, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                            _mm512_loadu_si512((const void *)(xq + 32 * c)));
+    return _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xq + 32 * c + 64)));
+}
 Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i mask = _mm256_set1_epi8(15);
-    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps();
+    const __m512i mask = _mm512_set1_epi8(15);
+    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const ptrdiff_t nblocks = G * cpg;
     float f[16];
     for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
@@ -272,26 +308,31 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
         q4_block_factors(sc, d, b0, n, cpg, G, f);
         const __m512 fv = _mm512_loadu_ps(f);
         ptrdiff_t j = 0;
-        /* two blocks (32 bytes, 64 weights) per step: the low nibbles of both blocks, then the high ones,
-         * each one vpdpbusd against the matching 32 activations; lanes 0-3 belong to the first block */
-        for (; j + 4 <= n; j += 4) {
-            const __m512 fp = _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv);
-            for (int p = 0; p < 2; p++) {
-                const __m256i dot = q4_dot64_int8(w, xq, b0 + j + 2 * p, mask);
-                const __m256 fac = p ? _mm512_extractf32x8_ps(fp, 1) : _mm512_castps512_ps256(fp);
-                if (p)
-                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc1);
-                else
-                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
-            }
+        /* four blocks (64 bytes, 128 weights) per step, two accumulators */
+        for (; j + 8 <= n; j += 8) {
+            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
+            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES + 64);
+            const __m512i d0 = q4_dot128_int8(w, xq, b0 + j, mask);
+            const __m512i d1 = q4_dot128_int8(w, xq, b0 + j + 4, mask);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j + 4)), fv), acc1);
         }
-        for (; j + 2 <= n; j += 2) {
-            const __m256i dot = q4_dot64_int8(w, xq, b0 + j, mask);
+        for (; j + 4 <= n; j += 4) {
+            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q4_dot128_int8(w, xq, b0 + j, mask)),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), acc0);
+        }
+        /* the row's last 1-3 blocks: a pair ([evens b | evens b+1 | odds b | odds b+1]), then a lone block */
+        if (j + 2 <= n) {
+            const __m256i dot = q4_dot64_int8(w, xq, b0 + j, _mm256_set1_epi8(15));
             const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])),
                                                     _mm_set1_ps(f[j + 1]), 1);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc0);
+            acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc2);
+            j += 2;
         }
-        if (j < n) {   /* the lone last block: [evens | odds] */
+        if (j < n) {
             const ptrdiff_t c = b0 + j;
             const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * c));
             const __m128i m = _mm_set1_epi8(15);
@@ -299,12 +340,140 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
                                                       _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
             const __m256i dd = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
                                                    _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc1);
+            acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc2);
         }
     }
+    const __m512 a = _mm512_add_ps(acc0, acc1);
+    const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), acc2);
     float t[8];
-    _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
+    _mm256_storeu_ps(t, t8);
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + q4_zero_term(sc, zr, xs, G);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * int8-activation prefill (AVX512-VNNI builds only). The decode kernel's arithmetic with the vector lanes
+ * turned around: 16 weight rows (a slab) of one k panel are repacked into per-thread scratch so that int32 lane
+ * r of a vector holds four codes of row r; one vpdpbusd against four activations broadcast to every lane then
+ * advances 16 output columns, and no horizontal sums are needed. Per 32-k block a slab is 8 vectors of codes:
+ * vector j < 4 holds the low nibbles of packed bytes 4j..4j+3 (k = 8j, 8j+2, 8j+4, 8j+6), vector 4 + j their
+ * high nibbles (the next odd k): exactly activation dword j, resp. 4 + j, of the permuted order [evens | odds].
+ * Beside the codes: each block's 16 row scales and each group's 16 (zero - 8 scale) as fp32 vectors. The
+ * register tile is Q4_I8_TM activation rows x 2 slabs (32 output columns): per block and activation row, 16
+ * vpdpbusd, then the int32 sums converted and scaled by (row scale x block scale of x) into fp32 accumulators;
+ * the zero term is one FMA per group. */
+#ifndef Q4_I8_TM
+#define Q4_I8_TM 4
+#endif
+static inline int q4_int8_prefill_available(void) { return q4_int8_available(); }
+/* Rows [0, rows) (rows <= 16; missing rows repeat the last one with scale and zero 0) of a weight, blocks
+ * [b0, b0 + nb) (whole groups) -> codes [nb][8][16 x 4 bytes], fs [nb][16], zt [nb / cpg][16]. */
+static inline void q4_pack_slab_int8(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,
+                                     ptrdiff_t G, ptrdiff_t rows, ptrdiff_t b0, ptrdiff_t nb, ptrdiff_t cpg,
+                                     uint8_t *codes, float *fs, float *zt) {
+    const uint8_t *r[16];
+    for (int i = 0; i < 16; i++) r[i] = w + (i < rows ? i : rows - 1) * ldq;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const ptrdiff_t off = 16 * (b0 + b);
+        __m512i a[4];
+        for (int q = 0; q < 4; q++) {   /* 128-bit lane i of a[q]: the block's 16 bytes of row 4i + q */
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[q] + off)));
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 4] + off)), 1);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 8] + off)), 2);
+            a[q] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 12] + off)), 3);
+        }
+        /* a 4 x 4 dword transpose inside each 128-bit lane: p[j] lane 4i + q = dword j of row 4i + q */
+        const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+        const __m512i p[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        uint8_t *dst = codes + 512 * b;
+        for (int j = 0; j < 4; j++) {
+            _mm512_storeu_si512((void *)(dst + 64 * j), _mm512_and_si512(p[j], m4));
+            _mm512_storeu_si512((void *)(dst + 64 * (4 + j)), _mm512_and_si512(_mm512_srli_epi16(p[j], 4), m4));
+        }
+    }
+    const ptrdiff_t g0 = b0 / cpg;
+    for (ptrdiff_t g = 0; g < nb / cpg; g++)
+        for (int i = 0; i < 16; i++) {
+            const float s = i < rows ? q4_half_to_float(sc[i * G + g0 + g]) : 0.0f;
+            const float z = i < rows ? q4_half_to_float(zr[i * G + g0 + g]) : 0.0f;
+            for (ptrdiff_t b = g * cpg; b < (g + 1) * cpg; b++) fs[16 * b + i] = s;
+            zt[16 * g + i] = z - 8.0f * s;
+        }
+}
+static inline void q4_tile_int8_impl(const int8_t *const *xq, const float *const *dx, const float *const *xs,
+                                     const uint8_t *c0, const uint8_t *c1, const float *f0, const float *f1,
+                                     const float *z0, const float *z1, ptrdiff_t nb, ptrdiff_t cpg,
+                                     float *const *out, ptrdiff_t col, const float *bias, int ncols, int first,
+                                     const int tm, const int nv) {
+    __m512 acc[Q4_I8_TM][2];
+    for (int m = 0; m < tm; m++)
+        for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        __m512i s[Q4_I8_TM][2];
+        for (int m = 0; m < tm; m++)
+            for (int v = 0; v < nv; v++) s[m][v] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            const __m512i w0 = _mm512_loadu_si512((const void *)(c0 + 512 * b + 64 * j));
+            const __m512i w1 = nv > 1 ? _mm512_loadu_si512((const void *)(c1 + 512 * b + 64 * j)) : w0;
+            for (int m = 0; m < tm; m++) {
+                int32_t x4;
+                memcpy(&x4, xq[m] + 32 * b + 4 * j, 4);
+                const __m512i xb = _mm512_set1_epi32(x4);
+                s[m][0] = _mm512_dpbusd_epi32(s[m][0], w0, xb);
+                if (nv > 1) s[m][1] = _mm512_dpbusd_epi32(s[m][1], w1, xb);
+            }
+        }
+        const __m512 fa = _mm512_loadu_ps(f0 + 16 * b), fb = nv > 1 ? _mm512_loadu_ps(f1 + 16 * b) : fa;
+        for (int m = 0; m < tm; m++) {
+            const __m512 dm = _mm512_set1_ps(dx[m][b]);
+            acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][0]), _mm512_mul_ps(fa, dm), acc[m][0]);
+            if (nv > 1) acc[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][1]), _mm512_mul_ps(fb, dm), acc[m][1]);
+        }
+        if (((b + 1) & (cpg - 1)) == 0) {   /* the group's zero term */
+            const ptrdiff_t g = b / cpg;
+            const __m512 za = _mm512_loadu_ps(z0 + 16 * g), zb = nv > 1 ? _mm512_loadu_ps(z1 + 16 * g) : za;
+            for (int m = 0; m < tm; m++) {
+                const __m512 xg = _mm512_set1_ps(xs[m][g]);
+                acc[m][0] = _mm512_fmadd_ps(za, xg, acc[m][0]);
+                if (nv > 1) acc[m][1] = _mm512_fmadd_ps(zb, xg, acc[m][1]);
+            }
+        }
+    }
+    for (int v = 0; v < nv; v++) {
+        const int cols = ncols - 16 * v < 16 ? ncols - 16 * v : 16;
+        if (cols <= 0) break;
+        const __mmask16 k = (__mmask16)((1u << cols) - 1u);
+        const __m512 bv = (first && bias) ? _mm512_maskz_loadu_ps(k, bias + 16 * v) : _mm512_setzero_ps();
+        for (int m = 0; m < tm; m++) {
+            float *o = out[m] + col + 16 * v;
+            const __m512 prev = first ? bv : _mm512_maskz_loadu_ps(k, o);
+            _mm512_mask_storeu_ps(o, k, _mm512_add_ps(prev, acc[m][v]));
+        }
+    }
+}
+/* tm (1..Q4_I8_TM) activation rows x nv (1 or 2) packed slabs over nb blocks; out[m][col + 16 v + i] is set
+ * (first panel, + bias) or accumulated for the ncols valid columns */
+Q4_KERNEL void q4_tile_int8(const int8_t *const *xq, const float *const *dx, const float *const *xs,
+                            const uint8_t *c0, const uint8_t *c1, const float *f0, const float *f1,
+                            const float *z0, const float *z1, ptrdiff_t nb, ptrdiff_t cpg, float *const *out,
+                            ptrdiff_t col, const float *bias, int ncols, int first, int tm, int nv) {
+#define Q4_TILE_INT8(TM, NV) q4_tile_int8_impl(xq, dx, xs, c0, c1, f0, f1, z0, z1, nb, cpg, out, col, bias, ncols, \
+                                              first, TM, NV)
+#define Q4_TILE_INT8_NV(TM) if (nv == 2) Q4_TILE_INT8(TM, 2); else Q4_TILE_INT8(TM, 1)
+    switch (tm) {
+#if Q4_I8_TM >= 6
+    case 6: Q4_TILE_INT8_NV(6); break;
+    case 5: Q4_TILE_INT8_NV(5); break;
+#endif
+    case 4: Q4_TILE_INT8_NV(4); break;
+    case 3: Q4_TILE_INT8_NV(3); break;
+    case 2: Q4_TILE_INT8_NV(2); break;
+    default: Q4_TILE_INT8_NV(1);
+    }
+#undef Q4_TILE_INT8_NV
+#undef Q4_TILE_INT8
 }
 #elif defined(__AVX2__)
 /* AVX2 builds: the same scheme with vpmaddubsw + vpmaddwd in place of vpdpbusd. vpmaddubsw multiplies u8 codes
@@ -384,6 +553,10 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
 }
 #else
 static inline int q4_int8_available(void) { return 0; }
+static inline void q4_quantize_x_int8_blocks(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
+                                             float *xs) {
+    (void)xp; (void)Kp; (void)cpg; (void)xq; (void)d; (void)xs;
+}
 static inline void q4_quantize_x_int8(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
                                       float *xs) {
     (void)xp; (void)Kp; (void)cpg; (void)xq; (void)d; (void)xs;
@@ -392,6 +565,23 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     (void)w; (void)sc; (void)zr; (void)xq; (void)d; (void)xs; (void)G; (void)cpg;
     return 0.0f;
+}
+#endif
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define Q4_I8_TM 4
+static inline int q4_int8_prefill_available(void) { return 0; }
+static inline void q4_pack_slab_int8(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,
+                                     ptrdiff_t G, ptrdiff_t rows, ptrdiff_t b0, ptrdiff_t nb, ptrdiff_t cpg,
+                                     uint8_t *codes, float *fs, float *zt) {
+    (void)w; (void)ldq; (void)sc; (void)zr; (void)G; (void)rows; (void)b0; (void)nb; (void)cpg; (void)codes;
+    (void)fs; (void)zt;
+}
+Q4_KERNEL void q4_tile_int8(const int8_t *const *xq, const float *const *dx, const float *const *xs,
+                            const uint8_t *c0, const uint8_t *c1, const float *f0, const float *f1,
+                            const float *z0, const float *z1, ptrdiff_t nb, ptrdiff_t cpg, float *const *out,
+                            ptrdiff_t col, const float *bias, int ncols, int first, int tm, int nv) {
+    (void)xq; (void)dx; (void)xs; (void)c0; (void)c1; (void)f0; (void)f1; (void)z0; (void)z1; (void)nb; (void)cpg;
+    (void)out; (void)col; (void)bias; (void)ncols; (void)first; (void)tm; (void)nv;
 }
 #endif
 #endif /* QUANT4_Q4AVX512_H */

@@ -60,11 +60,17 @@ _BF16 = _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
 
 
 _INT8 = _k.int8_available()
+_INT8_PREFILL = _k.int8_prefill_available()
 
 
 def int8_kernel_available() -> bool:
     """True if activation="int8" decode runs on an int8 kernel (AVX512-VNNI or AVX2; else it falls back to "float")."""
     return _INT8
+
+
+def int8_prefill_kernel_available() -> bool:
+    """True if activation="int8" prefill (M > 4) runs on the int8 kernel (AVX512-VNNI; else on the exact one)."""
+    return _INT8_PREFILL
 
 
 def bf16_kernel_enabled() -> bool:
@@ -382,7 +388,7 @@ def prepared_for(qweight, scales, zeros, group_size: int, in_features: int, bias
 
 
 class Plan(NamedTuple):
-    kernel: str          # "int8-decode", "bf16-decode", "fp32-decode", "bf16-prefill" or "fp32-prefill"
+    kernel: str          # "int8-decode", "bf16-decode", "fp32-decode", "int8-prefill", "bf16-prefill" or "fp32-prefill"
     multi_row: bool      # fp32-decode at M = 1: Q4_DR weight rows share each activation load
 
 
@@ -397,8 +403,8 @@ def plan_matmul(M: int, Kp: int, bf16_inputs: bool, activation: str, small_m: in
     bf16_inputs: the activations reach the kernel in bf16 (bf16 x, or activation="bf16"), on a CPU whose build
     has the AVX512-BF16 kernels."""
     decode = M <= small_m
-    # int8 activations (opt-in): one vpdpbusd per 32 weights, M = 1 only (for M = 2..4 the fp32 multi-row
-    # kernel measured faster); 0.9-1.4x torch's bf16 op.
+    # int8 activations (opt-in): one vpdpbusd per 32 weights at M = 1 (for M = 2..4 the fp32 multi-row
+    # kernel measured faster; prefill below); 0.9-1.4x torch's bf16 op.
     if activation == "int8" and _INT8 and M == 1:
         return Plan("int8-decode", False)
     # bf16 decode, exact weights via vdpbf16ps: 1.4-1.9x the fp32 kernel at M = 1..2 and 1.35-1.66x at M = 3..4,
@@ -409,6 +415,10 @@ def plan_matmul(M: int, Kp: int, bf16_inputs: bool, activation: str, small_m: in
     # at M = 5..8, 1.8x slower at M = 16. At M = 1 a long activation row is shared by Q4_DR weight rows.
     if decode:
         return Plan("fp32-decode", M == 1 and Kp > FP32_ROW_IN_L1)
+    # prefill with int8 activations (AVX512-VNNI): panels repacked for vpdpbusd, 16 output columns per
+    # instruction; 1.5-4.5x the fp32 prefill kernel and 1.2-1.7x the bf16 one at M = 8..512 (7B shapes)
+    if activation == "int8" and _INT8_PREFILL:
+        return Plan("int8-prefill", False)
     # prefill: panels dequantized to bf16 and vdpbf16ps (torch's int4 op precision for bf16 inputs) ...
     if bf16_inputs:
         return Plan("bf16-prefill", False)
@@ -421,8 +431,8 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
 
     activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for single-row decode
-    (M = 1) on CPUs with AVX512-VNNI or AVX2: faster, slightly less exact (see README); otherwise ignored (for
-    M = 2..4 the fp32 multi-row kernel is faster). activation="bf16" (opt-in) rounds fp32/fp16 activations to
+    (M = 1) on CPUs with AVX512-VNNI or AVX2, and for prefill (M > 4) on AVX512-VNNI: faster, slightly less
+    exact (see README); otherwise ignored (for M = 2..4 the fp32 multi-row kernel is faster). activation="bf16" (opt-in) rounds fp32/fp16 activations to
     bfloat16 and computes as for bf16 inputs (on CPUs with AVX512-BF16; else ignored), the result returned in
     x's dtype: the bf16 kernels' speed for fp32 models, at the cost of that one rounding.
     """

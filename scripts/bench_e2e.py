@@ -17,13 +17,15 @@ llama-bench comes from llama.cpp's source, e.g. the copy inside llama-cpp-python
     cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
     cmake --build build --target llama-bench -j 2        # about 8 minutes on 2 cores
 
---shape writes a random-weight model of that shape, quantized by quant4 to int4 g32, as GGUF Q4_1 (with the
+--shape writes a random-weight model of that shape, each projection quantized by quant4 (round to nearest, g32) as
+soon as it is drawn (a 7B shape needs about 2 GB of memory beyond the file), as GGUF Q4_1 (with the
 Llama 2 tokenizer from ../shared if present, else the embedded model's) into --workdir.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -65,7 +67,7 @@ def build_parser():
 def make_model(shape: str, workdir: Path) -> Path:
     import torch
 
-    from quant4 import quantize_model_
+    from quant4 import Int4Linear
     from quant4.models.gguf import write_gguf
     from quant4.models.llama import ModelArgs, Transformer
     from quant4.models.tokenizer import open_tokenizer
@@ -78,14 +80,23 @@ def make_model(shape: str, workdir: Path) -> Path:
     args = ModelArgs(vocab_size=tok.build().vocab_size, max_seq_len=2048, **SHAPES[shape])
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device="cpu")
-    model.init_weights(0)
+    model.to_empty(device="cpu")     # untouched memory: a 7B shape in fp32 (27 GB) is never resident at once
+    # init_weights' values, one tensor at a time, each projection quantized (round to nearest) as soon as it is
+    # drawn, so that the float weights of one layer at most are in memory
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for name in [n for n, _ in model.named_parameters()]:    # names only: a swapped weight must be freed
+            p = model.get_parameter(name)
             if p.dim() == 1:
                 p.fill_(1.0)
+                continue
+            std = 0.02 / math.sqrt(2 * args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            parent, _, attr = name[: -len(".weight")].rpartition(".")
+            if parent.startswith("layers."):
+                owner = model.get_submodule(parent)
+                setattr(owner, attr, Int4Linear.from_linear(getattr(owner, attr), 32))
     model.reset_rope()
-    quantize_model_(model, 32)
     workdir.mkdir(parents=True, exist_ok=True)
     write_gguf(model, args, path, tokenizer=tok)
     return path

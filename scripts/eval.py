@@ -17,7 +17,7 @@ at blank lines with a BOS before each block, the first --tokens tokens, non-over
 perplexity, mean KL(float || variant) of the next-token distributions, top-1 agreement with float, and
 the bytes of the model's weights. --activation int8 bf16 adds, per group size, the first --method's int4 model decoding
 one token at a time with float and with those activation modes, scored against the float model decoding the
-same way. Rows print as they are computed.
+same way, and the same model scored on the windows (prefill) with those modes. Rows print as they are computed.
 """
 from __future__ import annotations
 
@@ -135,9 +135,16 @@ def evaluate(args, checkpoint, tokenizer):
             for act in ["float"] + args.activation:
                 set_activation_(model, act)
                 sc = score(model, dec_ids, args.window, ref_dec.logprobs, decode=True)
-                rows.append(emit({"model": label, "variant": f"int4 rtn g{g}, decode, {act} activations",
+                rows.append(emit({"model": label, "variant": f"int4 {method} g{g}, decode, {act} activations",
                                   "group_size": g, "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1,
                                   "bytes": q_bytes, "basis": ref_dec.perplexity}))
+            for act in args.activation:    # prefill: the windows above, every position at once
+                set_activation_(model, act)
+                sc = score(model, ids, args.window, ref.logprobs)
+                rows.append(emit({"model": label, "variant": f"int4 {method} g{g}, prefill, {act} activations",
+                                  "group_size": g, "ppl": sc.perplexity, "kl": sc.kl, "top1": sc.top1,
+                                  "bytes": q_bytes, "basis": ref.perplexity}))
+            set_activation_(model, "float")
     budget_cal = None
     for bpw in args.budget:
         from quant4.budget import input_power, plan_bits_per_weight, plan_group_sizes
@@ -248,8 +255,8 @@ def build_parser():
                     help="tokens per non-overlapping window (default: %(default)s)")
     add_layer_args(ap, methods=EVAL_METHODS, sweep=True)
     ap.add_argument("--activation", nargs="*", default=[], choices=("int8", "bf16"),
-                    help="add rows decoding one token at a time: rtn int4 with float and with these activation "
-                         "modes, against the float model decoding the same way")
+                    help="add rows with these activation modes for the first --method: decoding one token at a "
+                         "time (float too, against the float model decoding the same way) and on the windows")
     ap.add_argument("--decode-tokens", type=int, default=2048, help="tokens for the decode-path comparison (default: %(default)s)")
     ap.add_argument("--budget", type=float, nargs="*", default=[], metavar="BPW",
                     help="add rows with mixed group sizes under these bits-per-weight budgets, one per "

@@ -311,9 +311,13 @@ def test_isa_choice(level, requested, expected):
     (4, 6144, True, "float", False, ("bf16-decode", False)),
     (1, 4000, True, "float", False, ("fp32-decode", False)),       # not whole 128-input runs
     (5, 4096, True, "float", False, ("bf16-prefill", False)),
+    (5, 4096, False, "int8", True, ("int8-prefill", False)),       # AVX512-VNNI: int8 prefill too
+    (512, 4096, True, "int8", True, ("int8-prefill", False)),
+    (4, 4096, False, "int8", True, ("fp32-decode", False)),        # M = 2..4 stream the weights once
 ])
 def test_kernel_plan(monkeypatch, M, Kp, bf16, activation, int8_cpu, expected):
     monkeypatch.setattr(ops, "_INT8", int8_cpu)
+    monkeypatch.setattr(ops, "_INT8_PREFILL", int8_cpu)
     assert tuple(ops.plan_matmul(M, Kp, bf16, activation)) == expected
 
 
@@ -366,6 +370,28 @@ def test_int8_activation_matches_its_definition(K, g):
     y = quant4.matmul(x, qweight, scales, zeros, g, K, activation="int8")[0]
     y_ref = _int8_activation_reference(x[0], qweight, scales, zeros, g, K)
     assert ((y - y_ref).abs() <= 1e-5 * y_ref.abs().max() + 1e-6).all()
+
+
+@pytest.mark.skipif(not ops.int8_prefill_kernel_available(), reason="no int8 prefill kernel (AVX512-VNNI)")
+@pytest.mark.parametrize("N, K", [(90, 1376), (16, 96), (33, 4128), (64, 512)])
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_int8_activation_prefill(N, K, g):
+    """int8 prefill (repacked panels, 16 output columns per vpdpbusd) computes the same rounding as int8 decode:
+    every row within 1e-5 of the largest of its definition and of the decode kernel run row by row, bias
+    included, whatever the thread count; partial slabs, padding and several k panels included."""
+    qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+    bias = torch.randn(N)
+    x = torch.randn(37, K)
+    x[5] = 0    # an all-zero row: scales 0, no 0/0
+    ys = [quant4.matmul(x, qweight, scales, zeros, g, K, bias, activation="int8", num_threads=t) for t in (1, 2)]
+    assert torch.equal(ys[0], ys[1])
+    y = ys[0]
+    y_ref = torch.stack([_int8_activation_reference(r, qweight, scales, zeros, g, K) for r in x]) + bias
+    y_dec = torch.cat([quant4.matmul(r[None], qweight, scales, zeros, g, K, bias, activation="int8") for r in x])
+    tol = 1e-5 * y_ref.abs().max()
+    assert (y - y_ref).abs().max() <= tol
+    assert (y - y_dec).abs().max() <= tol
+    assert torch.equal(y[5], bias)
 
 
 def _group_sq_error(w, qweight, scales, zeros, g):

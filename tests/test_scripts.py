@@ -120,6 +120,24 @@ def test_eval_scores_an_int4_file_alone_or_against_a_reference(tmp_path, capsys)
     assert alone.split("|")[3] == from_file.split("|")[3] and alone.split("|")[5].strip() == ""
 
 
+def test_eval_activation_rows_decode_and_prefill(tmp_path, capsys):
+    """--activation adds decode rows (float, then each mode) and prefill rows (each mode on the windows) for the
+    first method; rounding the activations to bf16 or int8 costs little KL against the exact windows row."""
+    from helpers import STORIES
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(STORIES))
+    _script("eval").main(["--group-size", "32", "--method", "rtn", "--text", str(text), "--tokens", "600",
+                          "--window", "128", "--activation", "int8", "bf16", "--decode-tokens", "100"])
+    rows = {r.split("|")[2].strip(): r.split("|") for r in capsys.readouterr().out.splitlines() if "int4 rtn" in r}
+    assert {"int4 rtn g32, decode, float activations", "int4 rtn g32, decode, int8 activations",
+            "int4 rtn g32, prefill, int8 activations", "int4 rtn g32, prefill, bf16 activations"} <= set(rows)
+    kl = {k: float(v[5]) for k, v in rows.items()}
+    exact = kl["int4 rtn g32 (5.00 bpw)"]
+    assert abs(kl["int4 rtn g32, prefill, bf16 activations"] - exact) <= 0.05 * exact
+    assert 0.9 * exact <= kl["int4 rtn g32, prefill, int8 activations"] <= 1.3 * exact
+
+
 def test_eval_bits_per_weight_of_models_and_gguf_files(tmp_path):
     """eval.py's bpw column: int4 g32 with fp16 scale and zero is 5.0 bits per weight, g64 4.5; a GGUF Q4_1
     projection (20 bytes per 32 weights) 5.0 too, read from the file's tensors."""
