@@ -38,17 +38,20 @@ def encode_blocks(tok, text: str, max_tokens: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def window_logprobs(model, ids: torch.Tensor, window: int = 512, *, decode: bool = False):
-    """Yield (logits [T-1, V] fp32, targets [T-1]) for each window. decode=True feeds one token per forward
-    through a KV cache (the decode path: M = 1 matmuls), e.g. to measure what a decode-only option such as
-    int8 activations costs; the logits are those of the same protocol."""
+    """Yield (logits [T-1, V] fp32, targets [T-1]) for each window. decode=True feeds one token at a time
+    through a KV cache as generation does (models.fast_decode.decode_step: the lean path where the model allows
+    it, with its 8-bit head under int8 activations, else forward), e.g. to measure what a decode-only option
+    such as int8 activations costs; the logits are those of the same protocol."""
     window = min(window, model.args.max_seq_len)
     for s in range(0, len(ids) - 1, window):
         chunk = ids[s:s + window]
         if len(chunk) < 2:
             break
         if decode:
-            cache = model.new_cache(1, len(chunk))
-            rows = [model(chunk[None, i:i + 1], i, cache)[0, -1].float() for i in range(len(chunk) - 1)]
+            from .fast_decode import decode_step
+
+            step = decode_step(model, model.new_cache(1, len(chunk)))
+            rows = [step(int(chunk[i]), i).float() for i in range(len(chunk) - 1)]
             yield torch.stack(rows), chunk[1:]
         else:
             yield model(chunk[None])[0, :-1].float(), chunk[1:]

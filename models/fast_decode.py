@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.nn.modules import module as _module
 
 from .llama import Attention, FeedForward, KVCache, RMSNorm, Transformer, TransformerBlock
@@ -65,6 +66,26 @@ def lean_stack(model, cache: Optional[list] = None):
         return None      # e.g. dtypes or group sizes it does not take: forward runs the model
 
 
+def int8_head(model, num_threads: Optional[int] = None):
+    """The 8-bit copy of model's float output head (quant4.decode.Int8Head) that int8-activation decode uses on
+    CPUs with AVX512-VNNI, made once and kept on the head module while its weight stays the same; None where it
+    does not apply (no kernel, a head that is not a plain fp32 nn.Linear without bias, or dim % 32 != 0)."""
+    from quant4 import ops
+    from quant4.decode import Int8Head
+
+    out = model.output
+    if (not ops.int8_head_available() or type(out) is not nn.Linear or out.bias is not None
+            or out.weight.dtype != torch.float32 or out.weight.dim() != 2 or out.weight.shape[1] % 32
+            or out.weight.is_meta):
+        return None
+    cached = out.__dict__.get("_quant4_int8_head")
+    if cached is None or not cached.matches(out.weight):
+        cached = Int8Head(out.weight, num_threads)
+        out.__dict__["_quant4_int8_head"] = cached
+    cached.num_threads = num_threads
+    return cached
+
+
 def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Callable[[int, int], torch.Tensor]:
     """step(token, pos) -> the logits (fp32 [vocab]) of `token` at position `pos`, the cache holding positions
     < pos: what model(torch.tensor([[token]]), pos, cache)[0, -1] gives, through the lean path when the model
@@ -75,6 +96,7 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
         return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
     emb, out, limit = model.tok_embeddings.weight, model.output, model.args.max_seq_len
     x = torch.empty(model.args.dim)
+    head = int8_head(model, stack.num_threads) if stack.activation == "int8" else None
 
     def step(token: int, pos: int) -> torch.Tensor:
         if pos + 1 > limit:
@@ -82,6 +104,8 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
         x.copy_(emb[token])
         cos, sin = model.rope(pos + 1)
         h = stack.step(x, pos, cos[pos].float(), sin[pos].float())
+        if head is not None:
+            return head(h).clone()
         return out(h.view(1, 1, -1))[0, 0].float()
 
     step.lean = True

@@ -22,7 +22,7 @@ from cython.parallel cimport prange, parallel
 from libc.stdint cimport int8_t, uint8_t, uint16_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport rintf, fminf, fmaxf
+from libc.math cimport rintf, fminf, fmaxf, fabsf
 
 cdef extern from "_q4util.h" nogil:
     int q4_openmp_enabled() noexcept
@@ -433,6 +433,9 @@ cdef extern from "_q4avx512.h" nogil:
     void q4_quantize_x_int8_blocks(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
                                    float* xs) noexcept
     int q4_int8_prefill_available() noexcept
+    void q8_prep_x(const int8_t* xq, const float* dx, Py_ssize_t nb, float* cx) noexcept
+    float q8_dot1(const uint8_t* wu, const float* dw, const int8_t* xq, const float* dx, const float* cx,
+                  Py_ssize_t nb) noexcept
     enum:
         Q4_I8_TM    # activation rows per int8 prefill register tile
     void q4_pack_slab_int8(const uint8_t* w, Py_ssize_t ldq, const uint16_t* sc, const uint16_t* zr, Py_ssize_t G,
@@ -859,6 +862,61 @@ cdef int _matmul_int8_prefill(const Q4Rows* w, const float* x, Py_ssize_t M, flo
         free(xp)
         free(xq)
     return _check_thread_scratch(failed, per + 2 * (per // 32) * sizeof(float))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8-bit output head (AVX512-VNNI, _q4avx512.h): a runtime copy of a float head for int8-activation decode
+
+cdef void _q8_row(const float* w, Py_ssize_t nb, uint8_t* u, float* d) noexcept nogil:
+    cdef Py_ssize_t b, k
+    cdef float amax, db, inv
+    for b in range(nb):
+        amax = 0.0
+        for k in range(32):
+            amax = fmaxf(amax, fabsf(w[32 * b + k]))
+        db = amax / 127.0
+        inv = 1.0 / db if db > 0 else 0.0
+        for k in range(32):
+            u[32 * b + k] = <uint8_t>(<int>rintf(w[32 * b + k] * inv) + 128)
+        d[b] = db
+
+
+def q8_quantize_rows(const float[:, ::1] w,     # IN  [N, D] fp32, D % 32 == 0
+                     uint8_t[:, ::1] wu,        # OUT [N, D] codes + 128
+                     float[:, ::1] dw,          # OUT [N, D/32] block scales
+                     int num_threads):
+    """Rows of a float matrix -> the 8-bit head's codes and block scales (absmax / 127 per 32 inputs)."""
+    cdef Py_ssize_t N = w.shape[0], nb = w.shape[1] // 32, n
+    if N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="static"):
+            _q8_row(&w[n, 0], nb, &wu[n, 0], &dw[n, 0])
+
+
+def q8_matvec(const float[::1] x,               # IN  [D] fp32
+              const uint8_t[:, ::1] wu,         # IN  [N, D] from q8_quantize_rows
+              const float[:, ::1] dw,           # IN  [N, D/32]
+              float[::1] out,                   # OUT [N]
+              int num_threads):
+    """out = the 8-bit head times x rounded to int8 per 32 inputs (needs int8_prefill_available())."""
+    cdef Py_ssize_t N = wu.shape[0], D = wu.shape[1], nb = D // 32, n
+    cdef float* buf
+    cdef int8_t* xq
+    if not q4_int8_prefill_available():
+        raise RuntimeError("the 8-bit head kernel is not available in this build / on this CPU")
+    if N == 0:
+        return
+    buf = <float*>_scratch((3 * nb) * sizeof(float) + D, "activation scratch")
+    xq = <int8_t*>(buf + 3 * nb)
+    try:
+        with nogil:
+            q4_quantize_x_int8_blocks(&x[0], D, 1, xq, buf, buf + nb)
+            q8_prep_x(xq, buf, nb, buf + 2 * nb)
+            for n in prange(N, num_threads=num_threads, schedule="static"):
+                out[n] = q8_dot1(&wu[n, 0], &dw[n, 0], xq, buf, buf + 2 * nb, nb)
+    finally:
+        free(buf)
 
 
 include "_decode_stack.pxi"

@@ -475,6 +475,56 @@ Q4_KERNEL void q4_tile_int8(const int8_t *const *xq, const float *const *dx, con
 #undef Q4_TILE_INT8_NV
 #undef Q4_TILE_INT8
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * 8-bit output head (AVX512-VNNI builds only). A float head [V, D] is held, at load time and never saved, as
+ * unsigned codes u = round(w / d) + 128 per 32-input block (d = absmax / 127: Q8_0's rounding of the weights)
+ * with fp32 block scales, and multiplied with int8 activations in natural k order:
+ *     y = sum_b d_b d^x_b (sum_k u_k xq_k - 128 sum_k xq_k)
+ * one vpdpbusd per 64 weights (two blocks: lanes 0-7 the first); cx_b = 128 d^x_b sum_k xq_k is computed once
+ * per token, so a row's correction is one dot product of its scales with cx. */
+static inline void q8_prep_x(const int8_t *xq, const float *dx, ptrdiff_t nb, float *cx) {
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        int sum = 0;
+        for (int k = 0; k < 32; k++) sum += xq[32 * b + k];
+        cx[b] = 128.0f * dx[b] * (float)sum;
+    }
+}
+Q4_KERNEL float q8_dot1(const uint8_t *wu, const float *dw, const int8_t *xq, const float *dx, const float *cx,
+                        ptrdiff_t nb) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), corr = _mm512_setzero_ps();
+    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (ptrdiff_t b0 = 0; b0 < nb; b0 += 16) {
+        const ptrdiff_t n = nb - b0 < 16 ? nb - b0 : 16;
+        const __mmask16 m = (__mmask16)((1u << n) - 1u);
+        const __m512 w16 = _mm512_maskz_loadu_ps(m, dw + b0);
+        const __m512 fv = _mm512_mul_ps(w16, _mm512_maskz_loadu_ps(m, dx + b0));
+        corr = _mm512_fmadd_ps(w16, _mm512_maskz_loadu_ps(m, cx + b0), corr);
+        ptrdiff_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const uint8_t *p = wu + 32 * (b0 + j);
+            Q4_I8_PREFETCH(p + Q4_I8_PF_BYTES);
+            Q4_I8_PREFETCH(p + Q4_I8_PF_BYTES + 64);
+            const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)p),
+                                                   _mm512_loadu_si512((const void *)(xq + 32 * (b0 + j))));
+            const __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)(p + 64)),
+                                                   _mm512_loadu_si512((const void *)(xq + 32 * (b0 + j) + 64)));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j + 2)), fv), acc1);
+        }
+        for (; j < n; j += 2) {     /* the row's last 1-3 blocks; a lone block is a half-masked load */
+            const __mmask64 km = j + 1 < n ? ~0ULL : 0xFFFFFFFFULL;
+            const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                   _mm512_maskz_loadu_epi8(km, wu + 32 * (b0 + j)),
+                                                   _mm512_maskz_loadu_epi8(km, xq + 32 * (b0 + j)));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
+                                   _mm512_permutexvar_ps(_mm512_add_epi32(pair_idx, _mm512_set1_epi32((int)j)), fv), acc0);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(corr);
+}
 #elif defined(__AVX2__)
 /* AVX2 builds: the same scheme with vpmaddubsw + vpmaddwd in place of vpdpbusd. vpmaddubsw multiplies u8 codes
  * by s8 activations and adds adjacent pairs into int16 (at most 2 * 15 * 127 = 3810: no saturation; the low- and
@@ -568,6 +618,14 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
 }
 #endif
 #if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+static inline void q8_prep_x(const int8_t *xq, const float *dx, ptrdiff_t nb, float *cx) {
+    (void)xq; (void)dx; (void)nb; (void)cx;
+}
+Q4_KERNEL float q8_dot1(const uint8_t *wu, const float *dw, const int8_t *xq, const float *dx, const float *cx,
+                        ptrdiff_t nb) {
+    (void)wu; (void)dw; (void)xq; (void)dx; (void)cx; (void)nb;
+    return 0.0f;
+}
 #define Q4_I8_TM 4
 static inline int q4_int8_prefill_available(void) { return 0; }
 static inline void q4_pack_slab_int8(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,

@@ -67,6 +67,7 @@ class DecodeStack:
         ops.check_activation(activation)
         if activation not in ("float", "int8"):
             raise ValueError(f"DecodeStack runs activation 'float' or 'int8', got {activation!r}")
+        self.activation, self.num_threads = activation, num_threads
         H, Hkv, D = (ops.check_int(n, v) for n, v in
                      (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)))
         if H % Hkv or D % 2:
@@ -123,3 +124,31 @@ class DecodeStack:
         _check_vector("sin", sin, self.head_dim // 2)
         self._st.step(x.detach().numpy(), pos, cos.detach().numpy(), sin.detach().numpy(), self._out.numpy())
         return self._out
+
+
+class Int8Head:
+    """An 8-bit copy of a float output head for int8-activation decode (AVX512-VNNI; ops.int8_head_available):
+    codes round(w / d) + 128 with one fp32 scale d = absmax / 127 per 32 inputs (Q8_0's rounding), 1.125 bytes
+    per weight against the float head's 4, multiplied with the hidden state rounded to int8 per 32 values, as
+    the int4 layers' inputs are in that mode. A runtime copy beside the float weight (which forward keeps
+    using), never saved; matches(weight) says whether it still is a copy of `weight` (same storage, shape and
+    in-place version)."""
+
+    def __init__(self, weight: torch.Tensor, num_threads: Optional[int] = None):
+        if not ops.int8_head_available():
+            raise RuntimeError("the 8-bit head needs a CPU with AVX512-VNNI and the AVX-512 kernel build")
+        self.codes, self.scales = ops.head_int8_quantize(weight, num_threads)
+        self.num_threads = num_threads
+        self._source = self._key(weight)
+        self._out = torch.empty(weight.shape[0])
+
+    @staticmethod
+    def _key(weight: torch.Tensor):
+        return weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight._version
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self._key(weight) == self._source
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """logits fp32 [vocab] for the hidden state h (fp32 [dim]); a buffer the next call overwrites."""
+        return ops.head_int8_matvec(h, self.codes, self.scales, self._out, self.num_threads)

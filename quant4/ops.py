@@ -446,6 +446,38 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
     return matmul_prepared_many(x, (w,), num_threads=num_threads, small_m=small_m, activation=activation)[0]
 
 
+def int8_head_available() -> bool:
+    """True if an 8-bit output head (quant4.decode.Int8Head) runs here (AVX512-VNNI)."""
+    return _INT8_PREFILL
+
+
+def head_int8_quantize(w: torch.Tensor, num_threads: Optional[int] = None):
+    """A float head [V, D] (fp32, D % 32 == 0) -> (codes uint8 [V, D] = round(w / d) + 128, d fp32 [V, D/32]
+    with d = absmax / 127 per 32 inputs), converted in slices of rows (no fp32 copy of the whole head)."""
+    _check_tensor("w", w, ndim=2, dtypes=(torch.float32,))
+    V, D = w.shape
+    if D % 32:
+        raise ValueError(f"an 8-bit head needs in_features divisible by 32, got weight shape {tuple(w.shape)}")
+    wu, dw = torch.empty(V, D, dtype=torch.uint8), torch.empty(V, D // 32)
+    step = max(1, (16 << 20) // max(1, 4 * D))
+    for r0 in range(0, V, step):
+        _k.q8_quantize_rows(w[r0:r0 + step].detach().contiguous().numpy(), wu[r0:r0 + step].numpy(),
+                            dw[r0:r0 + step].numpy(), _threads(num_threads, min(step, V - r0) * D))
+    return wu, dw
+
+
+def head_int8_matvec(x: torch.Tensor, wu: torch.Tensor, dw: torch.Tensor, out: torch.Tensor,
+                     num_threads: Optional[int] = None) -> torch.Tensor:
+    """out [V] = the 8-bit head (head_int8_quantize) times x (fp32 [D], rounded to int8 per 32 inputs)."""
+    V, D = wu.shape
+    _check_tensor("x", x, ndim=1, dtypes=(torch.float32,))
+    if x.shape[0] != D or not x.is_contiguous() or out.shape != (V,) or dw.shape != (V, D // 32):
+        raise ValueError(f"head_int8_matvec: x {tuple(x.shape)}, codes {tuple(wu.shape)}, scales "
+                         f"{tuple(dw.shape)}, out {tuple(out.shape)} do not fit")
+    _k.q8_matvec(x.detach().numpy(), wu.numpy(), dw.numpy(), out.numpy(), _threads(num_threads, V * D))
+    return out
+
+
 def decode_stack_state(*args):
     """The kernels' raw state of a one-token decode through a stack of layers, for quant4.decode.DecodeStack
     (which checks everything it is given)."""

@@ -151,3 +151,51 @@ def test_decode_stack_checks_its_input():
             DecodeStack([layer], model.norm.weight, **{**kw, "n_kv_heads": 4})
         with pytest.raises(ValueError, match="activation"):
             DecodeStack([layer], model.norm.weight, **kw, activation="bf16")
+
+
+def _int8_head_reference(w, x):
+    """The 8-bit head in plain torch: w and x rounded per 32 inputs (absmax / 127), block dot products scaled."""
+    V = w.shape[0]
+    wb, xb = w.view(V, -1, 32), x.view(-1, 32)
+    dw, dx = wb.abs().amax(-1) / 127, xb.abs().amax(-1) / 127
+    q = torch.round(wb / torch.where(dw > 0, dw, torch.ones_like(dw))[..., None])
+    xq = torch.round(xb / torch.where(dx > 0, dx, torch.ones_like(dx))[:, None])
+    return ((q * xq[None]).sum(-1) * dw * dx[None]).sum(-1)
+
+
+@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI) on this CPU")
+@pytest.mark.parametrize("V, D", [(300, 96), (1000, 576), (7, 32), (65, 160)])
+def test_int8_head_matches_its_definition(V, D):
+    from quant4.decode import Int8Head
+
+    w, x = torch.randn(V, D) * 0.05, torch.randn(D)
+    w[3, :32] = 0          # an all-zero block: scale 0, no 0/0
+    ys = []
+    for threads in (1, 2):
+        ys.append(Int8Head(w, num_threads=threads)(x).clone())
+    assert torch.equal(ys[0], ys[1])
+    ref = _int8_head_reference(w, x)
+    assert (ys[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert 35 < 10 * torch.log10((w @ x).pow(2).sum() / (ys[0] - w @ x).pow(2).sum())   # 42 dB seen
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Int8Head(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="do not fit"):
+        Int8Head(w)(torch.randn(D + 32))
+
+
+@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI) on this CPU")
+def test_int8_decode_uses_the_8bit_head_and_follows_its_weight():
+    """Under int8 activations the lean path multiplies an 8-bit copy of the head, made once per head weight;
+    a changed weight (in place, or a new tensor) gets a new copy, never the stale one."""
+    from quant4.models.fast_decode import int8_head
+
+    model = _model("int8", tie_embeddings=False)
+    assert int8_head(_model("float")) is not None and int8_head(model) is int8_head(model)   # cached
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        model(torch.tensor([[3, 4, 5]]), 0, cache)
+        before = decode_step(model, cache)(7, 3).clone()
+        with torch.no_grad():
+            model.output.weight.mul_(2)
+        after = decode_step(model, cache)(7, 3)
+    assert torch.allclose(after, 2 * before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
