@@ -154,8 +154,19 @@ def read_float_safetensors(path) -> tuple[ModelArgs, dict]:
 
 # ------------------------------------------------------------------------------------------------
 
+def check_layer_count(args: ModelArgs, names, path="the checkpoint") -> None:
+    """The tensors must confirm the layer count a header claims before a model of that many layers is built
+    (even on the meta device each layer costs Python objects; ModelArgs caps the count at 1024): a clear error
+    naming both counts instead of load_state_dict's list of missing keys."""
+    found = {int(p[1]) for p in (n.split(".") for n in names) if p[0] == "layers" and len(p) > 1 and p[1].isdigit()}
+    if found != set(range(args.n_layers)):
+        raise CheckpointError(f"{path}: the header claims {args.n_layers} layers, the tensors hold layers "
+                              f"{sorted(found)[:3]}{'...' if len(found) > 3 else ''} ({len(found)} in all)")
+
+
 def build_model(args: ModelArgs, sd: dict, path, dtype: Optional[torch.dtype] = None) -> Transformer:
     """Transformer on the meta device, then the checkpoint's tensors assigned into it."""
+    check_layer_count(args, sd, path)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     with torch.device("meta"):
@@ -177,6 +188,7 @@ def build_quantized(args: ModelArgs, meta: dict, tensors: dict, *, num_threads: 
     """Transformer from quant4-format tensors: meta["layers"] (int4 layers) and meta["tied"] as in a quant4 file."""
     from quant4.serialization import load_quantized_
 
+    check_layer_count(args, tensors)
     with torch.device("meta"):
         model = Transformer(args)
     try:
