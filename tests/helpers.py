@@ -68,3 +68,16 @@ STORIES = [
     "A kind girl gave her sandwich to a hungry puppy. The puppy wagged its tail and followed her home. Her dad "
     "said they could keep it, and the girl was very happy.",
 ] * 3
+
+
+def embedded_with_windows(n_calibration: int):
+    """The embedded float model, n_calibration calibration windows and 8 held-out windows (64 tokens each, from
+    STORIES, different seeds): what the calibrated methods' tests quantize with and score on."""
+    from quant4.models.calibration import calibration_windows
+    from quant4.models.load import load_model, load_tokenizer
+
+    loaded = load_model()
+    tok = load_tokenizer(loaded)
+    cal = calibration_windows(tok, STORIES, n_sequences=n_calibration, seq_len=64)
+    held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
+    return loaded.model, cal, held

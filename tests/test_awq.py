@@ -8,10 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant4 import awq, quantize_model_gptq_
-from quant4.models.calibration import calibration_windows
 from quant4.models.llama import ModelArgs, Transformer
-from quant4.models.load import load_model, load_tokenizer
-from helpers import STORIES
+from helpers import embedded_with_windows
 
 
 def _block_inputs(model, tokens):
@@ -69,11 +67,7 @@ def test_needs_llama_blocks():
 
 
 def test_awq_gptq_beats_gptq_on_the_embedded_model():
-    loaded = load_model()
-    tok = load_tokenizer(loaded)
-    cal = calibration_windows(tok, STORIES, n_sequences=24, seq_len=64)
-    held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
-    base = loaded.model
+    base, cal, held = embedded_with_windows(24)
     kl = {}
     with torch.no_grad():
         ref = torch.log_softmax(base(held), -1)

@@ -8,10 +8,10 @@ from torch import nn
 
 from quant4.models.calibration import calibration_windows, read_stories
 from quant4.models.llama import ModelArgs, Transformer
-from quant4.models.load import load_model, load_tokenizer
+from quant4.models.load import load_model
 from quant4 import Int4Linear, gptq_quantize, quantize, quantize_model_, quantize_model_gptq_
 from quant4 import reference
-from helpers import REPO, STORIES, load_script
+from helpers import REPO, STORIES, embedded_with_windows, load_script
 
 
 def _correlated(n, k, seed=0):
@@ -83,11 +83,7 @@ def test_gptq_bad_inputs():
 
 
 def test_model_driver_beats_rtn_on_the_embedded_model():
-    loaded = load_model()
-    tok = load_tokenizer(loaded)
-    cal = calibration_windows(tok, STORIES, n_sequences=24, seq_len=64)
-    held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
-    base = loaded.model
+    base, cal, held = embedded_with_windows(24)
     gptq = quantize_model_gptq_(copy.deepcopy(base), cal, 32)
     rtn = quantize_model_(copy.deepcopy(base), 32)
     swapped = [r for r in gptq.quant4_report if r.swapped]

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from quant4 import Int4Linear, ops, quantize_model_, tune_model_
-from quant4.models.calibration import calibration_windows
-from quant4.models.load import load_model, load_tokenizer
+from quant4.models.load import load_model
 from quant4.tune import _Fake
-from helpers import STORIES
+from helpers import STORIES, embedded_with_windows
 
 
 @pytest.mark.parametrize("init", ["rtn", "search"])
@@ -39,11 +38,7 @@ def test_stored_codes_are_the_fake_quantized_weights():
 
 
 def test_tuning_beats_the_plain_quantizers_on_the_embedded_model():
-    loaded = load_model()
-    tok = load_tokenizer(loaded)
-    cal = calibration_windows(tok, STORIES, n_sequences=16, seq_len=64)
-    held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
-    base = loaded.model
+    base, cal, held = embedded_with_windows(16)
     tuned = tune_model_(copy.deepcopy(base), cal, 32, iters=40)
     search = quantize_model_(copy.deepcopy(base), 32, method="search")
     swapped = [r for r in tuned.quant4_report if r.swapped]
