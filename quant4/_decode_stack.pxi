@@ -62,7 +62,7 @@ cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, fl
         n = u - g.start[j]
         if g.int8:
             g.out[j][n] = q4_dot1_int8(g.w[j].qw + n * g.w[j].ldq, g.w[j].sc + n * g.w[j].G,
-                                       g.w[j].zr + n * g.w[j].G, xq, d, xsw[j], g.w[j].G, g.w[j].cpg) + \
+                                       _zeros_row(&g.w[j], n), xq, d, xsw[j], g.w[j].G, g.w[j].cpg) + \
                           (g.w[j].bias[n] if g.w[j].bias != NULL else 0.0)
         else:
             _decode_rows(&g.w[j], xp, 1, n * Q4_DR, g.out[j], g.w[j].N, g.multi_row)
@@ -121,7 +121,8 @@ cdef class DecodeStack:
 
     def set_group(self, Py_ssize_t layer, str which, list weights, int threads, bint int8, bint multi_row):
         """weights: [(qweight uint8 [N, Kp/2], scales / zeros uint16 [N, G], group_size, bias float32 [N] or
-        None)], the group's weights in output order: qkv (q, k, v), wo, w13 (w1, w3), w2."""
+        None)], the group's weights in output order: qkv (q, k, v), wo, w13 (w1, w3), w2. zeros may be None
+        (every zero is 0) for int8-decode only."""
         cdef DecLayer* L = &self.layers[layer]
         cdef Q4Group* g
         cdef float* outs[3]
@@ -138,6 +139,8 @@ cdef class DecodeStack:
         g.start[0] = 0
         for j in range(len(weights)):
             qw, sc, zr, gs, bias = weights[j]
+            if zr is None and not int8:
+                raise ValueError("zeros=None (symmetric weights) is only for the int8-decode kernel")
             g.w[j] = _rows(qw, sc, zr, gs, bias)
             g.out[j] = outs[j]
             g.start[j + 1] = g.start[j] + (g.w[j].N if int8 else (g.w[j].N + Q4_DR - 1) // Q4_DR)

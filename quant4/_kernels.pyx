@@ -452,7 +452,7 @@ ctypedef struct Q4Rows:
     # struct): rows n0.. of it are at qw + n0 * ldq, sc + n0 * G, zr + n0 * G, bias + n0.
     const uint8_t* qw       # [N, Kp/2] packed codes
     const uint16_t* sc      # [N, G] float16 bits of the scales
-    const uint16_t* zr      # [N, G] float16 bits of the zeros
+    const uint16_t* zr      # [N, G] float16 bits of the zeros, or NULL: every zero is 0 (decode kernels only)
     const float* bias       # [N], or NULL
     Py_ssize_t N, Kp, G
     Py_ssize_t ldq          # bytes per packed row: Kp / 2
@@ -464,7 +464,7 @@ cdef inline Q4Rows _rows(const uint8_t[:, ::1] qweight, const uint16_t[:, ::1] s
     cdef Q4Rows w
     w.qw = &qweight[0, 0]
     w.sc = &scales[0, 0]
-    w.zr = &zeros[0, 0]
+    w.zr = &zeros[0, 0] if zeros is not None else NULL
     w.bias = &bias[0] if bias is not None else NULL
     w.N = qweight.shape[0]
     w.ldq = qweight.shape[1]
@@ -474,12 +474,16 @@ cdef inline Q4Rows _rows(const uint8_t[:, ::1] qweight, const uint16_t[:, ::1] s
     return w
 
 
+cdef inline const uint16_t* _zeros_row(const Q4Rows* w, Py_ssize_t n) noexcept nogil:
+    return w.zr + n * w.G if w.zr != NULL else NULL
+
+
 cdef inline Q4Rows _block(const Q4Rows* w, Py_ssize_t n0) noexcept nogil:
     # the same weight from row n0 on (N counts the rows left)
     cdef Q4Rows b = w[0]
     b.qw = w.qw + n0 * w.ldq
     b.sc = w.sc + n0 * w.G
-    b.zr = w.zr + n0 * w.G
+    b.zr = _zeros_row(w, n0)
     b.bias = (w.bias + n0) if w.bias != NULL else NULL
     b.N = w.N - n0
     return b
@@ -617,7 +621,7 @@ ctypedef fused act_t:
 def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits (zero beyond K)
            const uint8_t[:, ::1] qweight,       # IN  [N, Kp/2]
            const uint16_t[:, ::1] scales,       # IN  [N, G] float16 bits
-           const uint16_t[:, ::1] zeros,        # IN  [N, G] float16 bits
+           const uint16_t[:, ::1] zeros,        # IN  [N, G] float16 bits, or None: every zero is 0 (decode kernels)
            Py_ssize_t group_size,
            const float[::1] bias,               # IN  [N] or None
            float[:, ::1] out,                   # OUT [M, N]
@@ -628,9 +632,13 @@ def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits
     fp32-decode / fp32-prefill (fp32 x), int8-decode / int8-prefill (fp32 x rounded to int8 per 32 inputs;
     need int8_available() / int8_prefill_available()), bf16-decode (exact weights, M <= 4, Kp % 128 == 0) / bf16-prefill (bf16 x, needs
     bf16_available()). Decode streams each weight row once for a few activation rows; prefill dequantizes panels
-    of weight rows into per-thread scratch and multiplies them in register tiles."""
+    of weight rows into per-thread scratch and multiplies them in register tiles. zeros=None (the caller knows
+    every zero is 0: symmetric weights) is for the decode kernels int8-decode and bf16-decode, which then do not
+    read a zero stream."""
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1]
     cdef Q4Rows w
+    if zeros is None and kernel != K_INT8_DECODE and kernel != K_BF16_DECODE:
+        raise ValueError("zeros=None (symmetric weights) is only for the int8-decode and bf16-decode kernels")
     if M == 0 or qweight.shape[0] == 0:
         return
     w = _rows(qweight, scales, zeros, group_size, bias)
@@ -724,7 +732,7 @@ cdef inline void _dot_bf16_row(const Q4Rows* w, Py_ssize_t n, const uint16_t** x
     # bf16 decode: weight row n against nx prepared activation rows (M of them real)
     cdef float r[4]
     cdef Py_ssize_t m
-    q4_dot_bf16(w.qw + n * w.ldq, w.sc + n * w.G, w.zr + n * w.G, xb, xs, w.Kp, w.G, lg, nx, r)
+    q4_dot_bf16(w.qw + n * w.ldq, w.sc + n * w.G, _zeros_row(w, n), xb, xs, w.Kp, w.G, lg, nx, r)
     for m in range(M):
         out[m * ldo + n] = r[m] + (w.bias[n] if w.bias != NULL else 0.0)
 
@@ -747,7 +755,7 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
         with nogil:
             for n in prange(w.N, num_threads=num_threads, schedule="static"):
                 for m in range(M):
-                    out[m * ldo + n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, w.zr + n * G, xq + m * Kp,
+                    out[m * ldo + n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, _zeros_row(w, n), xq + m * Kp,
                                                     d + m * nb, xs + m * G, G, cpg) + \
                                        (w.bias[n] if w.bias != NULL else 0.0)
     finally:

@@ -24,24 +24,21 @@
  * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
  * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
 #if defined(__AVX512F__)
-/* sum_g (zero_g - off * scale_g) * xs_g over one row's G groups */
+/* sum_g (zero_g - off * scale_g) * xs_g over one row's G groups; zr == NULL: every zero is 0 */
 static inline float q4_zero_term_off(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G, float off) {
     __m512 acc = _mm512_setzero_ps();
     ptrdiff_t gi = 0;
     for (; gi + 16 <= G; gi += 16) {
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + gi)));
-        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi)));
+        const __m512 z = zr ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zr + gi))) : _mm512_setzero_ps();
         acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(off), s, z), _mm512_loadu_ps(xs + gi), acc);
     }
     float t = _mm512_reduce_add_ps(acc);
     for (; gi < G; gi++) {
         const float s = q4_half_to_float(sc[gi]);
-        t += (q4_half_to_float(zr[gi]) - off * s) * xs[gi];
+        t += ((zr ? q4_half_to_float(zr[gi]) : 0.0f) - off * s) * xs[gi];
     }
     return t;
-}
-static inline float q4_zero_term(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G) {
-    return q4_zero_term_off(sc, zr, xs, G, 8.0f);
 }
 #endif
 
@@ -256,19 +253,6 @@ static inline int q4_int8_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni");
 }
-/* scale[g(b)] * d[b] for the blocks b in [b0, b0 + n) (n <= 16, cpg a power of two) -> f[0..16).
- * Masked loads never read past the row's G scales or the nblocks factors. */
-static inline void q4_block_factors(const uint16_t *sc, const float *d, ptrdiff_t b0, ptrdiff_t n, ptrdiff_t cpg,
-                                    ptrdiff_t G, float *f) {
-    const int sh = __builtin_ctzll((unsigned long long)cpg);
-    const ptrdiff_t g0 = b0 >> sh;
-    const ptrdiff_t ng = (G - g0) < 16 ? (G - g0) : 16;
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << ng) - 1u), sc + g0));
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 sb = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32((int)(b0 & (cpg - 1)))), sh), s);
-    const __m512 dv = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0);
-    _mm512_storeu_ps(f, _mm512_mul_ps(sb, dv));
-}
 /* The int8 dot products of 64 weights (the two 16-byte chunks from c on) with their activations: low nibbles
  * against xq[32c .. 32c + 31], high nibbles against the next 32; 8 int32 lanes, lanes 0-3 from chunk c. */
 static inline __m256i q4_dot64_int8(const uint8_t *w, const int8_t *xq, ptrdiff_t c, __m256i mask) {
@@ -295,18 +279,33 @@ static inline __m512i q4_dot128_int8(const uint8_t *w, const int8_t *xq, ptrdiff
                                             _mm512_loadu_si512((const void *)(xq + 32 * c)));
     return _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xq + 32 * c + 64)));
 }
+/* One weight row against one activation row. Per 16 blocks: the 16 scales they need (one fp16 vector), their
+ * factors scale x block scale of x, and the zero term of their groups, sum (zero - 8 scale) x (sum of x over
+ * the group), accumulated in the same pass, so the scale and zero streams are read beside the codes. zr == NULL
+ * means every zero is 0 (symmetric weights, e.g. GGUF Q4_0): the zero stream is not read at all. */
 Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps();
     const __m512i mask = _mm512_set1_epi8(15);
     const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                  14, 15), __builtin_ctzll((unsigned long long)cpg));
+    const __m512 minus8 = _mm512_set1_ps(-8.0f);
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
     const ptrdiff_t nblocks = G * cpg;
     float f[16];
     for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
-        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16;
-        q4_block_factors(sc, d, b0, n, cpg, G, f);
-        const __m512 fv = _mm512_loadu_ps(f);
+        /* blocks [b0, b0 + n) = groups [g0, g0 + ng) (cpg divides 16 and b0) */
+        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16, g0 = b0 >> sh, ng = n >> sh;
+        const __mmask16 gm = (__mmask16)((1u << ng) - 1u);
+        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
+        const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
+                             : _mm512_mul_ps(minus8, s);
+        zacc = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs + g0), zacc);
+        const __m512 fv = _mm512_mul_ps(sh ? _mm512_permutexvar_ps(group_idx, s) : s,
+                                        _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0));
+        if (n & 3) _mm512_storeu_ps(f, fv);      /* for the tail below */
         ptrdiff_t j = 0;
         /* four blocks (64 bytes, 128 weights) per step, two accumulators */
         for (; j + 8 <= n; j += 8) {
@@ -347,7 +346,7 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), acc2);
     float t[8];
     _mm256_storeu_ps(t, t8);
-    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + q4_zero_term(sc, zr, xs, G);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + _mm512_reduce_add_ps(zacc);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -585,19 +584,19 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
         y += (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) *
              (q4_half_to_float(sc[b >> sh]) * d[b]);
     }
-    /* sum_g (zero_g - 8 scale_g) * xs_g */
+    /* sum_g (zero_g - 8 scale_g) * xs_g; zr == NULL: every zero is 0 */
     __m256 zacc = _mm256_setzero_ps();
     ptrdiff_t gi = 0;
     for (; gi + 8 <= G; gi += 8) {
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + gi)));
-        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + gi)));
+        const __m256 z = zr ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + gi))) : _mm256_setzero_ps();
         zacc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z), _mm256_loadu_ps(xs + gi), zacc);
     }
     _mm256_storeu_ps(t, zacc);
     float z = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
     for (; gi < G; gi++) {
         const float s = q4_half_to_float(sc[gi]);
-        z += (q4_half_to_float(zr[gi]) - 8.0f * s) * xs[gi];
+        z += ((zr ? q4_half_to_float(zr[gi]) : 0.0f) - 8.0f * s) * xs[gi];
     }
     return y + z;
 }

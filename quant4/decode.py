@@ -109,7 +109,8 @@ class DecodeStack:
             for which, ws in (("qkv", (L.wq, L.wk, L.wv)), ("wo", (L.wo,)), ("w13", (L.w1, L.w3)), ("w2", (L.w2,))):
                 plan = ops.plan_matmul(1, ws[0].Kp, False, activation)
                 rows = sum(w.N for w in ws)
-                st.set_group(i, which, [(w.qweight, w.scales, w.zeros, w.group_size, w.bias) for w in ws],
+                st.set_group(i, which, [(w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias)
+                                        for w in ws],
                              ops._threads(threads, rows * ws[0].Kp), plan.kernel == "int8-decode", plan.multi_row)
             st.set_layer(i, np_(L.attn_norm), np_(L.ffn_norm), np_(L.k_cache), np_(L.v_cache))
         st.set_norm(np_(norm))

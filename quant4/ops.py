@@ -333,7 +333,8 @@ class Prepared:
     .data = ..., set_(), share_memory_(), a copied or unpickled module -- fails the check and forces a rebuild.
     """
 
-    __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features", "plans")
+    __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features", "plans",
+                 "_symmetric")
 
     def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None):
         self.N, self.Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
@@ -346,11 +347,25 @@ class Prepared:
         self.scales, self.zeros = _half_bits(scales), _half_bits(zeros)
         self.bias = None if bias is None else _as_np(bias.detach().float())
         self.group_size, self.in_features = group_size, in_features
-        self.plans = {}       # (M <= SMALL_M, activation, threads) -> (kernel code, multi_row, threads)
+        self.plans = {}       # (M <= SMALL_M, activation, threads) -> (kernel code, multi_row, threads, zeros)
+        self._symmetric = None
 
     def matches(self, qweight, scales, zeros, bias) -> bool:
         # on every forward call: about 4 us for the four tensors
         return self.keys == (_tensor_key(qweight), _tensor_key(scales), _tensor_key(zeros), _tensor_key(bias))
+
+    def zeros_for(self, kernel: str):
+        """The zeros argument of the kernel `kernel`: None when every stored zero is 0 (+-0: symmetric weights,
+        e.g. a GGUF Q4_0 import) and the kernel is a decode kernel that then skips the zero stream (10% of a g32
+        weight's bytes), else the zeros. Checked once per Prepared, on first use."""
+        if kernel not in _ZERO_FREE_KERNELS:
+            return self.zeros
+        if self._symmetric is None:
+            self._symmetric = not (self.zeros & 0x7FFF).any()
+        return None if self._symmetric else self.zeros
+
+
+_ZERO_FREE_KERNELS = ("int8-decode", "bf16-decode")      # read zr == NULL as "every zero is 0"
 
 
 # Kernel views for callers that hold no module to cache them on (the custom op quant4::linear, which sees only
@@ -495,12 +510,12 @@ def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
         plan = w.plans.get((M, activation, threads))
         if plan is None:
             p = plan_matmul(M, w.Kp, False, activation)
-            plan = (_k.KERNELS[p.kernel], p.multi_row, _threads(threads, M * w.N * w.Kp))
+            plan = (_k.KERNELS[p.kernel], p.multi_row, _threads(threads, M * w.N * w.Kp), w.zeros_for(p.kernel))
             if M <= SMALL_M:        # decode shapes only: one entry per prompt length would grow without bound
                 w.plans[M, activation, threads] = plan
         out = torch.empty(M, w.N)
         if w.N:
-            _k.matmul(xk, w.qweight, w.scales, w.zeros, w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2])
+            _k.matmul(xk, w.qweight, w.scales, plan[3], w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2])
         outs.append(out)
     return outs
 
@@ -540,7 +555,8 @@ def matmul_prepared_many(x: torch.Tensor, ws, *, num_threads: Optional[int] = No
     for w in ws:
         out = torch.empty(M, w.N)
         if w.N:
-            _k.matmul(xk, w.qweight, w.scales, w.zeros, w.group_size, w.bias, out.numpy(), kernel, plan.multi_row,
+            _k.matmul(xk, w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias, out.numpy(), kernel,
+                      plan.multi_row,
                       _threads(num_threads, M * w.N * Kp))
         outs.append(out if out_dtype == torch.float32 else out.to(out_dtype))
     return outs

@@ -72,6 +72,19 @@ def test_lean_matches_forward_int8_activations():
     assert worst < 0.05 and agree >= 0.9 and kl < 1e-4
 
 
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8-activation kernel on this CPU")
+def test_lean_int8_decode_of_symmetric_weights():
+    # every zero 0 (as in a GGUF Q4_0 import): the int8 decode kernels of the lean path and of forward skip the
+    # zeros (test_kernels checks that against the zeros read); the int8 prefill that filled the caches reads them
+    m = _model("int8")
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, quant4.Int4Linear):
+                mod.zeros.zero_()
+    worst, agree, kl = _compare(m, cache_tol=0.05)
+    assert worst < 0.05 and agree >= 0.9 and kl < 1e-4
+
+
 def test_embedded_model_generates_the_same_tokens():
     model = load_model().model
     quant4.quantize_model_(model, 32)

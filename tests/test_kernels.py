@@ -394,6 +394,44 @@ def test_int8_activation_prefill(N, K, g):
     assert torch.equal(y[5], bias)
 
 
+@pytest.mark.parametrize("K", [96, 1376, 4128])
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_symmetric_weights_skip_the_zero_stream(K, g):
+    """Weights whose zeros are all 0 (+0 or -0: a GGUF Q4_0 import) run the decode kernels without the zeros
+    (ops.Prepared.zeros_for gives None): the results equal those computed with the zeros read, bit for bit,
+    and the int8 ones their definition; the other kernels keep the zeros, and refuse None."""
+    qweight, scales, zeros = quant4.quantize(_rand_weight(40, K), g)
+    zeros = torch.zeros_like(zeros)
+    zeros[::3] = -0.0
+    p = ops.Prepared(qweight, scales, zeros, g, K)
+    assert p.zeros_for("int8-decode") is None and p.zeros_for("bf16-decode") is None
+    assert p.zeros_for("fp32-decode") is p.zeros and p.zeros_for("int8-prefill") is p.zeros
+    p_asym = ops.Prepared(*quant4.quantize(_rand_weight(40, K), g), g, K)
+    assert p_asym.zeros_for("int8-decode") is p_asym.zeros
+    x = torch.randn(1, K)
+    xk = torch.nn.functional.pad(x, (0, p.Kp - K)).contiguous()
+    runs = []
+    for kernel, ok in (("int8-decode", ops.int8_kernel_available()),
+                       ("bf16-decode", ops.bf16_kernel_enabled() and p.Kp % 128 == 0)):
+        if not ok:
+            continue
+        xa = ops._half_bits(xk.bfloat16()) if kernel == "bf16-decode" else xk.numpy()
+        outs = []
+        for z in (p.zeros, None):
+            out = torch.empty(1, 40)
+            ops._k.matmul(xa, p.qweight, p.scales, z, g, None, out.numpy(), ops._k.KERNELS[kernel], False, 2)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), kernel
+        runs.append(kernel)
+    if "int8-decode" in runs:
+        y = quant4.matmul(x, qweight, scales, zeros, g, K, activation="int8")[0]
+        y_ref = _int8_activation_reference(x[0], qweight, scales, zeros, g, K)
+        assert ((y - y_ref).abs() <= 1e-5 * y_ref.abs().max() + 1e-6).all()
+    with pytest.raises(ValueError, match="symmetric"):
+        ops._k.matmul(xk.numpy(), p.qweight, p.scales, None, g, None, torch.empty(1, 40).numpy(),
+                      ops._k.KERNELS["fp32-decode"], False, 1)
+
+
 def _group_sq_error(w, qweight, scales, zeros, g):
     K = w.shape[1]
     d = reference.dequantize(qweight, scales, zeros, g, K)
