@@ -4,6 +4,7 @@
  *   vdpbf16ps (AVX512-BF16)  bf16 pair dot products into fp32: the bf16 prefill tile (q4_tile_bf16) and the
  *                            exact-weight bf16 decode (q4_dot_bf16)
  *   vpternlogd (AVX512-F)    one op that merges two nibbles into the bf16 pair (16 + q_j, 16 + q_j+4)
+ *   vpermw (AVX512-BW)       interleaves the bf16 weights of k and k + 1 into dword pairs (q4_pack_slab_bf16)
  *   vpdpbusd (AVX512-VNNI)   u8 x s8 dot products of four pairs into int32: the int8-activation decode
  *                            (q4_dot1_int8); AVX2 builds compile the same kernel with vpmaddubsw + vpmaddwd
  *   vcvtph2ps, reductions    the per-group zero terms (q4_zero_term_off)
@@ -20,9 +21,9 @@
  * bf16 prefill (AVX512-BF16 builds only): for bfloat16 activations in prefill, weights are
  * dequantized to bfloat16 (round to nearest even) and multiplied with vdpbf16ps, which does 32
  * multiply-adds per instruction into fp32 accumulators: twice the fp32 FMA rate. Precision is that of
- * bf16 inputs (PyTorch's int4 op also dequantizes to bf16 for bf16 activations). Same permuted k order:
- * a vdpbf16ps lane sums the products of two adjacent positions, which hold matching k in x and w.
- * Other builds compile stubs that are never called (q4_bf16_available() == 0). */
+ * bf16 inputs (PyTorch's int4 op also dequantizes to bf16 for bf16 activations). A vdpbf16ps lane sums the
+ * products of an adjacent pair (k, k + 1), the two nibbles of one packed byte, so the activations keep their
+ * natural order (q4_pack_slab_bf16 below). Other builds compile stubs that are never called (q4_bf16_available() == 0). */
 #if defined(__AVX512F__)
 /* sum_g (zero_g - off * scale_g) * xs_g over one row's G groups; zr == NULL: every zero is 0 */
 static inline float q4_zero_term_off(const uint16_t *sc, const uint16_t *zr, const float *xs, ptrdiff_t G, float off) {
@@ -42,41 +43,140 @@ static inline float q4_zero_term_off(const uint16_t *sc, const uint16_t *zr, con
 }
 #endif
 
+#if defined(__AVX512BW__)
+/* The cases of a prefill tile's dispatch on its row count tm (CALL(TM) runs the instance for TM rows) */
+#define Q4_TM_CASES_6_5(CALL) case 6: CALL(6); break; case 5: CALL(5); break;
+#define Q4_TM_CASES_4_1(CALL) case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; \
+                              default: CALL(1); break;
+/* A prefill tile's epilogue: acc[m][v] (tm rows x nv slabs of 16 columns) set into out[m][col + 16 v + i]
+ * (first panel, + bias) or added to it, for the ncols valid columns. Inlined into each tile instance with its
+ * constant tm and nv, so acc stays in registers. */
+static inline __attribute__((always_inline)) void q4_tile_store(__m512 (*acc)[2], int tm, int nv,
+                                                                float *const *out, ptrdiff_t col,
+                                                                const float *bias, int ncols, int first) {
+    for (int v = 0; v < nv; v++) {
+        const int cols = ncols - 16 * v < 16 ? ncols - 16 * v : 16;
+        if (cols <= 0) break;
+        const __mmask16 k = (__mmask16)((1u << cols) - 1u);
+        const __m512 bv = (first && bias) ? _mm512_maskz_loadu_ps(k, bias + 16 * v) : _mm512_setzero_ps();
+        for (int m = 0; m < tm; m++) {
+            float *o = out[m] + col + 16 * v;
+            const __m512 prev = first ? bv : _mm512_maskz_loadu_ps(k, o);
+            _mm512_mask_storeu_ps(o, k, _mm512_add_ps(prev, acc[m][v]));
+        }
+    }
+}
+/* The 16 packed bytes at byte offset off of 16 rows r[0..15] (one 32-k block of a slab), as four vectors:
+ * dword lane 4i + q of p[j] is dword j of row 4i + q (loads into 128-bit lanes, then a 4 x 4 dword transpose
+ * inside each lane). Shared by the bf16 and int8 slab packers. */
+static inline void q4_slab_dwords(const uint8_t *const *r, ptrdiff_t off, __m512i p[4]) {
+    __m512i a[4];
+    for (int q = 0; q < 4; q++) {   /* 128-bit lane i of a[q]: the block's 16 bytes of row 4i + q */
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[q] + off)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 4] + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 8] + off)), 2);
+        a[q] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 12] + off)), 3);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+    p[0] = _mm512_unpacklo_epi64(t0, t2);
+    p[1] = _mm512_unpackhi_epi64(t0, t2);
+    p[2] = _mm512_unpacklo_epi64(t1, t3);
+    p[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+#endif
+
+/* bf16 prefill tile rows (see q4_tile_bf16) */
+#ifndef Q4_BF_TM
+#define Q4_BF_TM 6
+#endif
 #if defined(__AVX512BF16__)
 static inline int q4_bf16_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16");
 }
-static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
-    for (ptrdiff_t c = 0; c < Kp; c += 32)
-        for (int j = 0; j < 16; j++) {
-            xp[c + j] = x[c + 2 * j];
-            xp[c + 16 + j] = x[c + 2 * j + 1];
+/* bf16 prefill. Per k panel, 16 weight rows (a slab) are dequantized into per-thread scratch as pair vectors:
+ * dword r of pair vector p of 32-k block b holds row r's weights k = 32 b + 2 p (low half) and 32 b + 2 p + 1
+ * (high half), the two nibbles of packed byte p, each q * scale + (zero - 8 scale) in fp32 (as q4_group_lut
+ * computes it) rounded to bf16 (round to nearest even, as PyTorch's int4 op dequantizes for bf16 inputs). One
+ * vdpbf16ps of a pair vector with the activation pair (x[k], x[k + 1]) broadcast to every dword then advances
+ * 16 output columns: no horizontal sums, no per-group work in the tile, activations in their natural order.
+ * The register tile is Q4_BF_TM activation rows x 2 slabs (32 output columns). */
+/* Rows [0, rows) (rows <= 16; missing rows get scale and zero 0) of a weight, blocks [b0, b0 + nb) (whole
+ * groups) -> dst [nb][16 pairs][16 dwords] */
+static inline void q4_pack_slab_bf16(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,
+                                     ptrdiff_t G, ptrdiff_t rows, ptrdiff_t b0, ptrdiff_t nb, ptrdiff_t cpg,
+                                     uint32_t *dst) {
+    const uint8_t *r[16];
+    for (int i = 0; i < 16; i++) r[i] = w + (i < rows ? i : rows - 1) * ldq;
+    const __m512i m4 = _mm512_set1_epi32(15);
+    /* word 2i <- word i (low halves: the even k), word 2i + 1 <- word 16 + i (the odd k) */
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    float sv[16], zv[16];
+    __m512 s = _mm512_setzero_ps(), zm = _mm512_setzero_ps();
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        if (b % cpg == 0) {     /* lane i: row i's scale and zero - 8 scale of this group */
+            const ptrdiff_t g = (b0 + b) / cpg;
+            for (int i = 0; i < 16; i++) {
+                sv[i] = i < rows ? q4_half_to_float(sc[i * G + g]) : 0.0f;
+                zv[i] = i < rows ? q4_half_to_float(zr[i * G + g]) - 8.0f * sv[i] : 0.0f;
+            }
+            s = _mm512_loadu_ps(sv);
+            zm = _mm512_loadu_ps(zv);
         }
-}
-static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
-                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
-    for (ptrdiff_t c = c0; c < c1; c++) {
-        q4_vf lo[Q4_NV], hi[Q4_NV];
-        q4_unpack_chunk(w, sc, zr, c, cpg, lo, hi);
-        __m512bh packed = _mm512_cvtne2ps_pbh((__m512)hi[0], (__m512)lo[0]);   /* [lo 0..15 | hi 0..15] */
-        memcpy(dst + 32 * (c - c0), &packed, 64);
+        __m512i p[4];
+        q4_slab_dwords(r, 16 * (b0 + b), p);
+        uint32_t *d = dst + 256 * b;
+        for (int j = 0; j < 4; j++)
+            for (int t = 0; t < 4; t++) {   /* byte t of dword j: packed byte 4j + t */
+                const __m512i qlo = _mm512_and_si512(_mm512_srli_epi32(p[j], 8 * t), m4);
+                const __m512i qhi = _mm512_and_si512(_mm512_srli_epi32(p[j], 8 * t + 4), m4);
+                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qlo), s, zm);
+                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qhi), s, zm);
+                const __m512i pr = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512((void *)(d + 16 * (4 * j + t)), pr);
+            }
     }
 }
-Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
-    __m512 c[Q4_TM][Q4_TN];
-    for (int i = 0; i < Q4_TM; i++)
-        for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_setzero_ps();
-    for (ptrdiff_t k = 0; k < kc; k += 32) {
-        __m512bh b[Q4_TN];
-        for (int j = 0; j < Q4_TN; j++) b[j] = (__m512bh)_mm512_loadu_si512((const void *)(w[j] + k));
-        for (int i = 0; i < Q4_TM; i++) {
-            const __m512bh a = (__m512bh)_mm512_loadu_si512((const void *)(x[i] + k));
-            for (int j = 0; j < Q4_TN; j++) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
+static inline void q4_tile_bf16_impl(const uint16_t *const *x, const uint32_t *w0, const uint32_t *w1,
+                                     ptrdiff_t np, float *const *out, ptrdiff_t col, const float *bias, int ncols,
+                                     int first, const int tm, const int nv) {
+    __m512 acc[Q4_BF_TM][2];
+    for (int m = 0; m < tm; m++)
+        for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+    for (ptrdiff_t p = 0; p < np; p++) {
+        const __m512bh a0 = (__m512bh)_mm512_loadu_si512((const void *)(w0 + 16 * p));
+        const __m512bh a1 = nv > 1 ? (__m512bh)_mm512_loadu_si512((const void *)(w1 + 16 * p)) : a0;
+        for (int m = 0; m < tm; m++) {
+            int32_t x2;
+            memcpy(&x2, x[m] + 2 * p, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(x2);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, a0);
+            if (nv > 1) acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, a1);
         }
     }
-    for (int i = 0; i < Q4_TM; i++)
-        for (int j = 0; j < Q4_TN; j++) out[i * Q4_TN + j] = q4_hsum((q4_vf)c[i][j]);
+    q4_tile_store(acc, tm, nv, out, col, bias, ncols, first);
+}
+/* tm (1..Q4_BF_TM) activation rows (bf16, natural order, from the panel's first k) x nv (1 or 2) packed slabs
+ * over np k pairs; out[m][col + 16 v + i] is set (first panel, + bias) or accumulated for ncols columns */
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint32_t *w0, const uint32_t *w1, ptrdiff_t np,
+                            float *const *out, ptrdiff_t col, const float *bias, int ncols, int first, int tm,
+                            int nv) {
+#define Q4_TILE_BF16(TM, NV) q4_tile_bf16_impl(x, w0, w1, np, out, col, bias, ncols, first, TM, NV)
+#define Q4_TILE_BF16_NV(TM) if (nv == 2) Q4_TILE_BF16(TM, 2); else Q4_TILE_BF16(TM, 1)
+    switch (tm) {
+#if Q4_BF_TM >= 8
+    case 8: Q4_TILE_BF16_NV(8); break;
+    case 7: Q4_TILE_BF16_NV(7); break;
+#endif
+#if Q4_BF_TM >= 6
+    Q4_TM_CASES_6_5(Q4_TILE_BF16_NV)
+#endif
+    Q4_TM_CASES_4_1(Q4_TILE_BF16_NV)
+    }
+#undef Q4_TILE_BF16_NV
+#undef Q4_TILE_BF16
 }
 
 /* Decode with bf16 activations, exact weights (M = 1..4; Kp % 128 == 0). A 64-byte run of one weight row holds
@@ -179,15 +279,16 @@ Q4_KERNEL void q4_dot_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t 
     (void)w; (void)sc; (void)zr; (void)xb; (void)xs; (void)Kp; (void)G; (void)lg; (void)nx; (void)out;
 }
 static inline int q4_bf16_available(void) { return 0; }
-static inline void q4_permute_x_bf16(const uint16_t *x, ptrdiff_t Kp, uint16_t *xp) {
-    (void)x; (void)Kp; (void)xp;
+static inline void q4_pack_slab_bf16(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,
+                                     ptrdiff_t G, ptrdiff_t rows, ptrdiff_t b0, ptrdiff_t nb, ptrdiff_t cpg,
+                                     uint32_t *dst) {
+    (void)w; (void)ldq; (void)sc; (void)zr; (void)G; (void)rows; (void)b0; (void)nb; (void)cpg; (void)dst;
 }
-static inline void q4_dequant_perm_bf16(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, ptrdiff_t c0,
-                                        ptrdiff_t c1, ptrdiff_t cpg, uint16_t *dst) {
-    (void)w; (void)sc; (void)zr; (void)c0; (void)c1; (void)cpg; (void)dst;
-}
-Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint16_t *const *w, ptrdiff_t kc, float *out) {
-    (void)x; (void)w; (void)kc; (void)out;
+Q4_KERNEL void q4_tile_bf16(const uint16_t *const *x, const uint32_t *w0, const uint32_t *w1, ptrdiff_t np,
+                            float *const *out, ptrdiff_t col, const float *bias, int ncols, int first, int tm,
+                            int nv) {
+    (void)x; (void)w0; (void)w1; (void)np; (void)out; (void)col; (void)bias; (void)ncols; (void)first; (void)tm;
+    (void)nv;
 }
 #endif
 
@@ -373,19 +474,8 @@ static inline void q4_pack_slab_int8(const uint8_t *w, ptrdiff_t ldq, const uint
     for (int i = 0; i < 16; i++) r[i] = w + (i < rows ? i : rows - 1) * ldq;
     const __m512i m4 = _mm512_set1_epi8(15);
     for (ptrdiff_t b = 0; b < nb; b++) {
-        const ptrdiff_t off = 16 * (b0 + b);
-        __m512i a[4];
-        for (int q = 0; q < 4; q++) {   /* 128-bit lane i of a[q]: the block's 16 bytes of row 4i + q */
-            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[q] + off)));
-            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 4] + off)), 1);
-            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 8] + off)), 2);
-            a[q] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(r[q + 12] + off)), 3);
-        }
-        /* a 4 x 4 dword transpose inside each 128-bit lane: p[j] lane 4i + q = dword j of row 4i + q */
-        const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
-        const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
-        const __m512i p[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        __m512i p[4];
+        q4_slab_dwords(r, 16 * (b0 + b), p);
         uint8_t *dst = codes + 512 * b;
         for (int j = 0; j < 4; j++) {
             _mm512_storeu_si512((void *)(dst + 64 * j), _mm512_and_si512(p[j], m4));
@@ -440,17 +530,7 @@ static inline void q4_tile_int8_impl(const int8_t *const *xq, const float *const
             }
         }
     }
-    for (int v = 0; v < nv; v++) {
-        const int cols = ncols - 16 * v < 16 ? ncols - 16 * v : 16;
-        if (cols <= 0) break;
-        const __mmask16 k = (__mmask16)((1u << cols) - 1u);
-        const __m512 bv = (first && bias) ? _mm512_maskz_loadu_ps(k, bias + 16 * v) : _mm512_setzero_ps();
-        for (int m = 0; m < tm; m++) {
-            float *o = out[m] + col + 16 * v;
-            const __m512 prev = first ? bv : _mm512_maskz_loadu_ps(k, o);
-            _mm512_mask_storeu_ps(o, k, _mm512_add_ps(prev, acc[m][v]));
-        }
-    }
+    q4_tile_store(acc, tm, nv, out, col, bias, ncols, first);
 }
 /* tm (1..Q4_I8_TM) activation rows x nv (1 or 2) packed slabs over nb blocks; out[m][col + 16 v + i] is set
  * (first panel, + bias) or accumulated for the ncols valid columns */
@@ -463,13 +543,9 @@ Q4_KERNEL void q4_tile_int8(const int8_t *const *xq, const float *const *dx, con
 #define Q4_TILE_INT8_NV(TM) if (nv == 2) Q4_TILE_INT8(TM, 2); else Q4_TILE_INT8(TM, 1)
     switch (tm) {
 #if Q4_I8_TM >= 6
-    case 6: Q4_TILE_INT8_NV(6); break;
-    case 5: Q4_TILE_INT8_NV(5); break;
+    Q4_TM_CASES_6_5(Q4_TILE_INT8_NV)
 #endif
-    case 4: Q4_TILE_INT8_NV(4); break;
-    case 3: Q4_TILE_INT8_NV(3); break;
-    case 2: Q4_TILE_INT8_NV(2); break;
-    default: Q4_TILE_INT8_NV(1);
+    Q4_TM_CASES_4_1(Q4_TILE_INT8_NV)
     }
 #undef Q4_TILE_INT8_NV
 #undef Q4_TILE_INT8

@@ -62,6 +62,16 @@ def test_layout_round_trip_is_bit_exact(layout, N, K):
     assert torch.equal(m.sort().values, torch.arange(N * K))        # every weight exactly once
 
 
+def test_unpack_reads_a_size1_dim_with_stride_0():
+    # found by test_fuzz_loaders: a checkpoint's tensor may carry any stride on a size-1 dimension (here cuda-tiled
+    # with 2 inner k tiles: int32 [N/8, K/32, 32, 1]); its bytes are still the packed weight
+    q = _codes(16, 128, 7)
+    packed = layouts.pack_codes(q, "cuda-tiled", 2)
+    odd = torch.as_strided(packed.clone(), packed.shape, packed.stride()[:-1] + (0,))
+    assert odd.stride()[-1] == 0 and torch.equal(odd, packed)
+    assert torch.equal(layouts.unpack_codes(odd, "cuda-tiled", 16, 128), q)
+
+
 @pytest.mark.parametrize("N,K", [(16, 64), (48, 32), (80, 256), (176, 128)])
 def test_cpu_layout_equals_torch_op_on_this_cpu(N, K):
     layout = ISA_LAYOUT[torch.backends.cpu.get_cpu_capability()]

@@ -179,6 +179,38 @@ def test_bf16_activation_option_rounds_only_the_activations():
                                                                                   activation="bf16"))
 
 
+@pytest.mark.skipif(not ops.bf16_kernel_enabled(), reason="no AVX512-BF16 kernel on this CPU/build")
+@pytest.mark.parametrize("N, K", [(90, 1376), (16, 96), (33, 4128)])
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_bf16_prefill_matches_its_definition(N, K, g):
+    """bf16 prefill = bf16 activations times the weights dequantized in fp32 (q * scale + (zero - 8 scale), one
+    rounding) and rounded to bf16, accumulated in fp32: within 1e-5 of |x| @ |w| of that product computed in
+    float64, whatever the thread count (slabs of 16 rows and tiles of several activation rows cut at odd
+    places, padded K, several k panels, bias)."""
+    qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
+    Kp = qweight.shape[1] * 2
+    q = reference.unpack(qweight).double()
+    s = scales.double().repeat_interleave(g, 1)
+    zm = (zeros.float() - 8 * scales.float()).double().repeat_interleave(g, 1)
+    w = (q * s + zm).float().bfloat16().double()[:, :K]
+    bias = torch.randn(N)
+    for M in (5, 17, 64):
+        x = torch.randn(M, K).bfloat16()
+        ys = [quant4.matmul(x, qweight, scales, zeros, g, K, bias, num_threads=t) for t in (1, 2)]
+        outs = []
+        for t in (1, 2):
+            out = torch.empty(M, N)
+            ops._k.matmul(ops._half_bits(torch.nn.functional.pad(x, (0, Kp - K))), ops._as_np(qweight),
+                          ops._half_bits(scales), ops._half_bits(zeros), g, ops._as_np(bias), out.numpy(),
+                          ops._k.KERNELS["bf16-prefill"], False, t)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(ys[0], ys[1])
+        ref = x.double() @ w.t() + bias.double()
+        mag = x.double().abs() @ w.abs().t()
+        assert ((outs[0].double() - ref).abs() <= 1e-5 * mag + 1e-6).all()
+        assert ((ys[0].double() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * mag).all()    # bf16 result
+
+
 def _torch_int4_op(x, qweight, scales, zeros, g):
     q = reference.unpack(qweight).to(torch.int32).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)

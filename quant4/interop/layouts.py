@@ -143,7 +143,7 @@ def unpack_codes(packed: torch.Tensor, layout: str, N: int, K: int) -> torch.Ten
         ikt = packed.shape[3] * 2
         if ikt not in INNER_K_TILES or packed.shape[1] * ikt * 16 != K:
             raise ValueError(f"cuda-tiled weight {tuple(packed.shape)}: inner k tiles {ikt} do not match K={K}")
-    raw = packed.contiguous().view(torch.uint8).reshape(-1)
+    raw = packed.reshape(-1).contiguous().view(torch.uint8)    # flat first: a size-1 dim may carry stride 0
     slots = torch.stack([raw & 15, raw >> 4], dim=1).reshape(-1)
     codes = torch.empty(N * K, dtype=torch.uint8)
     codes[nibble_map(layout, N, K, ikt)] = slots
