@@ -26,7 +26,7 @@ from quant4.options import DEFAULT_METHOD
 from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
 from .llama import Transformer
-from .load import CheckpointError, Loaded, _detect, release_freed_memory
+from .load import CheckpointError, Loaded, _detect, check_layer_count, release_freed_memory
 from .tokenizer import open_tokenizer
 
 
@@ -39,17 +39,19 @@ def _tensors(path, kind: str, report: Optional[list]):
         if int4_config(cfg, path) is not None:
             raise CheckpointError(f"{path} is already int4 (quant4); quantize its float checkpoint")
         args = args_from_config(cfg, path, report)
-        total = None
+        names = None
         try:
             from safetensors import safe_open
 
-            total = 0
+            names = []
             for f in _weight_files(path):
                 with safe_open(str(f), framework="pt") as h:
-                    total += len(list(h.keys()))
-        except Exception:      # counting is for the progress bar only; the reader reports damage itself
-            total = None
-        return args, iter_hf_tensors(path, args), total
+                    names += list(h.keys())
+        except Exception:      # the names are for the checks below; the reader reports damage itself
+            names = None
+        if names is not None:   # the tensors must confirm the config's layer count before a model is built
+            check_layer_count(args, [n.removeprefix("model.") for n in names], path)
+        return args, iter_hf_tensors(path, args), None if names is None else len(names)
     if kind == "llama2c":
         from .llama2c import read_llama2c
 
@@ -62,6 +64,8 @@ def _tensors(path, kind: str, report: Optional[list]):
         raise CheckpointError(f"{path}: streaming quantization reads Hugging Face directories, llama2.c .bin "
                               f"and quant4 float files; load a {kind} checkpoint with load_model and use "
                               f"quantize_model_")
+
+    check_layer_count(args, sd, path)
 
     def drain():
         while sd:                       # pop: the reader's reference goes as soon as the tensor is used

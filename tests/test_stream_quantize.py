@@ -80,6 +80,16 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         quantize_checkpoint(tmp_path / "b")
 
 
+def test_a_claimed_layer_count_the_tensors_do_not_hold_is_refused_first(tmp_path):
+    # a config claiming more layers than the files hold is named before any model is built
+    write_hf(tmp_path, ARGS, _sd())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 900
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="claims 900 layers.*2 in all"):
+        quantize_checkpoint(tmp_path)
+
+
 def test_int4_inputs_are_refused(tmp_path):
     from quant4.serialization import save_quantized
 
