@@ -68,8 +68,9 @@ def lean_stack(model, cache: Optional[list] = None):
 
 def int8_head(model, num_threads: Optional[int] = None):
     """The 8-bit copy of model's float output head (quant4.decode.Int8Head) that int8-activation decode uses on
-    CPUs with AVX512-VNNI, made once and kept on the head module while its weight stays the same; None where it
-    does not apply (no kernel, a head that is not a plain fp32 nn.Linear without bias, or dim % 32 != 0)."""
+    CPUs with AVX512-VNNI or AVX2, made once and kept on the head module while its weight stays the same; None
+    where it does not apply (no kernel, a head that is not a plain fp32 nn.Linear without bias, or
+    dim % 32 != 0)."""
     from quant4 import ops
     from quant4.decode import Int8Head
 

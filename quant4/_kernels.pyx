@@ -438,6 +438,7 @@ cdef extern from "_q4avx512.h" nogil:
     void q4_quantize_x_int8_blocks(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
                                    float* xs) noexcept
     int q4_int8_prefill_available() noexcept
+    int q8_head_available() noexcept
     void q8_prep_x(const int8_t* xq, const float* dx, Py_ssize_t nb, float* cx) noexcept
     float q8_dot1(const uint8_t* wu, const float* dw, const int8_t* xq, const float* dx, const float* cx,
                   Py_ssize_t nb) noexcept
@@ -922,7 +923,13 @@ cdef int _matmul_int8_prefill(const Q4Rows* w, const float* x, Py_ssize_t M, flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8-bit output head (AVX512-VNNI, _q4avx512.h): a runtime copy of a float head for int8-activation decode
+# 8-bit output head (AVX512-VNNI or AVX2, _q4avx512.h): a runtime copy of a float head for int8-activation decode
+
+
+def int8_head_available():
+    """True if this build has the 8-bit output head kernel (AVX512-VNNI or AVX2) and the CPU runs it."""
+    return bool(q8_head_available())
+
 
 cdef void _q8_row(const float* w, Py_ssize_t nb, uint8_t* u, float* d) noexcept nogil:
     cdef Py_ssize_t b, k
@@ -956,11 +963,11 @@ def q8_matvec(const float[::1] x,               # IN  [D] fp32
               const float[:, ::1] dw,           # IN  [N, D/32]
               float[::1] out,                   # OUT [N]
               int num_threads):
-    """out = the 8-bit head times x rounded to int8 per 32 inputs (needs int8_prefill_available())."""
+    """out = the 8-bit head times x rounded to int8 per 32 inputs (needs int8_head_available())."""
     cdef Py_ssize_t N = wu.shape[0], D = wu.shape[1], nb = D // 32, n
     cdef float* buf
     cdef int8_t* xq
-    if not q4_int8_prefill_available():
+    if not q8_head_available():
         raise RuntimeError("the 8-bit head kernel is not available in this build / on this CPU")
     if N == 0:
         return

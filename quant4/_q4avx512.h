@@ -558,6 +558,7 @@ Q4_KERNEL void q4_tile_int8(const int8_t *const *xq, const float *const *dx, con
  *     y = sum_b d_b d^x_b (sum_k u_k xq_k - 128 sum_k xq_k)
  * one vpdpbusd per 64 weights (two blocks: lanes 0-7 the first); cx_b = 128 d^x_b sum_k xq_k is computed once
  * per token, so a row's correction is one dot product of its scales with cx. */
+static inline int q8_head_available(void) { return q4_int8_available(); }
 static inline void q8_prep_x(const int8_t *xq, const float *dx, ptrdiff_t nb, float *cx) {
     for (ptrdiff_t b = 0; b < nb; b++) {
         int sum = 0;
@@ -676,6 +677,39 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     }
     return y + z;
 }
+/* The 8-bit head on AVX2. vpmaddubsw multiplies unsigned by signed bytes and would saturate for the stored
+ * codes (u8 up to 255 times s8), so the codes go back to signed (code - 128 = round(w / d), within +-127) and
+ * the sign of each activation moves onto its weight (vpsignb): |x| (unsigned) times sign(x) w (signed), at most
+ * 2 x 127 x 127 per int16 pair, no saturation and no correction term (cx is unused here). */
+static inline int q8_head_available(void) { return q4_int8_available(); }
+static inline void q8_prep_x(const int8_t *xq, const float *dx, ptrdiff_t nb, float *cx) {
+    (void)xq; (void)dx; (void)nb; (void)cx;
+}
+static inline __m256i q8_dot32_avx2(const uint8_t *wu, const int8_t *xq, __m256i flip, __m256i ones) {
+    const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wu), flip);
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
+}
+Q4_KERNEL float q8_dot1(const uint8_t *wu, const float *dw, const int8_t *xq, const float *dx, const float *cx,
+                        ptrdiff_t nb) {
+    (void)cx;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    ptrdiff_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __builtin_prefetch(wu + 32 * b + 1024, 0, 0);
+        const __m256i d0 = q8_dot32_avx2(wu + 32 * b, xq + 32 * b, flip, ones);
+        const __m256i d1 = q8_dot32_avx2(wu + 32 * b + 32, xq + 32 * b + 32, flip, ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(dw[b] * dx[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(dw[b + 1] * dx[b + 1]), acc1);
+    }
+    if (b < nb)
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot32_avx2(wu + 32 * b, xq + 32 * b, flip, ones)),
+                               _mm256_set1_ps(dw[b] * dx[b]), acc0);
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
 #else
 static inline int q4_int8_available(void) { return 0; }
 static inline void q4_quantize_x_int8_blocks(const float *xp, ptrdiff_t Kp, ptrdiff_t cpg, int8_t *xq, float *d,
@@ -692,7 +726,8 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     return 0.0f;
 }
 #endif
-#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVX2__)
+static inline int q8_head_available(void) { return 0; }
 static inline void q8_prep_x(const int8_t *xq, const float *dx, ptrdiff_t nb, float *cx) {
     (void)xq; (void)dx; (void)nb; (void)cx;
 }
@@ -701,6 +736,8 @@ Q4_KERNEL float q8_dot1(const uint8_t *wu, const float *dw, const int8_t *xq, co
     (void)wu; (void)dw; (void)xq; (void)dx; (void)cx; (void)nb;
     return 0.0f;
 }
+#endif
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
 #define Q4_I8_TM 4
 static inline int q4_int8_prefill_available(void) { return 0; }
 static inline void q4_pack_slab_int8(const uint8_t *w, ptrdiff_t ldq, const uint16_t *sc, const uint16_t *zr,

@@ -128,16 +128,16 @@ class DecodeStack:
 
 
 class Int8Head:
-    """An 8-bit copy of a float output head for int8-activation decode (AVX512-VNNI; ops.int8_head_available):
-    codes round(w / d) + 128 with one fp32 scale d = absmax / 127 per 32 inputs (Q8_0's rounding), 1.125 bytes
-    per weight against the float head's 4, multiplied with the hidden state rounded to int8 per 32 values, as
-    the int4 layers' inputs are in that mode. A runtime copy beside the float weight (which forward keeps
-    using), never saved; matches(weight) says whether it still is a copy of `weight` (same storage, shape and
-    in-place version)."""
+    """An 8-bit copy of a float output head for int8-activation decode (AVX512-VNNI or AVX2;
+    ops.int8_head_available): codes round(w / d) + 128 with one fp32 scale d = absmax / 127 per 32 inputs
+    (Q8_0's rounding), 1.125 bytes per weight against the float head's 4, multiplied with the hidden state
+    rounded to int8 per 32 values, as the int4 layers' inputs are in that mode. A runtime copy beside the float
+    weight (which forward keeps using), never saved; matches(weight) says whether it still is a copy of
+    `weight` (same storage, shape and in-place version)."""
 
     def __init__(self, weight: torch.Tensor, num_threads: Optional[int] = None):
         if not ops.int8_head_available():
-            raise RuntimeError("the 8-bit head needs a CPU with AVX512-VNNI and the AVX-512 kernel build")
+            raise RuntimeError("the 8-bit head needs a CPU with AVX512-VNNI or AVX2 and that kernel build")
         self.codes, self.scales = ops.head_int8_quantize(weight, num_threads)
         self.num_threads = num_threads
         self._source = self._key(weight)

@@ -61,6 +61,7 @@ _BF16 = _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
 
 _INT8 = _k.int8_available()
 _INT8_PREFILL = _k.int8_prefill_available()
+_INT8_HEAD = _k.int8_head_available()
 
 
 def int8_kernel_available() -> bool:
@@ -462,8 +463,8 @@ def matmul_prepared(x: torch.Tensor, w: Prepared, *, num_threads: Optional[int] 
 
 
 def int8_head_available() -> bool:
-    """True if an 8-bit output head (quant4.decode.Int8Head) runs here (AVX512-VNNI)."""
-    return _INT8_PREFILL
+    """True if an 8-bit output head (quant4.decode.Int8Head) runs here (AVX512-VNNI or AVX2)."""
+    return _INT8_HEAD
 
 
 def head_int8_quantize(w: torch.Tensor, num_threads: Optional[int] = None):

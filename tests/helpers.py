@@ -1,4 +1,5 @@
 """Paths and assertion helpers shared by the tests."""
+import importlib
 import importlib.util
 import os
 import sys
@@ -81,3 +82,20 @@ def embedded_with_windows(n_calibration: int):
     cal = calibration_windows(tok, STORIES, n_sequences=n_calibration, seq_len=64)
     held = calibration_windows(tok, STORIES, n_sequences=8, seq_len=64, seed=1)
     return loaded.model, cal, held
+
+
+def available_builds():
+    """The kernel builds (quant4._kernels, _avx2, _avx512) this CPU runs, imported."""
+    # the CPU level comes from the baseline build: importing a wider build on a CPU without its ISA may
+    # execute its instructions in the module's own initialisation (SIGILL), so it is never imported there
+    from quant4 import _kernels as base
+
+    names = []
+    for level, mod in enumerate(("quant4._kernels", "quant4._kernels_avx2", "quant4._kernels_avx512")):
+        if base.cpu_level() < level:
+            continue
+        try:
+            names.append(importlib.import_module(mod))
+        except ImportError:
+            continue
+    return names

@@ -11,6 +11,8 @@ from quant4.models.generate import generate
 from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.load import load_model
 
+from helpers import available_builds
+
 
 def _model(activation="float", **kw):
     args = dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=300, hidden_dim=160, max_seq_len=128)
@@ -176,7 +178,7 @@ def _int8_head_reference(w, x):
     return ((q * xq[None]).sum(-1) * dw * dx[None]).sum(-1)
 
 
-@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI) on this CPU")
+@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI or AVX2) on this CPU")
 @pytest.mark.parametrize("V, D", [(300, 96), (1000, 576), (7, 32), (65, 160)])
 def test_int8_head_matches_its_definition(V, D):
     from quant4.decode import Int8Head
@@ -196,7 +198,22 @@ def test_int8_head_matches_its_definition(V, D):
         Int8Head(w)(torch.randn(D + 32))
 
 
-@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI) on this CPU")
+@pytest.mark.parametrize("build", [b for b in available_builds() if b.int8_head_available()],
+                         ids=lambda m: m.build_isa())
+def test_every_build_of_the_8bit_head_matches_its_definition(build):
+    # AVX512-VNNI (codes + 128 with vpdpbusd and a correction) and AVX2 (signed codes, vpsignb + vpmaddubsw)
+    V, D = 77, 352
+    w, x = torch.randn(V, D) * 0.05, torch.randn(D)
+    w[5, 64:96] = 0
+    wu, dw = torch.empty(V, D, dtype=torch.uint8), torch.empty(V, D // 32)
+    build.q8_quantize_rows(w.numpy(), wu.numpy(), dw.numpy(), 2)
+    out = torch.empty(V)
+    build.q8_matvec(x.numpy(), wu.numpy(), dw.numpy(), out.numpy(), 2)
+    ref = _int8_head_reference(w, x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.skipif(not ops.int8_head_available(), reason="no 8-bit head kernel (AVX512-VNNI or AVX2) on this CPU")
 def test_int8_decode_uses_the_8bit_head_and_follows_its_weight():
     """Under int8 activations the lean path multiplies an 8-bit copy of the head, made once per head weight;
     a changed weight (in place, or a new tensor) gets a new copy, never the stale one."""

@@ -1,5 +1,4 @@
 """Kernels against the pure-torch reference: codes bit-exact, floats within stated bounds."""
-import importlib
 import os
 import platform
 
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 import quant4
 from quant4 import ops, reference
 from quant4.scheme import GROUP_SIZES, padded_k, round_codes
-from helpers import assert_matmul_close
+from helpers import assert_matmul_close, available_builds
 
 SHAPES_K = [64, 172, 288, 768, 1376]
 SHAPES_N = [1, 7, 64, 172, 288, 512]
@@ -247,23 +246,7 @@ def test_threads_bitwise_identical():
     assert all(torch.equal(a, b) for a, b in zip(*packs))
 
 
-def _available_builds():
-    # the CPU level comes from the baseline build: importing a wider build on a CPU without its ISA may
-    # execute its instructions in the module's own initialisation (SIGILL), so it is never imported there
-    from quant4 import _kernels as base
-
-    names = []
-    for level, mod in enumerate(("quant4._kernels", "quant4._kernels_avx2", "quant4._kernels_avx512")):
-        if base.cpu_level() < level:
-            continue
-        try:
-            names.append(importlib.import_module(mod))
-        except ImportError:
-            continue
-    return names
-
-
-@pytest.mark.parametrize("build", _available_builds(), ids=lambda m: m.build_isa())
+@pytest.mark.parametrize("build", available_builds(), ids=lambda m: m.build_isa())
 def test_every_isa_build_matches_reference(build):
     N, K, g = 45, 288, 32
     qweight, scales, zeros = quant4.quantize(_rand_weight(N, K), g)
