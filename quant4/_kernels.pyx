@@ -435,6 +435,9 @@ cdef extern from "_q4avx512.h" nogil:
                             float* xs) noexcept
     float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
                        const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg) noexcept
+    void q4_dotn_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* const* xq,
+                      const float* const* d, const float* const* xs, Py_ssize_t G, Py_ssize_t cpg, int nx,
+                      float* out) noexcept nogil
     void q4_quantize_x_int8_blocks(const float* xp, Py_ssize_t Kp, Py_ssize_t cpg, int8_t* xq, float* d,
                                    float* xs) noexcept
     int q4_int8_prefill_available() noexcept
@@ -804,14 +807,32 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
     try:
         with nogil:
             for n in prange(w.N, num_threads=num_threads, schedule="static"):
-                for m in range(M):
-                    out[m * ldo + n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, _zeros_row(w, n), xq + m * Kp,
-                                                    d + m * nb, xs + m * G, G, cpg) + \
-                                       (w.bias[n] if w.bias != NULL else 0.0)
+                _dot_int8_row(w, n, xq, d, xs, M, out, ldo)
     finally:
         free(xp)
         free(xq)
     return 0
+
+
+cdef inline void _dot_int8_row(const Q4Rows* w, Py_ssize_t n, const int8_t* xq, const float* d, const float* xs,
+                               Py_ssize_t M, float* out, Py_ssize_t ldo) noexcept nogil:
+    # int8 decode: weight row n against the M prepared activation rows, up to 4 per pass over the row's codes
+    cdef const int8_t* xr[4]
+    cdef const float* dr[4]
+    cdef const float* sr[4]
+    cdef float r[4]
+    cdef Py_ssize_t Kp = w.Kp, G = w.G, nb = w.Kp // 32, m0, i, nx
+    m0 = 0
+    while m0 < M:
+        nx = M - m0 if M - m0 < 4 else 4
+        for i in range(nx):
+            xr[i] = xq + (m0 + i) * Kp
+            dr[i] = d + (m0 + i) * nb
+            sr[i] = xs + (m0 + i) * G
+        q4_dotn_int8(w.qw + n * w.ldq, w.sc + n * G, _zeros_row(w, n), xr, dr, sr, G, w.cpg, <int>nx, r)
+        for i in range(nx):
+            out[(m0 + i) * ldo + n] = r[i] + (w.bias[n] if w.bias != NULL else 0.0)
+        m0 += nx
 
 
 def int8_prefill_available():

@@ -380,6 +380,28 @@ static inline __m512i q4_dot128_int8(const uint8_t *w, const int8_t *xq, ptrdiff
                                             _mm512_loadu_si512((const void *)(xq + 32 * c)));
     return _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xq + 32 * c + 64)));
 }
+/* A row's last 1-3 blocks, b0 + j .. b0 + n - 1, added into acc: a pair ([evens b | evens b+1 | odds b |
+ * odds b+1]), then a lone block ([evens | odds]); f[i] = scale x block scale of x for block b0 + i. */
+static inline __m256 q4_tail_int8(const uint8_t *w, const int8_t *xq, ptrdiff_t b0, ptrdiff_t j, ptrdiff_t n,
+                                  const float *f, __m256 acc) {
+    if (j + 2 <= n) {
+        const __m256i dot = q4_dot64_int8(w, xq, b0 + j, _mm256_set1_epi8(15));
+        const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])), _mm_set1_ps(f[j + 1]), 1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc);
+        j += 2;
+    }
+    if (j < n) {
+        const ptrdiff_t c = b0 + j;
+        const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * c));
+        const __m128i m = _mm_set1_epi8(15);
+        const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
+                                                  _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
+        const __m256i dd = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
+                                               _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc);
+    }
+    return acc;
+}
 /* One weight row against one activation row. Per 16 blocks: the 16 scales they need (one fp16 vector), their
  * factors scale x block scale of x, and the zero term of their groups, sum (zero - 8 scale) x (sum of x over
  * the group), accumulated in the same pass, so the scale and zero streams are read beside the codes. zr == NULL
@@ -424,30 +446,73 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
             acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q4_dot128_int8(w, xq, b0 + j, mask)),
                                    _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), acc0);
         }
-        /* the row's last 1-3 blocks: a pair ([evens b | evens b+1 | odds b | odds b+1]), then a lone block */
-        if (j + 2 <= n) {
-            const __m256i dot = q4_dot64_int8(w, xq, b0 + j, _mm256_set1_epi8(15));
-            const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(f[j])),
-                                                    _mm_set1_ps(f[j + 1]), 1);
-            acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fac, acc2);
-            j += 2;
-        }
-        if (j < n) {
-            const ptrdiff_t c = b0 + j;
-            const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * c));
-            const __m128i m = _mm_set1_epi8(15);
-            const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
-                                                      _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
-            const __m256i dd = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
-                                                   _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(f[j]), acc2);
-        }
+        acc2 = q4_tail_int8(w, xq, b0, j, n, f, acc2);
     }
     const __m512 a = _mm512_add_ps(acc0, acc1);
     const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), acc2);
     float t[8];
     _mm256_storeu_ps(t, t8);
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + _mm512_reduce_add_ps(zacc);
+}
+
+/* One weight row against nx <= 4 activation rows (decode at M = 2..4): the row's codes are loaded and split
+ * into nibbles once per 128 weights and meet every activation row (two vpdpbusd each), the scales once per
+ * 16 blocks; per activation row the factors, the zero term and the tail are q4_dot1_int8's. out[r] for r < nx. */
+static inline __attribute__((always_inline)) void q4_dotn_int8_impl(
+        const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq, const float *const *d,
+        const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, float *out, const int NX) {
+    __m512 acc[4], zacc[4], fv[4];
+    __m256 acc2[4];
+    for (int r = 0; r < NX; r++) {
+        acc[r] = _mm512_setzero_ps();
+        zacc[r] = _mm512_setzero_ps();
+        acc2[r] = _mm256_setzero_ps();
+    }
+    const __m512i mask = _mm512_set1_epi8(15);
+    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
+    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                  14, 15), sh);
+    const __m512 minus8 = _mm512_set1_ps(-8.0f);
+    const ptrdiff_t nblocks = G * cpg;
+    float f[4][16];
+    for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
+        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16, g0 = b0 >> sh, ng = n >> sh;
+        const __mmask16 gm = (__mmask16)((1u << ng) - 1u), bm = (__mmask16)((1u << n) - 1u);
+        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
+        const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
+                             : _mm512_mul_ps(minus8, s);
+        const __m512 sb = sh ? _mm512_permutexvar_ps(group_idx, s) : s;
+        for (int r = 0; r < NX; r++) {
+            zacc[r] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs[r] + g0), zacc[r]);
+            fv[r] = _mm512_mul_ps(sb, _mm512_maskz_loadu_ps(bm, d[r] + b0));
+            if (n & 3) _mm512_storeu_ps(f[r], fv[r]);
+        }
+        ptrdiff_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const ptrdiff_t c = b0 + j;
+            Q4_I8_PREFETCH(w + 16 * c + Q4_I8_PF_BYTES);
+            const __m512i v = _mm512_loadu_si512((const void *)(w + 16 * c));
+            const __m512i lo = _mm512_and_si512(v, mask);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            const __m512i idx = _mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j));
+            for (int r = 0; r < NX; r++) {
+                const __m512i dot = _mm512_dpbusd_epi32(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xq[r] + 32 * c))),
+                    hi, _mm512_loadu_si512((const void *)(xq[r] + 32 * c + 64)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, fv[r]), acc[r]);
+            }
+        }
+        /* the row's last 1-3 blocks */
+        for (int r = 0; r < NX; r++) acc2[r] = q4_tail_int8(w, xq[r], b0, j, n, f[r], acc2[r]);
+    }
+    for (int r = 0; r < NX; r++) {
+        const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                                                      _mm512_extractf32x8_ps(acc[r], 1)), acc2[r]);
+        float t[8];
+        _mm256_storeu_ps(t, t8);
+        out[r] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + _mm512_reduce_add_ps(zacc[r]);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -621,6 +686,18 @@ static inline __m256i q4_dot64_int8_avx2(const uint8_t *w, const int8_t *xq, ptr
     const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
     return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
 }
+/* the integer dot product of a row's lone last block ([evens | odds], 16 bytes at chunk b) with its activations */
+static inline float q4_lone_dot_avx2(const uint8_t *w, const int8_t *xq, ptrdiff_t b, __m256i ones) {
+    const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * b));
+    const __m128i m = _mm_set1_epi8(15);
+    const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
+                                              _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
+    const __m256i dd = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + 32 * b))), ones);
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_cvtepi32_ps(dd));
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
 /* [scale_g(b) d_b x 4 | scale_g(b+1) d_(b+1) x 4]; sh = log2(blocks per group) (a shift, not a division) */
 static inline __m256 q4_pair_factor(const uint16_t *sc, const float *d, ptrdiff_t b, int sh) {
     const float f0 = q4_half_to_float(sc[b >> sh]) * d[b];
@@ -650,17 +727,7 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     float t[8];
     _mm256_storeu_ps(t, _mm256_add_ps(acc0, acc1));
     float y = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-    if (b < nblocks) {     /* the lone last block: [evens | odds], 16 bytes */
-        const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * b));
-        const __m128i m = _mm_set1_epi8(15);
-        const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bv, m)),
-                                                  _mm_and_si128(_mm_srli_epi16(bv, 4), m), 1);
-        const __m256i dd = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + 32 * b))), ones);
-        _mm256_storeu_ps(t, _mm256_cvtepi32_ps(dd));
-        y += (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))) *
-             (q4_half_to_float(sc[b >> sh]) * d[b]);
-    }
+    if (b < nblocks) y += q4_lone_dot_avx2(w, xq, b, ones) * (q4_half_to_float(sc[b >> sh]) * d[b]);
     /* sum_g (zero_g - 8 scale_g) * xs_g; zr == NULL: every zero is 0 */
     __m256 zacc = _mm256_setzero_ps();
     ptrdiff_t gi = 0;
@@ -676,6 +743,60 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
         z += ((zr ? q4_half_to_float(zr[gi]) : 0.0f) - 8.0f * s) * xs[gi];
     }
     return y + z;
+}
+/* AVX2 builds: one weight row against nx <= 4 activation rows, the codes loaded and split into nibbles once
+ * per 64 weights for all of them; per row as q4_dot1_int8 above, one accumulator per activation row. */
+static inline __attribute__((always_inline)) void q4_dotn_int8_impl(
+        const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq, const float *const *d,
+        const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, float *out, const int NX) {
+    __m256 acc[4];
+    for (int r = 0; r < NX; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const ptrdiff_t nblocks = G * cpg;
+    const int sh = __builtin_ctzll((unsigned long long)cpg);
+    ptrdiff_t b = 0;
+    for (; b + 2 <= nblocks; b += 2) {
+        __builtin_prefetch(w + 16 * b + 1024, 0, 0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * b));
+        const __m256i lo = _mm256_and_si256(v, mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        const float s0 = q4_half_to_float(sc[b >> sh]), s1 = q4_half_to_float(sc[(b + 1) >> sh]);
+        for (int r = 0; r < NX; r++) {
+            const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq[r] + 32 * b)));
+            const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq[r] + 32 * b + 32)));
+            const __m256 fac = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0 * d[r][b])),
+                                                    _mm_set1_ps(s1 * d[r][b + 1]), 1);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)), fac,
+                                     acc[r]);
+        }
+    }
+    for (int r = 0; r < NX; r++) {
+        float t[8];
+        _mm256_storeu_ps(t, acc[r]);
+        float y = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        if (b < nblocks) y += q4_lone_dot_avx2(w, xq[r], b, ones) * (q4_half_to_float(sc[b >> sh]) * d[r][b]);
+        out[r] = y;
+    }
+    /* sum_g (zero_g - 8 scale_g) * xs_g per activation row, 8 groups per step */
+    __m256 zacc[4];
+    for (int r = 0; r < NX; r++) zacc[r] = _mm256_setzero_ps();
+    ptrdiff_t gi = 0;
+    for (; gi + 8 <= G; gi += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + gi)));
+        const __m256 z = zr ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + gi))) : _mm256_setzero_ps();
+        const __m256 zs = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);
+        for (int r = 0; r < NX; r++) zacc[r] = _mm256_fmadd_ps(zs, _mm256_loadu_ps(xs[r] + gi), zacc[r]);
+    }
+    for (int r = 0; r < NX; r++) {
+        float t[8];
+        _mm256_storeu_ps(t, zacc[r]);
+        float z = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        for (ptrdiff_t i = gi; i < G; i++) {
+            const float s = q4_half_to_float(sc[i]);
+            z += ((zr ? q4_half_to_float(zr[i]) : 0.0f) - 8.0f * s) * xs[r][i];
+        }
+        out[r] += z;
+    }
 }
 /* The 8-bit head on AVX2. vpmaddubsw multiplies unsigned by signed bytes and would saturate for the stored
  * codes (u8 up to 255 times s8), so the codes go back to signed (code - 128 = round(w / d), within +-127) and
@@ -724,6 +845,25 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     (void)w; (void)sc; (void)zr; (void)xq; (void)d; (void)xs; (void)G; (void)cpg;
     return 0.0f;
+}
+Q4_KERNEL void q4_dotn_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq,
+                            const float *const *d, const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, int nx,
+                            float *out) {
+    (void)w; (void)sc; (void)zr; (void)xq; (void)d; (void)xs; (void)G; (void)cpg;
+    for (int r = 0; r < nx; r++) out[r] = 0.0f;
+}
+#endif
+#if defined(__AVX2__)
+/* one weight row against nx <= 4 activation rows (the builds' q4_dotn_int8_impl above), out[r] for r < nx */
+Q4_KERNEL void q4_dotn_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq,
+                            const float *const *d, const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, int nx,
+                            float *out) {
+    switch (nx) {
+    case 4: q4_dotn_int8_impl(w, sc, zr, xq, d, xs, G, cpg, out, 4); break;
+    case 3: q4_dotn_int8_impl(w, sc, zr, xq, d, xs, G, cpg, out, 3); break;
+    case 2: q4_dotn_int8_impl(w, sc, zr, xq, d, xs, G, cpg, out, 2); break;
+    default: out[0] = q4_dot1_int8(w, sc, zr, xq[0], d[0], xs[0], G, cpg); break;
+    }
 }
 #endif
 #if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVX2__)

@@ -419,9 +419,10 @@ def plan_matmul(M: int, Kp: int, bf16_inputs: bool, activation: str, small_m: in
     bf16_inputs: the activations reach the kernel in bf16 (bf16 x, or activation="bf16"), on a CPU whose build
     has the AVX512-BF16 kernels."""
     decode = M <= small_m
-    # int8 activations (opt-in): one vpdpbusd per 32 weights at M = 1 (for M = 2..4 the fp32 multi-row
-    # kernel measured faster; prefill below); 0.9-1.4x torch's bf16 op.
-    if activation == "int8" and _INT8 and M == 1:
+    # int8 activations (opt-in): one vpdpbusd per 32 weights (AVX2: vpmaddubsw + vpmaddwd), each weight row's
+    # codes unpacked once for up to 4 activation rows; 0.9-1.5x torch's bf16 op at M = 1..4 and 2-3x the fp32
+    # decode kernel at M = 2..4 (prefill below).
+    if activation == "int8" and _INT8 and M <= min(small_m, 4):
         return Plan("int8-decode", False)
     # bf16 decode, exact weights via vdpbf16ps: 1.4-1.9x the fp32 kernel at M = 1..2 and 1.35-1.66x at M = 3..4,
     # but 0.9x at M = 3..4 past BF16_DECODE_4ROWS_K; needs whole 128-input runs.
@@ -446,9 +447,9 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
            num_threads: Optional[int] = None, small_m: int = SMALL_M, activation: str = "float") -> torch.Tensor:
     """y [M, N] = x [M, in_features] . dequantize(w)^T (+ bias), fp32 accumulation, in x's dtype.
 
-    activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for single-row decode
-    (M = 1) on CPUs with AVX512-VNNI or AVX2, and for prefill (M > 4) on AVX512-VNNI: faster, slightly less
-    exact (see README); otherwise ignored (for M = 2..4 the fp32 multi-row kernel is faster). activation="bf16" (opt-in) rounds fp32/fp16 activations to
+    activation="int8" (opt-in) quantizes the activations to int8 per 32-input block for decode (M <= 4) on
+    CPUs with AVX512-VNNI or AVX2, and for prefill (M > 4) on AVX512-VNNI: faster, slightly less exact (see
+    README); otherwise ignored. activation="bf16" (opt-in) rounds fp32/fp16 activations to
     bfloat16 and computes as for bf16 inputs (on CPUs with AVX512-BF16; else ignored), the result returned in
     x's dtype: the bf16 kernels' speed for fp32 models, at the cost of that one rounding.
     """
