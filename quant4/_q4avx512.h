@@ -402,52 +402,79 @@ static inline __m256 q4_tail_int8(const uint8_t *w, const int8_t *xq, ptrdiff_t 
     }
     return acc;
 }
-/* One weight row against one activation row. Per 16 blocks: the 16 scales they need (one fp16 vector), their
- * factors scale x block scale of x, and the zero term of their groups, sum (zero - 8 scale) x (sum of x over
- * the group), accumulated in the same pass, so the scale and zero streams are read beside the codes. zr == NULL
- * means every zero is 0 (symmetric weights, e.g. GGUF Q4_0): the zero stream is not read at all. */
+/* q4_dot1_int8's work on blocks [b0, b0 + n), n <= 16 (cpg divides 16 and b0: whole groups g0 .. g0 + ng):
+ * the scales they need (one fp16 vector), their factors scale x block scale of x, the zero term of their
+ * groups; then the codes, four blocks per step. Inlined with n = 16 for whole chunks (constant masks and lane
+ * indices: the chunk's bookkeeping cost a third of its instructions when computed for every n). */
+static inline __attribute__((always_inline)) void q4_i8_chunk(
+        const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq, const float *d,
+        const float *xs, ptrdiff_t b0, const ptrdiff_t n, const int sh, __m512 *acc0, __m512 *acc1, __m256 *acc2,
+        __m512 *zacc) {
+    const __m512i mask = _mm512_set1_epi8(15);
+    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i quad_idx4 = _mm512_add_epi32(quad_idx, _mm512_set1_epi32(4));
+    const __m512i quad_idx8 = _mm512_add_epi32(quad_idx, _mm512_set1_epi32(8));
+    const __m512i quad_idx12 = _mm512_add_epi32(quad_idx, _mm512_set1_epi32(12));
+    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                  14, 15), sh);
+    const __m512 minus8 = _mm512_set1_ps(-8.0f);
+    float f[16];
+    /* blocks [b0, b0 + n) = groups [g0, g0 + ng) (cpg divides 16 and b0) */
+    const ptrdiff_t g0 = b0 >> sh, ng = n >> sh;
+    const __mmask16 gm = (__mmask16)((1u << ng) - 1u);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
+    const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
+                         : _mm512_mul_ps(minus8, s);
+    *zacc = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs + g0), *zacc);
+    const __m512 fv = _mm512_mul_ps(sh ? _mm512_permutexvar_ps(group_idx, s) : s,
+                                    _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0));
+    if (n & 3) _mm512_storeu_ps(f, fv);      /* for the tail below */
+    ptrdiff_t j = 0;
+    if (n == 16) {     /* a whole chunk: four steps with constant lane indices */
+        Q4_I8_PREFETCH(w + 16 * b0 + Q4_I8_PF_BYTES);
+        Q4_I8_PREFETCH(w + 16 * b0 + Q4_I8_PF_BYTES + 64);
+        Q4_I8_PREFETCH(w + 16 * b0 + Q4_I8_PF_BYTES + 128);
+        Q4_I8_PREFETCH(w + 16 * b0 + Q4_I8_PF_BYTES + 192);
+        const __m512i d0 = q4_dot128_int8(w, xq, b0, mask), d1 = q4_dot128_int8(w, xq, b0 + 4, mask);
+        const __m512i d2 = q4_dot128_int8(w, xq, b0 + 8, mask), d3 = q4_dot128_int8(w, xq, b0 + 12, mask);
+        *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(quad_idx, fv), *acc0);
+        *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(quad_idx4, fv), *acc1);
+        *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_permutexvar_ps(quad_idx8, fv), *acc0);
+        *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), _mm512_permutexvar_ps(quad_idx12, fv), *acc1);
+        return;
+    }
+    /* four blocks (64 bytes, 128 weights) per step, two accumulators */
+    for (; j + 8 <= n; j += 8) {
+        Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
+        Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES + 64);
+        const __m512i d0 = q4_dot128_int8(w, xq, b0 + j, mask);
+        const __m512i d1 = q4_dot128_int8(w, xq, b0 + j + 4, mask);
+        *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
+                               _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), *acc0);
+        *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                               _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j + 4)), fv), *acc1);
+    }
+    for (; j + 4 <= n; j += 4) {
+        Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
+        *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q4_dot128_int8(w, xq, b0 + j, mask)),
+                               _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), *acc0);
+    }
+    *acc2 = q4_tail_int8(w, xq, b0, j, n, f, *acc2);
+}
+/* One weight row against one activation row, 16 blocks per chunk: the scale and zero streams are read beside
+ * the codes and the zero term, sum (zero - 8 scale) x (sum of x over the group), accumulated in the same pass.
+ * zr == NULL means every zero is 0 (symmetric weights, e.g. GGUF Q4_0): the zero stream is not read at all. */
 Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *xq,
                                  const float *d, const float *xs, ptrdiff_t G, ptrdiff_t cpg) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), zacc = _mm512_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps();
-    const __m512i mask = _mm512_set1_epi8(15);
-    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                                  14, 15), __builtin_ctzll((unsigned long long)cpg));
-    const __m512 minus8 = _mm512_set1_ps(-8.0f);
     const int sh = __builtin_ctzll((unsigned long long)cpg);
     const ptrdiff_t nblocks = G * cpg;
-    float f[16];
-    for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
-        /* blocks [b0, b0 + n) = groups [g0, g0 + ng) (cpg divides 16 and b0) */
-        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16, g0 = b0 >> sh, ng = n >> sh;
-        const __mmask16 gm = (__mmask16)((1u << ng) - 1u);
-        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
-        const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
-                             : _mm512_mul_ps(minus8, s);
-        zacc = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs + g0), zacc);
-        const __m512 fv = _mm512_mul_ps(sh ? _mm512_permutexvar_ps(group_idx, s) : s,
-                                        _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), d + b0));
-        if (n & 3) _mm512_storeu_ps(f, fv);      /* for the tail below */
-        ptrdiff_t j = 0;
-        /* four blocks (64 bytes, 128 weights) per step, two accumulators */
-        for (; j + 8 <= n; j += 8) {
-            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
-            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES + 64);
-            const __m512i d0 = q4_dot128_int8(w, xq, b0 + j, mask);
-            const __m512i d1 = q4_dot128_int8(w, xq, b0 + j + 4, mask);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
-                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j + 4)), fv), acc1);
-        }
-        for (; j + 4 <= n; j += 4) {
-            Q4_I8_PREFETCH(w + 16 * (b0 + j) + Q4_I8_PF_BYTES);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q4_dot128_int8(w, xq, b0 + j, mask)),
-                                   _mm512_permutexvar_ps(_mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j)), fv), acc0);
-        }
-        acc2 = q4_tail_int8(w, xq, b0, j, n, f, acc2);
-    }
+    ptrdiff_t b0 = 0;
+    for (; b0 + 16 <= nblocks; b0 += 16)
+        q4_i8_chunk(w, sc, zr, xq, d, xs, b0, 16, sh, &acc0, &acc1, &acc2, &zacc);
+    if (b0 < nblocks)
+        q4_i8_chunk(w, sc, zr, xq, d, xs, b0, nblocks - b0, sh, &acc0, &acc1, &acc2, &zacc);
     const __m512 a = _mm512_add_ps(acc0, acc1);
     const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), acc2);
     float t[8];
