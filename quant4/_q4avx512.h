@@ -485,54 +485,63 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
 /* One weight row against nx <= 4 activation rows (decode at M = 2..4): the row's codes are loaded and split
  * into nibbles once per 128 weights and meet every activation row (two vpdpbusd each), the scales once per
  * 16 blocks; per activation row the factors, the zero term and the tail are q4_dot1_int8's. out[r] for r < nx. */
+/* q4_dotn_int8_impl's work on blocks [b0, b0 + n), n <= 16, as q4_i8_chunk for one row (inlined with n = 16
+ * for whole chunks) */
+static inline __attribute__((always_inline)) void q4_dotn_chunk(
+        const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq, const float *const *d,
+        const float *const *xs, ptrdiff_t b0, const ptrdiff_t n, const int sh, __m512 *acc, __m512 *zacc,
+        __m256 *acc2, const int NX) {
+    __m512 fv[4];
+    float f[4][16];
+    const __m512i mask = _mm512_set1_epi8(15);
+    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                  14, 15), sh);
+    const __m512 minus8 = _mm512_set1_ps(-8.0f);
+    const ptrdiff_t g0 = b0 >> sh, ng = n >> sh;
+    const __mmask16 gm = (__mmask16)((1u << ng) - 1u), bm = (__mmask16)((1u << n) - 1u);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
+    const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
+                         : _mm512_mul_ps(minus8, s);
+    const __m512 sb = sh ? _mm512_permutexvar_ps(group_idx, s) : s;
+    for (int r = 0; r < NX; r++) {
+        zacc[r] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs[r] + g0), zacc[r]);
+        fv[r] = _mm512_mul_ps(sb, _mm512_maskz_loadu_ps(bm, d[r] + b0));
+        if (n & 3) _mm512_storeu_ps(f[r], fv[r]);
+    }
+    ptrdiff_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const ptrdiff_t c = b0 + j;
+        Q4_I8_PREFETCH(w + 16 * c + Q4_I8_PF_BYTES);
+        const __m512i v = _mm512_loadu_si512((const void *)(w + 16 * c));
+        const __m512i lo = _mm512_and_si512(v, mask);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        const __m512i idx = _mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j));
+        for (int r = 0; r < NX; r++) {
+            const __m512i dot = _mm512_dpbusd_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xq[r] + 32 * c))),
+                hi, _mm512_loadu_si512((const void *)(xq[r] + 32 * c + 64)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, fv[r]), acc[r]);
+        }
+    }
+    /* the row's last 1-3 blocks */
+    for (int r = 0; r < NX; r++) acc2[r] = q4_tail_int8(w, xq[r], b0, j, n, f[r], acc2[r]);
+}
 static inline __attribute__((always_inline)) void q4_dotn_int8_impl(
         const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq, const float *const *d,
         const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, float *out, const int NX) {
-    __m512 acc[4], zacc[4], fv[4];
+    __m512 acc[4], zacc[4];
     __m256 acc2[4];
     for (int r = 0; r < NX; r++) {
         acc[r] = _mm512_setzero_ps();
         zacc[r] = _mm512_setzero_ps();
         acc2[r] = _mm256_setzero_ps();
     }
-    const __m512i mask = _mm512_set1_epi8(15);
-    const __m512i quad_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const int sh = __builtin_ctzll((unsigned long long)cpg);
-    const __m512i group_idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                                  14, 15), sh);
-    const __m512 minus8 = _mm512_set1_ps(-8.0f);
     const ptrdiff_t nblocks = G * cpg;
-    float f[4][16];
-    for (ptrdiff_t b0 = 0; b0 < nblocks; b0 += 16) {
-        const ptrdiff_t n = nblocks - b0 < 16 ? nblocks - b0 : 16, g0 = b0 >> sh, ng = n >> sh;
-        const __mmask16 gm = (__mmask16)((1u << ng) - 1u), bm = (__mmask16)((1u << n) - 1u);
-        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc + g0));
-        const __m512 zs = zr ? _mm512_fmadd_ps(minus8, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr + g0)))
-                             : _mm512_mul_ps(minus8, s);
-        const __m512 sb = sh ? _mm512_permutexvar_ps(group_idx, s) : s;
-        for (int r = 0; r < NX; r++) {
-            zacc[r] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(gm, xs[r] + g0), zacc[r]);
-            fv[r] = _mm512_mul_ps(sb, _mm512_maskz_loadu_ps(bm, d[r] + b0));
-            if (n & 3) _mm512_storeu_ps(f[r], fv[r]);
-        }
-        ptrdiff_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            const ptrdiff_t c = b0 + j;
-            Q4_I8_PREFETCH(w + 16 * c + Q4_I8_PF_BYTES);
-            const __m512i v = _mm512_loadu_si512((const void *)(w + 16 * c));
-            const __m512i lo = _mm512_and_si512(v, mask);
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            const __m512i idx = _mm512_add_epi32(quad_idx, _mm512_set1_epi32((int)j));
-            for (int r = 0; r < NX; r++) {
-                const __m512i dot = _mm512_dpbusd_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xq[r] + 32 * c))),
-                    hi, _mm512_loadu_si512((const void *)(xq[r] + 32 * c + 64)));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, fv[r]), acc[r]);
-            }
-        }
-        /* the row's last 1-3 blocks */
-        for (int r = 0; r < NX; r++) acc2[r] = q4_tail_int8(w, xq[r], b0, j, n, f[r], acc2[r]);
-    }
+    ptrdiff_t b0 = 0;
+    for (; b0 + 16 <= nblocks; b0 += 16) q4_dotn_chunk(w, sc, zr, xq, d, xs, b0, 16, sh, acc, zacc, acc2, NX);
+    if (b0 < nblocks) q4_dotn_chunk(w, sc, zr, xq, d, xs, b0, nblocks - b0, sh, acc, zacc, acc2, NX);
     for (int r = 0; r < NX; r++) {
         const __m256 t8 = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[r]),
                                                       _mm512_extractf32x8_ps(acc[r], 1)), acc2[r]);
