@@ -7,7 +7,9 @@ quant4 loads the file with load_model (GGUF Q4_0/Q4_1 stay int4, the default a u
 warm-up, the median of --repeats runs of: prefill of each --prompt length (one forward over the prompt, KV
 cache filled) and decode (--gen tokens one at a time after a 16-token prompt). llama.cpp's `llama-bench` runs
 the same file with the same threads (-p prompt lengths, -n --gen, -r --repeats). The table gives tokens/s and
-the ratio quant4 / llama.cpp. The machine should be otherwise idle (busy neighbours collapse OpenMP throughput).
+the ratio quant4 / llama.cpp. Then (--alternate, default 3 rounds) decode once more in turns, quant4 then
+llama.cpp, each round's ratio printed: decode is bound by memory bandwidth, which drifts on a shared VM within
+minutes, so neighbouring runs compare more fairly than medians taken minutes apart. The machine should be otherwise idle (busy neighbours collapse OpenMP throughput).
 It keeps libgomp's default spinning threads; the user tools wait passively (scripts/_common.py), which cost
 about 6% of decode on the 135M-shaped model on an idle machine and saves 2.4x when another process is busy.
 --busy runs the whole comparison beside one CPU-bound process, quant4 waiting passively as the tools do.
@@ -60,6 +62,9 @@ def build_parser():
                          "and llama.cpp alike")
     ap.add_argument("--compile", action="store_true",
                     help="also measure quant4 through torch.compile(model, dynamic=True), side by side with eager")
+    ap.add_argument("--alternate", type=int, default=3, metavar="ROUNDS",
+                    help="with --llama-bench: afterwards, decode measured in turns (quant4, then llama.cpp) this "
+                         "many times, each round's ratio printed (default: %(default)s; 0: off)")
     add_thread_arg(ap)
     return ap
 
@@ -107,8 +112,6 @@ def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False
     torch.compile(model, dynamic=True) (its compilation happens in the warm-up)."""
     import torch
 
-    from quant4.models.fast_decode import decode_step
-
     vocab = model.args.vocab_size
     model.setup_cache(1, max(max(prompts), 16 + gen))   # one attached cache, refilled by each run
     fwd = torch.compile(model, dynamic=True) if compiled else model
@@ -123,21 +126,48 @@ def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False
                 fwd(toks, 0, last_only=True)        # as generation does (and llama-bench)
                 times.append(time.perf_counter() - t0)
             out[f"pp{n}"] = n / statistics.median(times[1:])
-        prompt = torch.randint(0, vocab, (1, 16), generator=g)
-        # as generate() decodes: the lean path when the model allows it (eagerly), else forward
-        step = decode_step(model) if not compiled else (lambda t, pos: fwd(torch.tensor([[t]]), pos)[0, -1])
-        out["lean"] = getattr(step, "lean", False)
-        times = []
-        for r in range(repeats + 1):
-            logits = fwd(prompt, 0, last_only=True)[0, -1]
-            t0 = time.perf_counter()
-            for i in range(gen):
-                t = int(torch.argmax(logits))
-                logits = step(t, 16 + i)
-            times.append(time.perf_counter() - t0)
-        out[f"tg{gen}"] = gen / statistics.median(times[1:])
+        rates, out["lean"] = quant4_decode(model, fwd, gen, repeats + 1, compiled, g)
+        out[f"tg{gen}"] = statistics.median(rates[1:])     # the first run warms up
     model.clear_cache()
     return out
+
+
+def quant4_decode(model, fwd, gen: int, runs: int, compiled: bool = False, g=None):
+    """tokens/s of `runs` decode runs (gen tokens after a 16-token prompt, each run refilling the attached
+    cache), and whether they took the lean path. The caller holds inference mode and the cache."""
+    import torch
+
+    from quant4.models.fast_decode import decode_step
+
+    prompt = torch.randint(0, model.args.vocab_size, (1, 16), generator=g)
+    # as generate() decodes: the lean path when the model allows it (eagerly), else forward
+    step = decode_step(model) if not compiled else (lambda t, pos: fwd(torch.tensor([[t]]), pos)[0, -1])
+    rates = []
+    for r in range(runs):
+        logits = fwd(prompt, 0, last_only=True)[0, -1]
+        t0 = time.perf_counter()
+        for i in range(gen):
+            t = int(torch.argmax(logits))
+            logits = step(t, 16 + i)
+        rates.append(gen / (time.perf_counter() - t0))
+    return rates, getattr(step, "lean", False)
+
+
+def alternating_decode(model, exe: str, path: Path, gen: int, rounds: int, threads) -> list:
+    """Decode measured in turns, quant4 then llama.cpp, `rounds` times: [(quant4, llama.cpp) tok/s] per round.
+    This VM's memory bandwidth drifts within minutes, and decode is bound by it: ratios of neighbouring runs
+    are steadier than ratios of medians taken minutes apart."""
+    import torch
+
+    model.setup_cache(1, 16 + gen)
+    pairs = []
+    with torch.inference_mode():
+        quant4_decode(model, model, gen, 1)           # warm-up
+        for _ in range(rounds):
+            ours = quant4_decode(model, model, gen, 1)[0][0]
+            pairs.append((ours, llama_speeds(exe, path, [0], gen, 1, threads)[f"tg{gen}"]))
+    model.clear_cache()
+    return pairs
 
 
 def llama_speeds(exe: str, path: Path, prompts, gen: int, repeats: int, threads) -> dict:
@@ -200,6 +230,12 @@ def table(args, path, model, threads):
         c, t = comp.get(key), theirs.get(key)
         row = f"| {key} | {v:.1f} |" + (f" {c:.1f} | {c / v:.2f}x |" if comp else "")
         print(row + f" {f'{t:.1f}' if t else '-'} | {f'{v / t:.2f}x' if t else '-'} |")
+    if args.llama_bench and args.alternate > 0:
+        pairs = alternating_decode(model, args.llama_bench, path, args.gen, args.alternate, threads)
+        ratios = [q / l for q, l in pairs]
+        print(f"decode in turns (tg{args.gen}, quant4 then llama.cpp, {len(pairs)} rounds): " +
+              ", ".join(f"{q:.1f} vs {l:.1f} ({q / l:.2f}x)" for q, l in pairs) +
+              f"; median ratio {statistics.median(ratios):.2f}x")
     sys.stdout.flush()
 
 

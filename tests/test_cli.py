@@ -68,6 +68,24 @@ def test_bench_e2e_runs_quant4_side_on_a_gguf(tmp_path):
                         "--prompt", "8", "--gen", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout
+    # with llama-bench (here a stand-in that answers its JSON, 50 tok/s for every test it is asked for): the
+    # table's ratios, then decode in turns, one llama-bench run per round
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\n" + (
+        "import json, sys\n"
+        "a = sys.argv; p = [int(v) for v in a[a.index('-p') + 1].split(',')]; n = int(a[a.index('-n') + 1])\n"
+        "open(a[0] + '.log', 'a').write(' '.join(a[1:]) + '\\n')\n"
+        "rows = [dict(n_prompt=v, n_gen=0, avg_ts=50.0) for v in p if v] + [dict(n_prompt=0, n_gen=n, avg_ts=50.0)]\n"
+        "print(json.dumps(rows))\n"))
+    fake.chmod(0o755)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_e2e.py"), "--checkpoint", str(tmp_path / "m.gguf"),
+                        "--prompt", "8", "--gen", "4", "--repeats", "1", "--alternate", "2", "--llama-bench", str(fake)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| pp8 |" in r.stdout and "| 50.0 |" in r.stdout
+    assert "decode in turns (tg4, quant4 then llama.cpp, 2 rounds)" in r.stdout and r.stdout.count(" vs 50.0 (") == 2
+    calls = (tmp_path / "llama-bench.log").read_text().splitlines()
+    assert len(calls) == 3 and calls[1].startswith(f"-m {tmp_path / 'm.gguf'} -p 0 -n 4 -r 1")
 
 
 @pytest.mark.parametrize("env, want", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
