@@ -43,9 +43,18 @@ def test_python_api_block_runs(tmp_path):
     assert "tok/s" in r.stdout and (tmp_path / "tiny-int4.safetensors").is_file()
 
 
+def _anchor(heading: str) -> str:
+    """A Markdown heading's link anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def test_docs_links_exist():
     for target in re.findall(r"\]\((docs/[^)]+)\)", README):
-        assert (REPO / target).is_file(), target
+        path, _, anchor = target.partition("#")
+        assert (REPO / path).is_file(), target
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (REPO / path).read_text(), re.M)
+            assert anchor in {_anchor(h) for h in headings}, target
 
 
 def test_transformers_block_runs(tmp_path):
