@@ -385,7 +385,12 @@ def _drop_prepared(key: int, ref) -> None:
 
 
 def prepared_for(qweight, scales, zeros, group_size: int, in_features: int, bias=None) -> Prepared:
-    """The Prepared of these stored tensors, cached per qweight tensor (see above)."""
+    """The Prepared of these stored tensors, cached per qweight tensor (see above). Inference tensors (made under
+    torch.inference_mode) have no version counter, so an in-place write to them leaves nothing to check a cached
+    Prepared against: they get a fresh one on every call."""
+    if any(t is not None and (not isinstance(t, torch.Tensor) or t.is_inference())
+           for t in (qweight, scales, zeros, bias)):
+        return Prepared(qweight, scales, zeros, group_size, in_features, bias)    # (which rejects non-tensors)
     entry = _PREPARED.get(id(qweight))
     if entry is not None:
         ref, p = entry
@@ -453,7 +458,9 @@ def matmul(x: torch.Tensor, qweight, scales, zeros, group_size: int, in_features
     bfloat16 and computes as for bf16 inputs (on CPUs with AVX512-BF16; else ignored), the result returned in
     x's dtype: the bf16 kernels' speed for fp32 models, at the cost of that one rounding.
     """
-    return matmul_prepared(x, Prepared(qweight, scales, zeros, group_size, in_features, bias),
+    # the Prepared cached per qweight tensor: its checks (and the one-time scan for symmetric zeros, 0.2-0.3 ms
+    # on an 11008 x 4096 weight) are not repeated on every call
+    return matmul_prepared(x, prepared_for(qweight, scales, zeros, group_size, in_features, bias),
                            num_threads=num_threads, small_m=small_m, activation=activation)
 
 

@@ -120,7 +120,9 @@ def bench_shape(N, K, g, threads, Ms, gen, skip_torch_fp32_above=4):
         ms = row["ms"]
         print(f"  {N:5d}x{K:<5d} g{g:<3d} t{threads} M={M:<4d} " +
               "  ".join(f"{k} {ms[k]:8.3f}" for k in ms) +
-              f"   quant4 {row['quant4_GBps']:5.1f} / {row['quant4_bf16_GBps']:5.1f} GB/s (fp32 / bf16 in)", flush=True)
+              f"   quant4 {row['quant4_GBps']:5.1f} / {row['quant4_bf16_GBps']:5.1f}" +
+              (f" / {row['quant4_int8_GBps']:5.1f} GB/s (fp32 / bf16 in / int8 act.)" if row["quant4_int8_GBps"]
+               else " GB/s (fp32 / bf16 in)"), flush=True)
     return rows
 
 

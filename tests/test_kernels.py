@@ -385,6 +385,27 @@ def test_int8_activation_matches_its_definition(K, g):
     assert ((y - y_ref).abs() <= 1e-5 * y_ref.abs().max() + 1e-6).all()
 
 
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8 kernel (AVX512-VNNI or AVX2) on this CPU/build")
+def test_functional_matmul_caches_its_checks_and_sees_in_place_writes():
+    # quant4.matmul keeps one Prepared per qweight (the scan for symmetric zeros is not repeated per call); an
+    # in-place write to the zeros (symmetric -> not) must reach the result; inference tensors, which carry no
+    # version counter, are prepared afresh on every call
+    K, g = 256, 32
+    qweight, scales, zeros = quant4.quantize(_rand_weight(24, K), g)
+    x = torch.randn(1, K)
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            q, s, z = (t.clone() for t in (qweight, scales, zeros))
+            z.zero_()
+            y_sym = quant4.matmul(x, q, s, z, g, K, activation="int8")[0]
+            assert (ops.prepared_for(q, s, z, g, K) is ops.prepared_for(q, s, z, g, K)) is not inference
+            z.add_(0.01)
+            y = quant4.matmul(x, q, s, z, g, K, activation="int8")[0]
+            ref = _int8_activation_reference(x[0], q, s, z, g, K)
+            assert ((y - ref).abs() <= 1e-5 * ref.abs().max() + 1e-6).all(), inference
+            assert not torch.equal(y, y_sym)
+
+
 @pytest.mark.parametrize("build", [b for b in available_builds() if b.int8_available()], ids=lambda m: m.build_isa())
 @pytest.mark.parametrize("K", [96, 160, 1376, 4128])   # 3, 5, 43, 129 blocks: every tail of the 4-block steps
 @pytest.mark.parametrize("g", [32, 128])
