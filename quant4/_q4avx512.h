@@ -722,6 +722,23 @@ static inline __m256i q4_dot64_int8_avx2(const uint8_t *w, const int8_t *xq, ptr
     const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
     return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
 }
+/* scale_g(b) (q4_scales8), and scale_g(b) d_b (q4_factor8), for the eight blocks b0 .. b0 + 7 of a row (sh =
+ * log2(blocks per group); b0 a multiple of 8): g32 loads eight scales; larger groups load the 8 >> sh (at least
+ * one) they need, never past them, and spread them over the blocks */
+static inline __m256 q4_scales8(const uint16_t *sc, ptrdiff_t b0, int sh) {
+    if (sh == 0) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + b0)));
+    uint16_t t[8] = {0};
+    memcpy(t, sc + (b0 >> sh), sizeof(uint16_t) * (size_t)(sh >= 3 ? 1 : 8 >> sh));
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)),
+                                    _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sh));
+}
+static inline __m256 q4_factor8(const uint16_t *sc, const float *d, ptrdiff_t b0, int sh) {
+    return _mm256_mul_ps(q4_scales8(sc, b0, sh), _mm256_loadu_ps(d + b0));
+}
+/* lanes of a q4_factor8 vector for pair p (blocks 2p, 2p + 1): [2p x 4 | 2p + 1 x 4] */
+static inline __m256i q4_pair_idx(int p) {
+    return _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1);
+}
 /* the integer dot product of a row's lone last block ([evens | odds], 16 bytes at chunk b) with its activations */
 static inline float q4_lone_dot_avx2(const uint8_t *w, const int8_t *xq, ptrdiff_t b, __m256i ones) {
     const __m128i bv = _mm_loadu_si128((const __m128i *)(w + 16 * b));
@@ -747,6 +764,20 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     const ptrdiff_t nblocks = G * cpg;
     const int sh = __builtin_ctzll((unsigned long long)cpg);
     ptrdiff_t b = 0;
+    /* eight blocks (256 weights) per step: their eight factors in one vector, two lanes' worth per pair */
+    for (; b + 8 <= nblocks; b += 8) {
+        __builtin_prefetch(w + 16 * b + 1024, 0, 0);
+        __builtin_prefetch(w + 16 * b + 1088, 0, 0);
+        const __m256 f8 = q4_factor8(sc, d, b, sh);
+        const __m256i d0 = q4_dot64_int8_avx2(w, xq, b, mask, ones);
+        const __m256i d1 = q4_dot64_int8_avx2(w, xq, b + 2, mask, ones);
+        const __m256i d2 = q4_dot64_int8_avx2(w, xq, b + 4, mask, ones);
+        const __m256i d3 = q4_dot64_int8_avx2(w, xq, b + 6, mask, ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_permutevar8x32_ps(f8, q4_pair_idx(0)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_permutevar8x32_ps(f8, q4_pair_idx(1)), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d2), _mm256_permutevar8x32_ps(f8, q4_pair_idx(2)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d3), _mm256_permutevar8x32_ps(f8, q4_pair_idx(3)), acc1);
+    }
     for (; b + 4 <= nblocks; b += 4) {     /* four blocks (128 weights) per step, two accumulators */
         /* 16 cache lines ahead in the codes (past a row's end: the next row's, or nothing: a prefetch never
          * faults). Without it a thread streamed 6.8 GB/s from DRAM (11008 x 4096 layer), with it 12.7; two
@@ -791,6 +822,25 @@ static inline __attribute__((always_inline)) void q4_dotn_int8_impl(
     const ptrdiff_t nblocks = G * cpg;
     const int sh = __builtin_ctzll((unsigned long long)cpg);
     ptrdiff_t b = 0;
+    for (; b + 8 <= nblocks; b += 8) {     /* eight blocks per step, as in q4_dot1_int8 */
+        __builtin_prefetch(w + 16 * b + 1024, 0, 0);
+        __builtin_prefetch(w + 16 * b + 1088, 0, 0);
+        const __m256 s8 = q4_scales8(sc, b, sh);
+        __m256 f8[4];
+        for (int r = 0; r < NX; r++) f8[r] = _mm256_mul_ps(s8, _mm256_loadu_ps(d[r] + b));
+        for (int p = 0; p < 4; p++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * (b + 2 * p)));
+            const __m256i lo = _mm256_and_si256(v, mask);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            for (int r = 0; r < NX; r++) {
+                const int8_t *x = xq[r] + 32 * (b + 2 * p);
+                const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
+                const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones)),
+                                         _mm256_permutevar8x32_ps(f8[r], q4_pair_idx(p)), acc[r]);
+            }
+        }
+    }
     for (; b + 2 <= nblocks; b += 2) {
         __builtin_prefetch(w + 16 * b + 1024, 0, 0);
         const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * b));

@@ -407,8 +407,8 @@ def test_functional_matmul_caches_its_checks_and_sees_in_place_writes():
 
 
 @pytest.mark.parametrize("build", [b for b in available_builds() if b.int8_available()], ids=lambda m: m.build_isa())
-@pytest.mark.parametrize("K", [96, 160, 1376, 4128])   # 3, 5, 43, 129 blocks: every tail of the 4-block steps
-@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("K", [96, 160, 1376, 4128])   # 3, 5, 43, 129 blocks: every tail of the 4-, 8-, 16-block steps
+@pytest.mark.parametrize("g", GROUP_SIZES)
 def test_every_build_of_the_int8_decode_matches_its_definition(build, K, g):
     # M = 1..6 activation rows: one weight row's codes meet up to 4 of them per pass (then the rest), asymmetric
     # and symmetric weights (zeros None: the zero stream is not read), with a bias
