@@ -806,8 +806,13 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
     cdef float* xs = d + M * nb
     try:
         with nogil:
-            for n in prange(w.N, num_threads=num_threads, schedule="static"):
-                _dot_int8_row(w, n, xq, d, xs, M, out, ldo)
+            if M == 1:      # the common case, without the row pointers of the multi-row call
+                for n in prange(w.N, num_threads=num_threads, schedule="static"):
+                    out[n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, _zeros_row(w, n), xq, d, xs, G, cpg) + \
+                             (w.bias[n] if w.bias != NULL else 0.0)
+            else:
+                for n in prange(w.N, num_threads=num_threads, schedule="static"):
+                    _dot_int8_row(w, n, xq, d, xs, M, out, ldo)
     finally:
         free(xp)
         free(xq)
