@@ -55,7 +55,10 @@ cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, fl
                 xsw[j] = xs + j * nb
             else:
                 xsw[j] = xsw[j - 1]
-    for u in prange(g.start[g.nw], num_threads=g.threads, schedule="static"):
+    # guided: each thread first takes a long contiguous run of rows (half, then a quarter, ...), the last runs
+    # are short, so a thread slowed by this shared VM is not waited for at the end (7B Q4_0 decode, 18 rounds
+    # in turns with the static split: median ratio 1.02, medians 8.38 / 8.53 against 8.22 / 8.17 tok/s)
+    for u in prange(g.start[g.nw], num_threads=g.threads, schedule="guided", chunksize=16):
         j = 0
         while u >= g.start[j + 1]:
             j = j + 1
