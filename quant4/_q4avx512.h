@@ -482,9 +482,6 @@ Q4_KERNEL float q4_dot1_int8(const uint8_t *w, const uint16_t *sc, const uint16_
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + _mm512_reduce_add_ps(zacc);
 }
 
-/* One weight row against nx <= 4 activation rows (decode at M = 2..4): the row's codes are loaded and split
- * into nibbles once per 128 weights and meet every activation row (two vpdpbusd each), the scales once per
- * 16 blocks; per activation row the factors, the zero term and the tail are q4_dot1_int8's. out[r] for r < nx. */
 /* q4_dotn_int8_impl's work on blocks [b0, b0 + n), n <= 16, as q4_i8_chunk for one row (inlined with n = 16
  * for whole chunks) */
 static inline __attribute__((always_inline)) void q4_dotn_chunk(
@@ -527,6 +524,9 @@ static inline __attribute__((always_inline)) void q4_dotn_chunk(
     /* the row's last 1-3 blocks */
     for (int r = 0; r < NX; r++) acc2[r] = q4_tail_int8(w, xq[r], b0, j, n, f[r], acc2[r]);
 }
+/* One weight row against nx <= 4 activation rows (decode at M = 2..4): the row's codes are loaded and split
+ * into nibbles once per 128 weights and meet every activation row (two vpdpbusd each), the scales once per
+ * 16 blocks; per activation row the factors, the zero term and the tail are q4_dot1_int8's. out[r] for r < nx. */
 static inline __attribute__((always_inline)) void q4_dotn_int8_impl(
         const uint8_t *w, const uint16_t *sc, const uint16_t *zr, const int8_t *const *xq, const float *const *d,
         const float *const *xs, ptrdiff_t G, ptrdiff_t cpg, float *out, const int NX) {
