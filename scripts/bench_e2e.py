@@ -9,7 +9,8 @@ cache filled) and decode (--gen tokens one at a time after a 16-token prompt). l
 the same file with the same threads (-p prompt lengths, -n --gen, -r --repeats). The table gives tokens/s and
 the ratio quant4 / llama.cpp. Then (--alternate, default 3 rounds) decode once more in turns, quant4 then
 llama.cpp, each round's ratio printed: decode is bound by memory bandwidth, which drifts on a shared VM within
-minutes, so neighbouring runs compare more fairly than medians taken minutes apart. The machine should be otherwise idle (busy neighbours collapse OpenMP throughput).
+minutes, so neighbouring runs compare more fairly than medians taken minutes apart. The machine should be
+otherwise idle (busy neighbours collapse OpenMP throughput).
 It keeps libgomp's default spinning threads; the user tools wait passively (scripts/_common.py), which cost
 about 6% of decode on the 135M-shaped model on an idle machine and saves 2.4x when another process is busy.
 --busy runs the whole comparison beside one CPU-bound process, quant4 waiting passively as the tools do.
