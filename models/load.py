@@ -26,6 +26,7 @@ import torch
 
 from .llama import ModelArgs, Transformer
 from .tokenizer import Tokenizer, TokenizerSource, check_settings, open_tokenizer
+from quant4.memory import release_freed_memory
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed; the message names the file and what is wrong. Every reader raises it.
@@ -314,45 +315,12 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
     return Loaded(model, args, kind, path, tok, quantized, generation)
 
 
-def page_out(t: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the pages under a tensor that is no longer needed (MADV_PAGEOUT): a tensor that
-    is a view of a file's memory map (transformers reads safetensors that way) otherwise keeps every page it
-    covers resident until the map closes. Nothing is lost: file pages are read again and anonymous ones swapped
-    if anything touches them. A no-op where the call does not exist (Linux < 5.4, other systems)."""
-    import ctypes
-    import ctypes.util
-    import mmap
-
-    n = t.numel() * t.element_size()
-    if n < mmap.PAGESIZE or t.device.type != "cpu":
-        return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    length = (t.data_ptr() + n - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 21)      # MADV_PAGEOUT
-    except (OSError, AttributeError):
-        pass
-
-
 def _is_hf_int4(path: Path) -> bool:
     """A Hugging Face directory whose config.json says quant4 quantized it (other tools' are refused by
     read_hf_int4 / read_hf with their name)."""
     from .hf import int4_config, read_config
 
     return int4_config(read_config(path), path) is not None
-
-
-def release_freed_memory() -> None:
-    """Give the conversion's freed temporaries back to the OS (glibc keeps them in its heap otherwise: a 5.1 GB
-    GGUF stayed at 6.2 GB resident after loading, 5.2 GB after this). A no-op where malloc_trim does not exist."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _carried(carried: tuple, path) -> TokenizerSource:

@@ -21,12 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from quant4 import ops
+from quant4.memory import release_freed_memory
 from quant4.nn import Int4Linear
 from quant4.options import DEFAULT_METHOD
 from quant4.swap import SwapRecord, SwapReport, is_projection, weight_sqnr_db
 
 from .llama import Transformer
-from .load import CheckpointError, Loaded, _detect, check_layer_count, release_freed_memory
+from .load import CheckpointError, Loaded, _detect, check_layer_count
 from .tokenizer import open_tokenizer
 
 

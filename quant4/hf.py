@@ -26,7 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from quant4 import ops
 from quant4.options import DEFAULT_METHOD
 from quant4.config import HF_NAMES, Int4Config
-from quant4.models.load import page_out
+from quant4.memory import page_out
 from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 

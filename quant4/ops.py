@@ -20,6 +20,7 @@ from quant4.options import ACTIVATIONS, METHODS  # noqa: F401  (re-exported)
 import torch.nn.functional as F
 
 from quant4 import _kernels as _base
+from quant4 import memory
 from quant4.scheme import GROUP_SIZES, padded_k, qparams_from_minmax
 
 _LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
@@ -482,7 +483,7 @@ def head_int8_quantize(w: torch.Tensor, num_threads: Optional[int] = None):
     V, D = w.shape
     if D % 32:
         raise ValueError(f"an 8-bit head needs in_features divisible by 32, got weight shape {tuple(w.shape)}")
-    wu, dw = torch.empty(V, D, dtype=torch.uint8), torch.empty(V, D // 32)
+    wu, dw = memory.empty((V, D), torch.uint8), memory.empty((V, D // 32), torch.float32)
     step = max(1, (16 << 20) // max(1, 4 * D))
     for r0 in range(0, V, step):
         _k.q8_quantize_rows(w[r0:r0 + step].detach().contiguous().numpy(), wu[r0:r0 + step].numpy(),

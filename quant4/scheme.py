@@ -22,6 +22,8 @@ Kernels read this layout directly; nothing kernel- or ISA-specific is ever store
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from quant4.options import GROUP_SIZES  # noqa: F401  (re-exported)
 
@@ -61,8 +63,14 @@ def round_codes(w: torch.Tensor, scales16: torch.Tensor, m: torch.Tensor) -> tor
     return torch.where(s == 0, torch.full_like(q, 8), q)
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 [N, Kp] (0..15, Kp even) -> qweight uint8 [N, Kp/2] of the stored format."""
+def pack_codes(codes: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """codes uint8 [N, Kp] (0..15, Kp even) -> qweight uint8 [N, Kp/2] of the stored format (written into
+    `out`, a contiguous uint8 [N, Kp/2], when given)."""
     if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] % 2:
         raise ValueError(f"codes must be uint8 [N, Kp] with Kp even, got {codes.dtype} {tuple(codes.shape)}")
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    if out is None:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    want = (codes.shape[0], codes.shape[1] // 2)
+    if out.dtype != torch.uint8 or tuple(out.shape) != want or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 {list(want)}, got {out.dtype} {tuple(out.shape)}")
+    return torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=out)

@@ -305,7 +305,7 @@ def test_page_out_keeps_the_values(tmp_path):
     anonymous or a view of a file's memory map."""
     from safetensors.torch import load_file, save_file
 
-    from quant4.models.load import page_out
+    from quant4.memory import page_out
 
     t = torch.randn(1 << 20)
     want = t.clone()

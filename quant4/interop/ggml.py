@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from quant4 import ops
+from quant4 import memory, ops
 from quant4.interop import layouts
 from quant4.scheme import pack_codes
 
@@ -40,7 +40,9 @@ def to_quant4(data, type_name: str, shape: tuple, int4: bool) -> Converted:
         N, K = shape
         codes, s, z = layouts.from_ggml_q4(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1),
                                            type_name, K)
-        return Converted(qweight=pack_codes(codes), scales=s, zeros=z)
+        # straight into the memory the model keeps (quant4.memory): no second copy at load
+        qweight = pack_codes(codes, out=memory.empty((N, K // 2), torch.uint8))
+        return Converted(qweight=qweight, scales=memory.adopt(s), zeros=memory.adopt(z))
     if type_name == "BF16":
         w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
     elif type_name in ("F32", "F16"):

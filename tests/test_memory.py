@@ -1,0 +1,127 @@
+"""quant4.memory: large weight tensors in memory advised for 2 MiB pages. Values never change; the pages are a
+request the kernel may decline, so the huge-page checks run only where Linux offers transparent huge pages."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from quant4 import memory, ops
+from quant4.nn import Int4Linear
+from quant4.scheme import pack_codes
+
+HP = memory.HUGE_PAGE
+needs_thp = pytest.mark.skipif(not memory.huge_pages_available(), reason="no transparent huge pages here")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_small_tensors_come_from_torch():
+    t = memory.empty((HP // 4 - 1,), torch.float32)
+    assert t.shape == (HP // 4 - 1,) and t.dtype == torch.float32
+    small = torch.arange(100)
+    assert memory.adopt(small) is small
+
+
+@needs_thp
+def test_large_tensors_start_on_a_huge_page_and_get_huge_pages():
+    t = memory.empty((3 * HP + 12345,), torch.uint8)
+    assert t.data_ptr() % HP == 0 and t.is_contiguous() and not t.any()     # mapped memory reads as zeros
+    t.fill_(7)
+    got = memory.huge_page_bytes(t)
+    # the three whole 2 MiB pages may be huge; the 12345-byte tail never is (at most the tensor's own bytes)
+    assert HP <= got <= 3 * HP, got
+    assert int(t.sum()) == 7 * t.numel()
+
+
+@needs_thp
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.int64])
+def test_adopt_copies_values_exactly(dtype):
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randn(2048, 1031, generator=g) * 100).to(dtype)       # >= 2 MiB in every dtype
+    out = memory.adopt(src)
+    assert out is not src and out.data_ptr() % HP == 0
+    assert out.dtype == dtype and out.shape == src.shape and torch.equal(out, src)
+    assert memory.adopt(out) is out                  # already there: no second copy
+    strided = src.t()                                # not contiguous: a contiguous copy with the same values
+    got = memory.adopt(strided)
+    assert got.is_contiguous() and torch.equal(got, strided)
+
+
+@needs_thp
+def test_mappings_are_returned_when_the_tensors_die():
+    before = _rss()
+    for _ in range(24):
+        t = memory.empty((32 << 20,), torch.uint8)
+        t.fill_(1)
+        view = t[1:].view(torch.uint8)       # a view keeps the mapping alive until it dies too
+        del t
+        assert int(view[-1]) == 1
+        del view
+    assert _rss() - before < 96 << 20, "24 x 32 MB mappings were not unmapped"
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setenv("QUANT4_HUGE_PAGES", "0")
+    memory.huge_pages_available.cache_clear()
+    try:
+        assert not memory.huge_pages_available()
+        src = torch.ones(HP)
+        assert memory.adopt(src) is src
+    finally:
+        monkeypatch.undo()
+        memory.huge_pages_available.cache_clear()
+
+
+@needs_thp
+def test_int4linear_weights_live_in_huge_page_memory_and_compute_the_same():
+    g = torch.Generator().manual_seed(1)
+    N, K = 2048, 4096
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(N, K // 32, generator=g) * 1e-2 + 1e-3).half()
+    zeros = (torch.randn(N, K // 32, generator=g) * 1e-3).half()
+    layer = Int4Linear.from_packed(qweight, scales, zeros, in_features=K, group_size=32)
+    assert layer.qweight.data_ptr() % HP == 0 and torch.equal(layer.qweight, qweight)
+    assert layer.scales is scales             # 256 KB: below a huge page, used as it is
+    x = torch.randn(3, K, generator=g)
+    want = ops.matmul(x, qweight.clone(), scales, zeros, 32, K)
+    assert torch.equal(layer(x), want)
+    built = Int4Linear(K, N, group_size=32)   # the constructor's buffers too, zero-filled
+    assert built.qweight.data_ptr() % HP == 0 and not built.qweight.any()
+    # copies, pickles and saved files hold the same bytes
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(other(x), want)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    loaded = Int4Linear(K, N, group_size=32)
+    loaded.load_state_dict(torch.load(buf))
+    assert torch.equal(loaded(x), want)
+
+
+@needs_thp
+def test_gguf_q4_blocks_convert_straight_into_huge_page_memory():
+    from quant4.interop import ggml, layouts
+
+    g = torch.Generator().manual_seed(2)
+    N, K = 1024, 4096
+    blocks = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=g)
+    blocks[:, :, :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8)       # d = 2**-7 in float16
+    c = ggml.to_quant4(blocks.reshape(N, -1).numpy(), "Q4_0", (N, K), True)
+    assert c.qweight.data_ptr() % HP == 0
+    codes, s, z = layouts.from_ggml_q4(blocks.reshape(N, -1), "Q4_0", K)
+    assert torch.equal(c.qweight, pack_codes(codes)) and torch.equal(c.scales, s) and torch.equal(c.zeros, z)
+
+
+def test_pack_codes_into_out():
+    codes = torch.randint(0, 16, (6, 8), dtype=torch.uint8)
+    out = torch.empty(6, 4, dtype=torch.uint8)
+    assert pack_codes(codes, out=out) is out and torch.equal(out, pack_codes(codes))
+    for bad in (torch.empty(6, 5, dtype=torch.uint8), torch.empty(6, 4, dtype=torch.int16),
+                torch.empty(4, 6, dtype=torch.uint8).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous uint8"):
+            pack_codes(codes, out=bad)
