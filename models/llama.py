@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant4 import memory
 from quant4.nn import Int4Linear
 from quant4.ops import check_int
 
@@ -138,8 +139,9 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        # in 2 MiB-page memory where offered, resident only as positions are written (quant4.memory)
+        self.register_buffer("k", memory.zeros(shape, dtype), persistent=False)
+        self.register_buffer("v", memory.zeros(shape, dtype), persistent=False)
 
     def update(self, start_pos: int, k, v):
         # k, v: [B, Hkv, S, D]

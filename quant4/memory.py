@@ -47,8 +47,8 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     HUGE_PAGE bytes and huge_pages_available(), else from torch's allocator."""
     shape = tuple(int(s) for s in shape)
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-    if nbytes < HUGE_PAGE or not huge_pages_available():
-        return torch.empty(shape, dtype=dtype)
+    if nbytes < HUGE_PAGE or not huge_pages_available() or torch.get_default_device().type != "cpu":
+        return torch.empty(shape, dtype=dtype)      # (under torch.device("meta"): a meta tensor, as asked)
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = memoryview(m)
     try:
@@ -64,6 +64,13 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     # frombuffer keeps `m` alive as long as the tensor's storage; the mapping is unmapped when both are gone
     flat = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset)
     return flat.view(dtype).view(shape)
+
+
+def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor as empty() places it. A fresh mapping reads as zeros without being written, so its
+    pages become resident only as they are first written (a KV cache grows with the context used)."""
+    t = empty(shape, dtype)
+    return t if t.device.type == "cpu" and t.numel() and t.data_ptr() % HUGE_PAGE == 0 else t.zero_()
 
 
 def adopt(t: torch.Tensor) -> torch.Tensor:

@@ -93,9 +93,9 @@ class Int4Linear(nn.Module):
         Kp = padded_k(in_features, group_size)
         G = Kp // group_size
         # the weight streams in 2 MiB-page memory where Linux offers it (quant4.memory: fewer TLB misses per token)
-        self.register_buffer("qweight", memory.empty((out_features, Kp // 2), torch.uint8).zero_())
-        self.register_buffer("scales", memory.empty((out_features, G), SCALE_DTYPE).zero_())
-        self.register_buffer("zeros", memory.empty((out_features, G), SCALE_DTYPE).zero_())
+        self.register_buffer("qweight", memory.zeros((out_features, Kp // 2), torch.uint8))
+        self.register_buffer("scales", memory.zeros((out_features, G), SCALE_DTYPE))
+        self.register_buffer("zeros", memory.zeros((out_features, G), SCALE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod

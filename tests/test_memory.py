@@ -125,3 +125,26 @@ def test_pack_codes_into_out():
                 torch.empty(4, 6, dtype=torch.uint8).t()):
         with pytest.raises(ValueError, match="out must be a contiguous uint8"):
             pack_codes(codes, out=bad)
+
+
+@needs_thp
+def test_zeros_and_the_meta_device():
+    t = memory.zeros((HP,), torch.float32)           # a fresh mapping: zeros without writing them
+    assert t.data_ptr() % HP == 0 and not t.any()
+    small = memory.zeros((5, 3), torch.float16)
+    assert small.dtype == torch.float16 and not small.any()
+    with torch.device("meta"):                       # a model built on the meta device stays there
+        assert memory.zeros((HP,), torch.float32).is_meta and Int4Linear(4096, 4096).qweight.is_meta
+
+
+@needs_thp
+def test_kv_cache_pages_become_resident_only_as_they_are_written():
+    from quant4.models.llama import KVCache
+
+    before = _rss()
+    cache = KVCache(1, 8, 8192, 128, torch.float32)  # 2 x 32 MB
+    assert cache.k.data_ptr() % HP == 0 and not cache.k[:, :, :4].any()
+    assert _rss() - before < 16 << 20
+    k = torch.randn(1, 8, 3, 128)
+    got_k, _ = cache.update(0, k, k)
+    assert torch.equal(got_k, k)
