@@ -85,9 +85,10 @@ def adopt(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def huge_page_bytes(t: torch.Tensor) -> int:
-    """Bytes of t's memory the kernel currently backs with huge pages (from /proc/self/smaps; 0 where that is
-    not readable). For tests and diagnostics."""
+def mapped_bytes(t: torch.Tensor, field: str = "AnonHugePages") -> int:
+    """A /proc/self/smaps field summed over the mappings that hold t's memory: "AnonHugePages" (bytes in huge
+    pages), "Rss" (resident bytes; the kernel's shared zero page is not counted). 0 where smaps is not
+    readable. For tests and diagnostics."""
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
     total, inside = 0, False
@@ -98,7 +99,7 @@ def huge_page_bytes(t: torch.Tensor) -> int:
                 if "-" in head and not head.endswith(":"):
                     a, b = (int(v, 16) for v in head.split("-"))
                     inside = a < hi and b > lo
-                elif inside and head == "AnonHugePages:":
+                elif inside and head == field + ":":
                     total += int(line.split()[1]) * 1024
     except OSError:
         return 0

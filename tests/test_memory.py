@@ -32,7 +32,7 @@ def test_large_tensors_start_on_a_huge_page_and_get_huge_pages():
     t = memory.empty((3 * HP + 12345,), torch.uint8)
     assert t.data_ptr() % HP == 0 and t.is_contiguous() and not t.any()     # mapped memory reads as zeros
     t.fill_(7)
-    got = memory.huge_page_bytes(t)
+    got = memory.mapped_bytes(t)
     # the three whole 2 MiB pages may be huge; the 12345-byte tail never is (at most the tensor's own bytes)
     assert HP <= got <= 3 * HP, got
     assert int(t.sum()) == 7 * t.numel()
@@ -141,10 +141,29 @@ def test_zeros_and_the_meta_device():
 def test_kv_cache_pages_become_resident_only_as_they_are_written():
     from quant4.models.llama import KVCache
 
-    before = _rss()
-    cache = KVCache(1, 8, 8192, 128, torch.float32)  # 2 x 32 MB
-    assert cache.k.data_ptr() % HP == 0 and not cache.k[:, :, :4].any()
-    assert _rss() - before < 16 << 20
+    cache = KVCache(1, 8, 8192, 128, torch.float32)  # 2 x 32 MB, 4 MB per head
+    assert cache.k.data_ptr() % HP == 0 and memory.mapped_bytes(cache.k, "Rss") == 0
     k = torch.randn(1, 8, 3, 128)
     got_k, _ = cache.update(0, k, k)
-    assert torch.equal(got_k, k)
+    assert torch.equal(got_k, k) and not cache.k[:, :, 3:].any()
+    # three positions of 8 heads: at most one 2 MiB page per head
+    assert 0 < memory.mapped_bytes(cache.k, "Rss") <= 8 * HP
+
+
+@needs_thp
+def test_q4_0_zeros_are_never_resident():
+    """Q4_0 blocks are symmetric: their zeros (fp16 +0.0) come from a fresh mapping, which reads as zeros without
+    a resident page, also after kernels that read the zero stream have run on them."""
+    from quant4.interop import ggml
+
+    N, K = 16384, 4096                               # zeros: 16384 x 128 fp16 = 4 MB
+    blocks = torch.zeros(N, K // 32, 18, dtype=torch.uint8)
+    blocks[:, :, 1] = 0x20                           # d = 2**-7
+    blocks[:, :, 2:] = 0x9A                          # codes 10 and 9
+    c = ggml.to_quant4(blocks.reshape(N, -1).numpy(), "Q4_0", (N, K), True)
+    x = torch.ones(5, K)
+    y = ops.matmul(x, c.qweight, c.scales, c.zeros, 32, K)          # prefill kernel: reads the zeros
+    assert not c.zeros.any() and c.zeros.dtype == torch.float16
+    assert torch.equal(y, torch.full((5, N), K / 2 * (2 + 1) / 128))
+    assert memory.mapped_bytes(c.zeros, "Rss") == 0 and memory.mapped_bytes(c.qweight, "Rss") >= N * K // 2
+
