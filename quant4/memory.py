@@ -49,7 +49,10 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     if nbytes < HUGE_PAGE or not huge_pages_available() or torch.get_default_device().type != "cpu":
         return torch.empty(shape, dtype=dtype)      # (under torch.device("meta"): a meta tensor, as asked)
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:          # e.g. vm.max_map_count reached: torch's allocator still may have the memory
+        return torch.empty(shape, dtype=dtype)
     view = memoryview(m)
     try:
         start = torch.frombuffer(view, dtype=torch.uint8, count=1).data_ptr()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from quant4 import _kernels as _base
 from quant4 import memory
+from quant4.machine import runnable_elsewhere
 from quant4.scheme import GROUP_SIZES, padded_k, qparams_from_minmax
 
 _LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
@@ -125,27 +126,6 @@ def spinning_wait_policy() -> bool:
     them sleep): with another busy process, spinning threads take its CPU time and decode slows 10-30x."""
     policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
     return policy != "PASSIVE" and os.environ.get("GOMP_SPINCOUNT", "").strip() not in ("0", "0.0")
-
-
-def runnable_elsewhere(threads: int, read=None) -> Optional[int]:
-    """How many runnable tasks this process's `threads` do not account for, from /proc/loadavg's running count
-    (the fewest of three reads, 1 ms apart: an instant's blip is not a neighbour); None where it cannot tell."""
-    import time
-
-    def proc_loadavg():
-        with open("/proc/loadavg") as f:
-            return f.read()
-
-    read = read or proc_loadavg
-    counts = []
-    for i in range(3):
-        try:
-            counts.append(int(read().split()[3].split("/")[0]))
-        except (OSError, IndexError, ValueError):
-            return None
-        if i < 2:
-            time.sleep(0.001)
-    return max(0, min(counts) - threads)
 
 
 _warned_oversubscribed = False

@@ -71,21 +71,31 @@ def apply_activation(model, args) -> None:
         model.to(torch_dtype(args.dtype))
 
 
-def default_wait_policy() -> None:
-    """OpenMP threads that wait passively unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT set): set
-    before torch loads libgomp. With its default spinning, one other busy process on a 2-core machine cut decode
-    2.4-2.7x (embedded model 100 vs 263 tok/s, a 135M-shaped model 9.8 vs 23.3), while passive waiting cost
-    nothing on the embedded model and about 6% of decode on the 135M one when the machine was idle."""
+def default_wait_policy(threads=None, read=None) -> None:
+    """OpenMP's wait policy unless the user chose one (OMP_WAIT_POLICY or GOMP_SPINCOUNT set), before torch loads
+    libgomp: libgomp's default (threads spin a while between parallel loops) when the CPUs are free at start,
+    OMP_WAIT_POLICY=PASSIVE when other runnable tasks would share them with our `threads` (default: one per CPU)
+    or when that cannot be told (no /proc/loadavg). On the 2-core test VM, decode of the 135M-shaped model
+    through generate.py (lean path, about 120 parallel loops per token): idle, spinning 170-192 tok/s against
+    passive 86-88; beside one CPU-bound process, passive 95-98 against spinning 51-57 (and 20-44 with short
+    spins, GOMP_SPINCOUNT 3000-30000). A neighbour that starts later is not seen here: generate and chat warn
+    once when they find the CPUs oversubscribed (quant4.ops.warn_if_oversubscribed)."""
     import os
 
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    from quant4.machine import runnable_elsewhere
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    cpus = os.cpu_count() or 1
+    others = runnable_elsewhere(1, read)         # this process, one thread before torch loads, is one task
+    if others is None or others + (threads or cpus) > cpus:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def apply_threads(n, wait_policy: bool = True):
     """--threads, and (wait_policy) the OpenMP wait policy of default_wait_policy: call before importing torch."""
     if wait_policy:
-        default_wait_policy()
+        default_wait_policy(n)
     if n is None:
         return
     import quant4

@@ -11,9 +11,10 @@ the ratio quant4 / llama.cpp. Then (--alternate, default 3 rounds) decode once m
 llama.cpp, each round's ratio printed: decode is bound by memory bandwidth, which drifts on a shared VM within
 minutes, so neighbouring runs compare more fairly than medians taken minutes apart. The machine should be
 otherwise idle (busy neighbours collapse OpenMP throughput).
-It keeps libgomp's default spinning threads; the user tools wait passively (scripts/_common.py), which cost
-about 6% of decode on the 135M-shaped model on an idle machine and saves 2.4x when another process is busy.
---busy runs the whole comparison beside one CPU-bound process, quant4 waiting passively as the tools do.
+It keeps libgomp's default spinning threads, as the user tools do when they start on free CPUs; they wait
+passively when other tasks are runnable at start (scripts/_common.py: spinning decoded the 135M-shaped model
+about 2x faster on an idle machine, passive waiting 1.7-1.9x faster beside a busy process). --busy runs the
+whole comparison beside one CPU-bound process, quant4 waiting passively as the tools then do.
 
 llama-bench comes from llama.cpp's source, e.g. the copy inside llama-cpp-python's source distribution:
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xf llama_cpp_python-*.tar.gz
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -186,8 +188,11 @@ def llama_speeds(exe: str, path: Path, prompts, gen: int, repeats: int, threads)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # idle: libgomp's default spinning, as llama-bench's threads spin; --busy: the tools' passive waiting
-    apply_threads(args.threads, wait_policy=args.busy)
+    # idle: libgomp's default spinning, as llama-bench's threads spin and as the tools leave it on free CPUs;
+    # --busy: passive waiting, which the tools choose when they start beside a busy process (unless the user chose)
+    if args.busy and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    apply_threads(args.threads, wait_policy=False)
     import quant4
 
     path = Path(args.checkpoint) if args.checkpoint else make_model(args.shape, Path(args.workdir))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
@@ -88,14 +89,30 @@ def test_bench_e2e_runs_quant4_side_on_a_gguf(tmp_path):
     assert len(calls) == 3 and calls[1].startswith(f"-m {tmp_path / 'm.gguf'} -p 0 -n 4 -r 1")
 
 
-@pytest.mark.parametrize("env, want", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
-                                       ({"GOMP_SPINCOUNT": "1000"}, None)])
-def test_tools_wait_passively_unless_the_user_chose(env, want):
-    import os
+@pytest.mark.parametrize("env, loadavg, threads, want", [
+    ({}, "0.1 0.1 0.1 1/300 9", None, None),                     # CPUs free: libgomp's spinning default
+    ({}, "0.1 0.1 0.1 2/300 9", None, "PASSIVE"),                # another runnable task: wait passively
+    ({}, "garbage", None, "PASSIVE"),                            # cannot tell: passively
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "0.1 0.1 0.1 2/300 9", None, "ACTIVE"),   # the user chose
+    ({"GOMP_SPINCOUNT": "1000"}, "0.1 0.1 0.1 2/300 9", None, None),
+    ({}, "0.1 0.1 0.1 2/300 9", 1, None if (os.cpu_count() or 1) >= 2 else "PASSIVE"),   # room for one thread
+])
+def test_tools_wait_policy_follows_the_machine_unless_the_user_chose(monkeypatch, env, loadavg, threads, want):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import _common
 
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _common.default_wait_policy(threads, read=lambda: loadavg)
+    assert os.environ.get("OMP_WAIT_POLICY") == want
+
+
+def test_tools_choose_the_wait_policy_before_torch_loads():
     code = (f"import sys, os; sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
             "import _common; _common.apply_threads(None)\n"
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
+            "print('torch' in sys.modules)")
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == str(want), r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
