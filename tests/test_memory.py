@@ -167,3 +167,25 @@ def test_q4_0_zeros_are_never_resident():
     assert torch.equal(y, torch.full((5, N), K / 2 * (2 + 1) / 128))
     assert memory.mapped_bytes(c.zeros, "Rss") == 0 and memory.mapped_bytes(c.qweight, "Rss") >= N * K // 2
 
+
+
+@needs_thp
+def test_a_saved_model_loads_into_huge_page_memory_with_the_same_logits(tmp_path):
+    """quant4's file format: the loader's tensors are copied into 2 MiB-page memory layer by layer (the originals
+    dropped as it goes) and the model computes exactly what the saved one did."""
+    from quant4.models.llama import ModelArgs, Transformer
+    from quant4.models.load import load_model
+    from quant4.serialization import save_quantized
+    from quant4.swap import quantize_model_
+
+    args = ModelArgs(dim=512, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=8192)   # w1/w2/w3: 2 MB codes
+    model = Transformer(args).eval()
+    model.init_weights(seed=3)
+    quantize_model_(model, method="rtn")
+    path = save_quantized(model, tmp_path / "m.safetensors", model_info={"type": "llama", "config": args.to_dict()})
+    got = load_model(path).model
+    ff = got.layers[0].feed_forward
+    assert all(m.qweight.data_ptr() % HP == 0 and memory.mapped_bytes(m.qweight) > 0 for m in (ff.w1, ff.w2, ff.w3))
+    tokens = torch.tensor([[1, 5, 9, 33]])
+    with torch.inference_mode():
+        assert torch.equal(got(tokens), model(tokens))
