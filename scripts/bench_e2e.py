@@ -211,6 +211,21 @@ def main(argv=None):
             neighbour.wait()
 
 
+def placement(model) -> str:
+    """Where the int4 weights live and how OpenMP's threads wait: both move decode speed (README "Speed")."""
+    import os
+
+    from quant4 import memory
+    from quant4.nn import Int4Linear
+
+    ws = [m.qweight for m in model.modules() if isinstance(m, Int4Linear)]
+    total = sum(w.numel() for w in ws)
+    huge = sum(memory.mapped_bytes(w) for w in ws if w.numel() >= memory.HUGE_PAGE)
+    wait = os.environ.get("OMP_WAIT_POLICY") or ("GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"]
+                                                 if "GOMP_SPINCOUNT" in os.environ else "spinning (libgomp default)")
+    return f"int4 codes in 2 MiB pages: {huge / 2**30:.2f} of {total / 2**30:.2f} GiB; OpenMP wait: {wait}"
+
+
 def table(args, path, model, threads):
     import torch
 
@@ -228,7 +243,7 @@ def table(args, path, model, threads):
         if args.llama_bench else {}
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
           f"activations {activation}, decode {'lean path' if lean else 'through forward'}"
-          f"{', beside one busy process' if args.busy else ''}")
+          f"{', beside one busy process' if args.busy else ''}; {placement(model)}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
