@@ -331,8 +331,8 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
                                      bias=tensors.get(keys[3]), num_threads=num_threads)
         model.set_submodule(name, mod)
         # the module may hold copies in 2 MiB-page memory (quant4.memory): the dict then points at them, so that
-        # each original is freed here, and the heap is trimmed as the loop goes (glibc keeps freed blocks until
-        # trimmed: a 7B GGUF load peaked 3.7 GB higher without it)
+        # each original is freed here, and the heap is trimmed as the loop goes (glibc keeps freed blocks in its
+        # heap until trimmed: untrimmed, every original would stay resident until the end of the load)
         for key, held in zip(keys, (mod.qweight, mod.scales, mod.zeros)):
             if tensors[key] is not held:
                 tensors[key] = held
