@@ -109,25 +109,55 @@ def mapped_bytes(t: torch.Tensor, field: str = "AnonHugePages") -> int:
     return total
 
 
+def drop_file_pages(t: torch.Tensor) -> None:
+    """If t is a view of a file's memory map (safetensors' tensors are), unmap the pages under it from this
+    process (MADV_DONTNEED; the page cache keeps them, and they are read again if anything touches t). A
+    copied-from tensor otherwise keeps every page it covers resident while the map lives. Anonymous memory is
+    left alone (there DONTNEED would zero it)."""
+    n = t.numel() * t.element_size()
+    if n < mmap.PAGESIZE or t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    lo, hi = t.data_ptr(), t.data_ptr() + n
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                a, b = (int(v, 16) for v in fields[0].split("-"))
+                if a <= lo and hi <= b:
+                    if len(fields) < 6 or not fields[5].strip().startswith("/"):
+                        return                           # anonymous (or a special mapping): not ours to drop
+                    break
+            else:
+                return
+    except (OSError, ValueError):
+        return
+    start = lo // mmap.PAGESIZE * mmap.PAGESIZE
+    end = (hi + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    _madvise(start, end - start, mmap.MADV_DONTNEED)
+
+
+def _madvise(start: int, length: int, advice: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
+    except (OSError, AttributeError):
+        pass
+
+
 def page_out(t: torch.Tensor) -> None:
     """Ask the kernel to reclaim the pages under a tensor that is no longer needed (MADV_PAGEOUT): a tensor that
     is a view of a file's memory map (transformers reads safetensors that way) otherwise keeps every page it
     covers resident until the map closes. Nothing is lost: file pages are read again and anonymous ones swapped
     if anything touches them. A no-op where the call does not exist (Linux < 5.4, other systems)."""
-    import ctypes
-    import ctypes.util
-    import mmap
-
     n = t.numel() * t.element_size()
     if n < mmap.PAGESIZE or t.device.type != "cpu":
         return
     start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     length = (t.data_ptr() + n - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 21)      # MADV_PAGEOUT
-    except (OSError, AttributeError):
-        pass
+    _madvise(start, length, 21)      # MADV_PAGEOUT
 
 
 def release_freed_memory() -> None:

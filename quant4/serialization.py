@@ -335,6 +335,7 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
         # heap until trimmed: untrimmed, every original would stay resident until the end of the load)
         for key, held in zip(keys, (mod.qweight, mod.scales, mod.zeros)):
             if tensors[key] is not held:
+                memory.drop_file_pages(tensors[key])     # a view of the file's map keeps its pages resident
                 tensors[key] = held
                 copied += held.numel() * held.element_size()
         if copied >= _TRIM_EVERY:

@@ -189,3 +189,24 @@ def test_a_saved_model_loads_into_huge_page_memory_with_the_same_logits(tmp_path
     tokens = torch.tensor([[1, 5, 9, 33]])
     with torch.inference_mode():
         assert torch.equal(got(tokens), model(tokens))
+
+
+def test_drop_file_pages_unmaps_a_file_view_and_never_touches_anonymous_memory(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    anon = torch.randn(1 << 20)
+    keep = anon.clone()
+    memory.drop_file_pages(anon)                     # anonymous memory: DONTNEED would zero it; left alone
+    assert torch.equal(anon, keep)
+    src = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8)
+    save_file({"w": src}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
+        view = f.get_tensor("w")
+    assert int(view.sum()) == int(src.sum())         # every page read
+    before = memory.mapped_bytes(view, "Rss")
+    memory.drop_file_pages(view)
+    after = memory.mapped_bytes(view, "Rss")
+    assert torch.equal(view, src)                    # read again from the page cache
+    if before >= len(src):                           # a file mapping (safetensors may also copy: then a no-op)
+        assert after < before
