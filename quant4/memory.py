@@ -78,11 +78,14 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
 
 def adopt(t: torch.Tensor) -> torch.Tensor:
     """t itself, or a contiguous copy of it in 2 MiB-page memory when empty() would put a tensor of its size
-    there. For weights that stay resident (the tensor is copied once; the caller drops the original)."""
+    there. For weights that stay resident (the tensor is copied once; the caller drops the original). A tensor
+    whose every byte is 0 becomes a fresh mapping, which reads as zeros and is never resident."""
     if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or not huge_pages_available():
         return t
     if t.is_contiguous() and t.data_ptr() % HUGE_PAGE == 0:
         return t         # made by empty() (or aligned by chance, when the copy is merely skipped)
+    if t.is_contiguous() and not bool(t.view(torch.uint8).any()):
+        return zeros(t.shape, t.dtype)   # every byte 0 (e.g. a symmetric model's zeros): never resident
     out = empty(t.shape, t.dtype)
     out.copy_(t)
     return out

@@ -210,3 +210,13 @@ def test_drop_file_pages_unmaps_a_file_view_and_never_touches_anonymous_memory(t
     assert torch.equal(view, src)                    # read again from the page cache
     if before >= len(src):                           # a file mapping (safetensors may also copy: then a no-op)
         assert after < before
+
+
+@needs_thp
+def test_all_zero_tensors_are_adopted_without_resident_pages():
+    z = torch.zeros(2048, 1024, dtype=torch.float16)
+    got = memory.adopt(z)
+    assert torch.equal(got.view(torch.int16), z.view(torch.int16)) and memory.mapped_bytes(got, "Rss") == 0
+    negative = torch.full((2048, 1024), -0.0, dtype=torch.float16)      # -0.0 is not every byte 0: copied
+    got = memory.adopt(negative)
+    assert torch.equal(got.view(torch.int16), negative.view(torch.int16))

@@ -42,10 +42,9 @@ def to_quant4(data, type_name: str, shape: tuple, int4: bool) -> Converted:
                                            type_name, K)
         # straight into the memory the model keeps (quant4.memory): no second copy at load
         qweight = pack_codes(codes, out=memory.empty((N, K // 2), torch.uint8))
-        # Q4_0's zeros are all 0: a fresh mapping reads as zeros and, never written, is never resident (the
-        # decode kernels skip the zero stream of symmetric weights; the others read the shared zero page)
-        zeros = memory.zeros(z.shape, z.dtype) if type_name == "Q4_0" else memory.adopt(z)
-        return Converted(qweight=qweight, scales=memory.adopt(s), zeros=zeros)
+        # (Q4_0's zeros, all 0, become a mapping that is never resident: the decode kernels skip the zero stream
+        # of symmetric weights, the others read the kernel's shared zero page)
+        return Converted(qweight=qweight, scales=memory.adopt(s), zeros=memory.adopt(z))
     if type_name == "BF16":
         w = torch.from_numpy(data.copy()).view(torch.bfloat16).float()
     elif type_name in ("F32", "F16"):
