@@ -6,11 +6,13 @@ machine a 7B int8-activation decode step ran 1.03x faster with the weights in 2 
 in turns in one process, README "Speed").
 
 Linux backs anonymous memory with 2 MiB pages ("transparent huge pages") where the process asks for them with
-madvise(MADV_HUGEPAGE), which is the default mode of most distributions. torch's allocator does not ask (unless
-THP_MEM_ALLOC_ENABLE=1), so quant4 allocates its weight buffers itself: a private anonymous mapping per tensor,
-its first 2 MiB boundary used as the tensor's start, the whole 2 MiB pages inside the tensor advised. The tail
-past the last whole 2 MiB page stays in 4 KiB pages, so a tensor never holds more than its own bytes plus less
-than 4 KiB resident. Nothing here changes a value or a stored byte: the format on disk is the same.
+madvise(MADV_HUGEPAGE) (THP mode "madvise", a common distribution default; "always" gives them unasked).
+torch's allocator does not ask (unless THP_MEM_ALLOC_ENABLE=1), so quant4 allocates its weight buffers itself:
+a private anonymous mapping per tensor (a shared one would be shmem, which THP usually skips), its first 2 MiB
+boundary used as the tensor's start, the whole 2 MiB pages inside the tensor advised. The tail past the last
+whole 2 MiB page stays in 4 KiB pages, so a tensor never holds more than its own bytes plus less than 4 KiB
+resident, and a mapping nobody writes (an all-zero tensor, a KV cache's unused end) is never resident.
+Nothing here changes a value or a stored byte: the format on disk is the same.
 
 Off when the kernel cannot do it (not Linux, THP "never") or when the environment sets QUANT4_HUGE_PAGES=0;
 tensors below 2 MiB always use torch's allocator.
@@ -21,6 +23,7 @@ import mmap
 import os
 import sys
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -42,17 +45,17 @@ def huge_pages_available() -> bool:
         return False
 
 
-def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor (zero-filled when it is mapped memory), in 2 MiB-page memory when it is at least
-    HUGE_PAGE bytes and huge_pages_available(), else from torch's allocator."""
+def _fresh_mapping(shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A tensor on a new mapping (reads as zeros), its whole 2 MiB pages advised; None where empty() and
+    zeros() use torch's allocator (small, not offered, not the CPU device, or the mapping failed)."""
     shape = tuple(int(s) for s in shape)
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     if nbytes < HUGE_PAGE or not huge_pages_available() or torch.get_default_device().type != "cpu":
-        return torch.empty(shape, dtype=dtype)      # (under torch.device("meta"): a meta tensor, as asked)
+        return None          # (under torch.device("meta"): torch's meta tensor, as asked)
     try:
         m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:          # e.g. vm.max_map_count reached: torch's allocator still may have the memory
-        return torch.empty(shape, dtype=dtype)
+        return None
     view = memoryview(m)
     try:
         start = torch.frombuffer(view, dtype=torch.uint8, count=1).data_ptr()
@@ -69,11 +72,18 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return flat.view(dtype).view(shape)
 
 
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in 2 MiB-page memory when it is at least HUGE_PAGE bytes and
+    huge_pages_available(), else from torch's allocator."""
+    t = _fresh_mapping(shape, dtype)
+    return t if t is not None else torch.empty(tuple(int(s) for s in shape), dtype=dtype)
+
+
 def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled tensor as empty() places it. A fresh mapping reads as zeros without being written, so its
-    pages become resident only as they are first written (a KV cache grows with the context used)."""
-    t = empty(shape, dtype)
-    return t if t.device.type == "cpu" and t.numel() and t.data_ptr() % HUGE_PAGE == 0 else t.zero_()
+    """A zero-filled tensor placed as empty() places it. A new mapping reads as zeros without being written, so
+    its pages become resident only as they are first written (a KV cache grows with the context used)."""
+    t = _fresh_mapping(shape, dtype)
+    return t if t is not None else torch.zeros(tuple(int(s) for s in shape), dtype=dtype)
 
 
 def adopt(t: torch.Tensor) -> torch.Tensor:
