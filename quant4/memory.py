@@ -127,10 +127,10 @@ def drop_file_pages(t: torch.Tensor) -> None:
     process (MADV_DONTNEED; the page cache keeps them, and they are read again if anything touches t). A
     copied-from tensor otherwise keeps every page it covers resident while the map lives. Anonymous memory is
     left alone (there DONTNEED would zero it)."""
-    n = t.numel() * t.element_size()
-    if n < mmap.PAGESIZE or t.device.type != "cpu" or not sys.platform.startswith("linux"):
+    pages = _page_range(t)
+    if pages is None or not sys.platform.startswith("linux"):
         return
-    lo, hi = t.data_ptr(), t.data_ptr() + n
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     try:
         with open("/proc/self/maps") as f:
             for line in f:
@@ -144,20 +144,36 @@ def drop_file_pages(t: torch.Tensor) -> None:
                 return
     except (OSError, ValueError):
         return
-    start = lo // mmap.PAGESIZE * mmap.PAGESIZE
-    end = (hi + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-    _madvise(start, end - start, mmap.MADV_DONTNEED)
+    _madvise(pages, mmap.MADV_DONTNEED)
 
 
-def _madvise(start: int, length: int, advice: int) -> None:
+@lru_cache(maxsize=None)
+def _libc():
+    """The C library, found once (ctypes.util.find_library runs ldconfig); None where it cannot be loaded."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _page_range(t: torch.Tensor):
+    """(start, length) of the whole pages covering t's memory, or None for CPU tensors under a page."""
+    n = t.numel() * t.element_size()
+    if n < mmap.PAGESIZE or t.device.type != "cpu":
+        return None
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    return start, (t.data_ptr() + n - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def _madvise(pages, advice: int) -> None:
+    import ctypes
+
+    libc = _libc()
+    if pages is not None and libc is not None and hasattr(libc, "madvise"):
+        libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1]), advice)
 
 
 def page_out(t: torch.Tensor) -> None:
@@ -165,21 +181,12 @@ def page_out(t: torch.Tensor) -> None:
     is a view of a file's memory map (transformers reads safetensors that way) otherwise keeps every page it
     covers resident until the map closes. Nothing is lost: file pages are read again and anonymous ones swapped
     if anything touches them. A no-op where the call does not exist (Linux < 5.4, other systems)."""
-    n = t.numel() * t.element_size()
-    if n < mmap.PAGESIZE or t.device.type != "cpu":
-        return
-    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    length = (t.data_ptr() + n - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-    _madvise(start, length, 21)      # MADV_PAGEOUT
+    _madvise(_page_range(t), 21)      # MADV_PAGEOUT
 
 
 def release_freed_memory() -> None:
     """Give freed temporaries back to the OS (glibc keeps them in its heap otherwise: a 5.1 GB
     GGUF stayed at 6.2 GB resident after loading, 5.2 GB after this). A no-op where malloc_trim does not exist."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
