@@ -35,7 +35,7 @@ def lean_stack(model, cache: Optional[list] = None):
     caches = cache if cache is not None else [layer.attention.cache for layer in model.layers]
     if len(caches) != len(model.layers) or type(model.norm) is not RMSNorm:
         return None
-    if model.tok_embeddings.weight.dtype != torch.float32 or model.norm.eps != a.norm_eps:
+    if model.compute_dtype != torch.float32 or model.norm.eps != a.norm_eps:
         return None
     layers, settings = [], set()
     for layer, c in zip(model.layers, caches):
@@ -95,14 +95,21 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     stack = lean_stack(model, cache) if lean else None
     if stack is None:
         return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
-    emb, out, limit = model.tok_embeddings.weight, model.output, model.args.max_seq_len
+    emb, out, limit = model.tok_embeddings, model.output, model.args.max_seq_len
+    table = emb.weight if type(emb) is nn.Embedding else None     # else an int4 table: its rows looked up
     x = torch.empty(model.args.dim)
+    from quant4 import ops
+    from quant4.int8_linear import Int8Linear
+
     head = int8_head(model, stack.num_threads) if stack.activation == "int8" else None
+    if type(out) is Int8Linear and stack.activation == "int8" and ops.int8_head_available():
+        logits = torch.empty(out.out_features)
+        head = lambda h: out.matvec(h, logits)       # noqa: E731  (an 8-bit head of the file's: no copy)
 
     def step(token: int, pos: int) -> torch.Tensor:
         if pos + 1 > limit:
             raise ValueError(f"sequence end {pos + 1} exceeds max_seq_len={limit}")
-        x.copy_(emb[token])
+        x.copy_(table[token] if table is not None else emb(torch.tensor([token]))[0])
         cos, sin = model.rope(pos + 1)
         h = stack.step(x, pos, cos[pos].float(), sin[pos].float())
         if head is not None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .llama import ModelArgs
 from .load import CheckpointError
+from quant4 import ops
 from quant4.interop import ggml
 from quant4.serialization import TOKENIZER_KEY, tokenizer_from_header, tokenizer_header
 
@@ -108,7 +109,7 @@ def read_gguf(path, *, report: Optional[list] = None):
     if not 0 < context <= 1 << 20:
         raise CheckpointError(f"{path}: GGUF key llama.context_length = {context} is out of range")
 
-    tensors, layers, requant, floats = {}, {}, [], []
+    tensors, layers, requant, floats, head8 = {}, {}, [], [], None
     rope_freqs = None
     for t in reader.tensors:
         if not t.name or not t.name.isprintable():
@@ -126,15 +127,21 @@ def read_gguf(path, *, report: Optional[list] = None):
             import gguf
 
             shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
-            is_proj = any(name.endswith(p) for p in PROJECTIONS.values()) or name == "output"
+            is_proj = any(name.endswith(p) for p in PROJECTIONS.values())
             type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
-            # the output head stays float unless the file holds it in Q4_0 / Q4_1
+            # the output head and the token embeddings stay int4 where the file holds them in Q4_0 / Q4_1 (no
+            # loss), float otherwise; the projections are int4 whatever the file's type
             c = ggml.to_quant4(t.data, type_name, shape,
-                               is_proj and (name != "output" or type_name in ("Q4_0", "Q4_1")))
+                               is_proj or (name in ("output", "tok_embeddings") and type_name in ("Q4_0", "Q4_1")))
         except Exception as exc:     # short data, bad shapes, unknown types: all mean a damaged file
             raise CheckpointError(f"{path}: tensor {t.name}: {type(exc).__name__}: {exc}") from None
         _release(reader, t)
-        if c.weight is not None:
+        if c.weight is not None and name == "output" and type_name not in ("F32", "F16", "BF16") and shape[1] % 32 == 0:
+            # a head in another quantized type (Q6_K, Q8_0, ...): 8 bits (quant4.int8_linear), not 32
+            tensors["output.codes"], tensors["output.scales"] = ops.head_int8_quantize(c.weight)
+            layers["output"] = {"in_features": shape[1], "out_features": shape[0], "kind": "int8"}
+            head8 = type_name
+        elif c.weight is not None:
             tensors[f"{name}.weight"] = c.weight
             if any(name.endswith(p) for p in PROJECTIONS.values()):    # a projection the file holds in float
                 floats.append(name)
@@ -142,16 +149,23 @@ def read_gguf(path, *, report: Optional[list] = None):
             tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = \
                 c.qweight, c.scales, c.zeros
             layers[name] = {"in_features": shape[1], "out_features": shape[0], "group_size": 32}
+            if name == "tok_embeddings":
+                layers[name]["kind"] = "embedding"
             if c.requantized:
                 requant.append(name)
+    if head8:
+        note(f"output head {head8} held in 8 bits (Q8_0 rounding of its values)")
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
     if floats:
         note(f"{len(floats)} projections are float in the file (F32/F16/BF16; quant4 exports int4 layers whose "
              f"in_features is not a multiple of 32 that way), e.g. {floats[0]}: they stay float")
-    if "tok_embeddings.weight" not in tensors:
+    if "tok_embeddings.weight" in tensors:
+        vocab = tensors["tok_embeddings.weight"].shape[0]
+    elif "tok_embeddings" in layers:
+        vocab = layers["tok_embeddings"]["out_features"]
+    else:
         raise CheckpointError(f"{path}: no token_embd.weight")
-    vocab = tensors["tok_embeddings.weight"].shape[0]
     tied = "output.weight" not in tensors and "output" not in layers
     try:
         args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
@@ -233,7 +247,7 @@ def _tokenizer(reader, path):
 
 def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=None, overwrite: bool = False,
                report: Optional[list] = None) -> Path:
-    """Write `model` (float and/or Int4Linear layers) as a GGUF llama model, atomically (see module doc).
+    """Write `model` (float and/or Int4Linear layers, a float or Int4Embedding table) as a GGUF llama model, atomically (see module doc).
     tokenizer: a TokenizerSource to write (or tokenizer_path: a tokenizer file)."""
     if tokenizer is None and tokenizer_path is not None:
         from .tokenizer import open_tokenizer
@@ -241,11 +255,16 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=N
         tokenizer = open_tokenizer(tokenizer_path)
     import gguf
 
-    from quant4 import Int4Linear
+    from quant4 import Int4Embedding, Int4Linear
     from quant4.serialization import atomic_write
 
     note = report.append if report is not None else (lambda s: None)
-    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    from quant4.int8_linear import Int8Linear
+
+    int4 = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, Int4Embedding))}
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    if args.tie_embeddings:
+        int4.pop("output", None)        # a tied head is the embedding table, written once
     items = []          # (gguf name, numpy array, raw dtype or None)
     max_round = 0.0
     sd = model.state_dict()
@@ -254,12 +273,18 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=N
         if key.endswith("_extra_state"):
             continue
         base = key.rsplit(".", 1)[0]
+        if base in int8:
+            if base not in written:
+                written.add(base)
+                note(f"{base}: 8-bit head written as F32 (its exact values)")
+                items.append((gguf_name(base), int8[base].dequantize().numpy(), None))
+            continue
         if base in int4:
             if base in written:
                 continue
             written.add(base)
             m = int4[base]
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 raise ValueError(f"{base}: GGUF llama layers have no bias")
             if m.in_features % 32 == 0:
                 blocks, err = ggml.from_int4(m)
@@ -270,7 +295,7 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=N
                      f"(its exact int4 values)")
                 items.append((gguf_name(base), m.dequantize().numpy().astype(np.float32), None))
             continue
-        if key == "output.weight" and args.tie_embeddings:
+        if key.startswith("output.") and args.tie_embeddings:
             continue
         if key.startswith("rope_"):
             continue

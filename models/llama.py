@@ -262,7 +262,7 @@ class Transformer(nn.Module):
         if not isinstance(w, nn.Parameter) or w.is_meta or w.dim() != 2 or not w.is_contiguous():
             return self
         p = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
-        tied = self.tok_embeddings.weight is w
+        tied = getattr(self.tok_embeddings, "weight", None) is w
         self.output.weight = p
         if tied:
             self.tok_embeddings.weight = p
@@ -279,16 +279,23 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the hidden states have between layers: the token embeddings' (a float table's weight, or
+        an int4 table's output dtype)."""
+        emb = self.tok_embeddings
+        return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+
     def new_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None) -> list:
         """A KV cache (one KVCache per layer) for forward(..., cache=...): each caller (thread) its own."""
         n = max_seq_len or self.args.max_seq_len
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        dtype = dtype or self.compute_dtype
         self.rope(min(n, self.args.max_seq_len))     # the tables for every position the cache holds
         return [KVCache(batch, self.args.n_kv_heads, n, self.args.head_dim, dtype) for _ in self.layers]
 
     def setup_cache(self, batch: int, max_seq_len: Optional[int] = None, dtype=None):
         """Attach a KV cache to the model for incremental decoding (forward with start_pos and no cache
-        argument); dtype: the embedding's. Not for concurrent use: pass new_cache() to forward instead."""
+        argument); dtype: compute_dtype. Not for concurrent use: pass new_cache() to forward instead."""
         for layer, cache in zip(self.layers, self.new_cache(batch, max_seq_len, dtype)):
             layer.attention.cache = cache
 

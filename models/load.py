@@ -185,6 +185,20 @@ def build_model(args: ModelArgs, sd: dict, path, dtype: Optional[torch.dtype] = 
     return model.eval()
 
 
+def tie_head(args: ModelArgs, layers: dict) -> dict:
+    """The "tied" entries of a converted int4 model (quant4.serialization's meta["tied"]): none when the head is
+    its own; the float head on the float embedding table; or, over an int4 embedding table (layers
+    "tok_embeddings" of kind "embedding"), an int4 head layer "output" added to `layers` whose tensors are the
+    table's."""
+    if not args.tie_embeddings:
+        return {}
+    emb = layers.get("tok_embeddings")
+    if emb is None:
+        return {"output.weight": "tok_embeddings.weight"}
+    layers["output"] = {k: v for k, v in emb.items() if k != "kind"}
+    return {f"output.{k}": f"tok_embeddings.{k}" for k in ("qweight", "scales", "zeros")}
+
+
 def build_quantized(args: ModelArgs, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> Transformer:
     """Transformer from quant4-format tensors: meta["layers"] (int4 layers) and meta["tied"] as in a quant4 file."""
     from quant4.serialization import load_quantized_
@@ -245,7 +259,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         if is_int4_state_dict(sd):
             kind = "torch-int4"
             args, layers, tensors = convert_torch_int4(sd, torch_params, path, layout=layout, report=report)
-            tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+            tied = tie_head(args, layers)
             model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
             quantized = layers
             tok_guess = _tokenizer_beside(path)
@@ -255,7 +269,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
         from .gguf import read_gguf
 
         args, layers, tensors, tok = read_gguf(path, report=report)
-        tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+        tied = tie_head(args, layers)
         model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
         quantized = layers
         tok_guess = _tokenizer_beside(path) if tok is None else None
@@ -266,7 +280,7 @@ def load_model(path=None, *, tokenizer=None, dtype: Optional[torch.dtype] = None
 
         kind = "hf-int4"
         args, layers, tensors = read_hf_int4(path, report=report)
-        tied = {"output.weight": "tok_embeddings.weight"} if args.tie_embeddings else {}
+        tied = tie_head(args, layers)
         model = build_quantized(args, {"layers": layers, "tied": tied}, tensors, num_threads=num_threads)
         quantized = layers
         tok_guess = path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else None

@@ -86,16 +86,42 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     return t if t is not None else torch.zeros(tuple(int(s) for s in shape), dtype=dtype)
 
 
+_ZERO_MAPPINGS: set = set()          # addresses of the zero mappings adopt made (a stale entry only skips a scan)
+
+
+def _zero_mapping(shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A tensor on a new private anonymous mapping of its own size (reads as zeros; never resident until
+    written, in any size of at least a page), or None where mmap cannot make one."""
+    nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+    if not hasattr(mmap, "MAP_ANONYMOUS") or nbytes < mmap.PAGESIZE:
+        return None
+    try:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return None
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes).view(dtype).view(tuple(shape))
+
+
 def adopt(t: torch.Tensor) -> torch.Tensor:
     """t itself, or a contiguous copy of it in 2 MiB-page memory when empty() would put a tensor of its size
     there. For weights that stay resident (the tensor is copied once; the caller drops the original). A tensor
-    whose every byte is 0 becomes a fresh mapping, which reads as zeros and is never resident."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or not huge_pages_available():
+    of a page or more whose every byte is 0 (e.g. a symmetric model's zeros; whatever its size, with or without
+    huge pages) becomes a fresh mapping, which reads as zeros and is never resident."""
+    if t.device.type != "cpu" or torch.get_default_device().type != "cpu":
+        return t
+    nbytes = t.numel() * t.element_size()
+    if (nbytes >= mmap.PAGESIZE and t.is_contiguous() and t.data_ptr() not in _ZERO_MAPPINGS
+            and not (nbytes >= HUGE_PAGE and t.data_ptr() % HUGE_PAGE == 0) and not bool(t.view(torch.uint8).any())):
+        z = _fresh_mapping(t.shape, t.dtype) if nbytes >= HUGE_PAGE else None
+        if z is None:
+            z = _zero_mapping(t.shape, t.dtype)
+        if z is not None:
+            _ZERO_MAPPINGS.add(z.data_ptr())     # adopted again (a tied head's tensors): kept, shared
+            return z
+    if nbytes < HUGE_PAGE or not huge_pages_available():
         return t
     if t.is_contiguous() and t.data_ptr() % HUGE_PAGE == 0:
         return t         # made by empty() (or aligned by chance, when the copy is merely skipped)
-    if t.is_contiguous() and not bool(t.view(torch.uint8).any()):
-        return zeros(t.shape, t.dtype)   # every byte 0 (e.g. a symmetric model's zeros): never resident
     out = empty(t.shape, t.dtype)
     out.copy_(t)
     return out

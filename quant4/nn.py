@@ -53,6 +53,18 @@ def _foreign_layout(weight: torch.Tensor, sz) -> str:
     return f"an unknown packed {weight.dtype} {shape} tensor with scales_and_zeros {tuple(sz.shape)}"
 
 
+def apply_keeping_dtypes(module: nn.Module, apply, fn, recurse):
+    """nn.Module._apply (`apply`, the base class's) keeping the stored dtypes of `module`'s buffers (uint8 /
+    float16 / float32) through module.to(dtype), .half(), .bfloat16(); moves between devices still apply."""
+    before = dict(module._buffers)
+    apply(fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if old is not None and new is not None and new.dtype != old.dtype and new.device == old.device:
+            module._buffers[name] = old
+    return module
+
+
 def _refuse_transforms(x: torch.Tensor) -> None:
     """The kernels run outside PyTorch's dispatcher (on numpy views of the tensors), so the program transforms
     that work by intercepting tensor ops cannot see them; refuse those instead of returning garbage."""
@@ -263,14 +275,7 @@ class Int4Linear(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
-        # Keep the stored dtypes (uint8 / float16 / float32) through module.to(dtype), .half(), .bfloat16().
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype and new.device == old.device:
-                self._buffers[name] = old
-        return self
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         Kp = padded_k(self.in_features, self.group_size)

@@ -2,10 +2,14 @@
 
 Tensors: the model's state_dict without Int4Linear extra state, so each quantized layer <name> contributes
 <name>.qweight (uint8 [N, Kp/2]), <name>.scales and <name>.zeros (float16 [N, G]) and <name>.bias if any,
-in the stored format of quant4.scheme. Tensors that alias another (tied embeddings) are stored once.
+in the stored format of quant4.scheme. A layer of kind "int8" (an output head a file held in another quantized
+type; quant4.int8_linear.Int8Linear) holds <name>.codes (uint8 [N, K], w / scale + 128) and <name>.scales
+(float32 [N, K/32]) instead, and no group_size. A layer of kind "embedding" is a token-embedding table in the same
+tensors (quant4.embedding.Int4Embedding, rows = tokens; readers without the kind refuse it: the model's
+embedding has no in/out features to match). Tensors that alias another (tied embeddings) are stored once.
 Header metadata key "quant4" holds JSON:
     {"format": "quant4", "format_version": 1,
-     "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g}, ...},
+     "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g[, "kind": "embedding" | "int8"]}, ...},
      "tied": {"<name>": "<name it aliases>"},
      "model": {...},            free-form description of the architecture (e.g. type and config)
      "tokenizer": "<path relative to the file>" or null}       (files written before the key below)
@@ -29,10 +33,13 @@ import torch
 from torch import nn
 
 from quant4 import memory, ops
+from quant4.embedding import Int4Embedding
+from quant4.int8_linear import Int8Linear, check_codes
 from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
 FILE_FORMAT = "quant4"
+LAYER_KINDS = ("linear", "embedding", "int8")
 TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"    # the same keys in quant4's GGUF files
 TOKENIZER_JSON_KEY = "quant4.tokenizer.json"
 TOKENIZER_SETTINGS_KEY = "quant4.tokenizer.settings"
@@ -165,8 +172,14 @@ def _rename_no_clobber(tmp: str, path: Path) -> None:
 
 def quantized_tensors(model: nn.Module):
     """(tensors, layers, tied) for save_quantized: plain contiguous CPU tensors, aliases recorded once."""
-    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size}
-              for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (Int4Linear, Int4Embedding)):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size}
+            if isinstance(m, Int4Embedding):
+                layers[name]["kind"] = "embedding"
+        elif isinstance(m, Int8Linear):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "kind": "int8"}
     tensors, tied, seen = {}, {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
         if key.endswith("_extra_state"):
@@ -276,16 +289,29 @@ def read_quantized(path) -> tuple[dict, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise FormatError(f"{path}: cannot read tensors ({exc})") from None
+    for key, target in meta["tied"].items():
+        if not isinstance(target, str) or target not in tensors:
+            raise FormatError(f"{path}: tied tensor {key!r} points at missing {target!r}")
     for name, info in meta["layers"].items():
         if not isinstance(info, dict):
             raise FormatError(f"{path}: layer {name!r} metadata is not an object")
-        for k in ("qweight", "scales", "zeros"):
-            if f"{name}.{k}" not in tensors:
+        if info.get("kind", "linear") not in LAYER_KINDS:
+            raise FormatError(f"{path}: layer {name!r} has kind {info.get('kind')!r} (this quant4 reads "
+                              f"{', '.join(LAYER_KINDS)})")
+        held = {k: tensors.get(f"{name}.{k}", tensors.get(meta["tied"].get(f"{name}.{k}")))
+                for k in layer_tensors(info)}
+        for k, t in held.items():
+            if t is None:
                 raise FormatError(f"{path}: layer {name!r} has no tensor {name}.{k}")
         try:
-            N, _, _ = ops.check_packed(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
-                                       tensors[f"{name}.zeros"], info.get("group_size"),
-                                       ops.check_int("in_features", info.get("in_features")))
+            if info.get("kind") == "int8":
+                check_codes(held["codes"], held["scales"])
+                N, K = held["codes"].shape
+                if K != info.get("in_features"):
+                    raise ValueError(f"in_features={info.get('in_features')!r} but codes have {K} columns")
+            else:
+                N, _, _ = ops.check_packed(held["qweight"], held["scales"], held["zeros"], info.get("group_size"),
+                                           ops.check_int("in_features", info.get("in_features")))
         except (ValueError, TypeError) as exc:
             raise FormatError(f"{path}: layer {name!r}: {exc}") from None
         if N != info.get("out_features"):
@@ -293,13 +319,15 @@ def read_quantized(path) -> tuple[dict, dict]:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"{path}: tensor {key!r} has non-finite values (NaN/Inf); the file is damaged")
-    for key, target in meta["tied"].items():
-        if not isinstance(target, str) or target not in tensors:
-            raise FormatError(f"{path}: tied tensor {key!r} points at missing {target!r}")
     if not isinstance(meta.get("tokenizer"), (str, type(None))):
         raise FormatError(f"{path}: quant4 metadata field 'tokenizer' must be a relative path or null, "
                           f"got {meta['tokenizer']!r}")
     return meta, tensors
+
+
+def layer_tensors(info: dict) -> tuple:
+    """The tensor names (after "<layer>.") a layer of this metadata holds, bias aside."""
+    return ("codes", "scales") if info.get("kind") == "int8" else ("qweight", "scales", "zeros")
 
 
 def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> nn.Module:
@@ -310,30 +338,50 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
     """
     taken = set()
     copied = 0            # bytes copied by from_packed since the last trim
-    for name, info in meta["layers"].items():
+    tied = meta["tied"]
+    # layers whose tensors alias another's (a tied head over an int4 embedding) come after the one they alias,
+    # and take its tensors as that one's module holds them: one copy, shared
+    order = sorted(meta["layers"].items(), key=lambda item: any(f"{item[0]}.{k}" in tied for k in layer_tensors(item[1])))
+    for name, info in order:
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"quantized layer {name!r} does not exist in the model") from None
-        want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        embedding = info.get("kind", "linear") == "embedding"
+        if embedding:
+            want = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
+        else:
+            want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
         if want != (info.get("out_features"), info.get("in_features")):
-            raise FormatError(f"quantized layer {name!r} is [{info.get('out_features')}, {info.get('in_features')}] "
-                              f"but the model's config needs [{want[0]}, {want[1]}]")
-        keys = [f"{name}.{k}" for k in ("qweight", "scales", "zeros", "bias")]
-        missing = [k for k in keys[:3] if k not in tensors]
+            raise FormatError(f"quantized {'embedding' if embedding else 'layer'} {name!r} is "
+                              f"[{info.get('out_features')}, {info.get('in_features')}] but the model's config "
+                              f"needs [{want[0]}, {want[1]}]")
+        parts = layer_tensors(info)
+        keys = [f"{name}.{k}" for k in parts + ("bias",)]
+        for key in keys:
+            if key not in tensors and key in tied and tied[key] in tensors:
+                tensors[key] = tensors[tied[key]]
+        missing = [k for k in keys[:-1] if k not in tensors]
         if missing:
             raise FormatError(f"file does not match the model: missing {missing}")
-        if (getattr(old, "bias", None) is not None) != (keys[3] in tensors):
+        if (getattr(old, "bias", None) is not None) != (keys[-1] in tensors):
             raise FormatError(f"quantized layer {name!r}: the model's config "
-                              f"{'has a bias there and the file none' if keys[3] not in tensors else 'has no bias there but the file one'}")
-        mod = Int4Linear.from_packed(tensors[keys[0]], tensors[keys[1]], tensors[keys[2]],
-                                     in_features=info["in_features"], group_size=info["group_size"],
-                                     bias=tensors.get(keys[3]), num_threads=num_threads)
+                              f"{'has a bias there and the file none' if keys[-1] not in tensors else 'has no bias there but the file one'}")
+        given = [tensors[k] for k in keys[:-1]]
+        if embedding:
+            mod = Int4Embedding.from_packed(*given, embedding_dim=info["in_features"], group_size=info["group_size"])
+        elif info.get("kind") == "int8":
+            if keys[-1] in tensors:
+                raise FormatError(f"8-bit layer {name!r} has a bias; quant4's 8-bit layers have none")
+            mod = Int8Linear.from_codes(*given, num_threads=num_threads)
+        else:
+            mod = Int4Linear.from_packed(*given, in_features=info["in_features"], group_size=info["group_size"],
+                                         bias=tensors.get(keys[-1]), num_threads=num_threads)
         model.set_submodule(name, mod)
         # the module may hold copies in 2 MiB-page memory (quant4.memory): the dict then points at them, so that
         # each original is freed here, and the heap is trimmed as the loop goes (glibc keeps freed blocks in its
         # heap until trimmed: untrimmed, every original would stay resident until the end of the load)
-        for key, held in zip(keys, (mod.qweight, mod.scales, mod.zeros)):
+        for key, held in zip(keys, (getattr(mod, k) for k in parts)):
             if tensors[key] is not held:
                 memory.drop_file_pages(tensors[key])     # a view of the file's map keeps its pages resident
                 tensors[key] = held
@@ -343,8 +391,9 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
             copied = 0
         taken.update(k for k in keys if k in tensors)
     rest = {k: v for k, v in tensors.items() if k not in taken}
-    for key, target in meta["tied"].items():
-        rest[key] = tensors[target]
+    for key, target in tied.items():
+        if key not in taken:
+            rest[key] = tensors[target]
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")} - taken
     missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
     if missing or unexpected:

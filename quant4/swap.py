@@ -147,14 +147,16 @@ def swap_layers_(model: nn.Module, choose: Callable[[nn.Module, str], Optional[L
 
 
 def set_activation_(model: nn.Module, activation: str) -> int:
-    """Set every Int4Linear of `model` to activation mode "float", "int8" or "bf16" (see Int4Linear); returns how
-    many layers were set."""
+    """Set every Int4Linear (and 8-bit head, Int8Linear) of `model` to activation mode "float", "int8" or "bf16"
+    (see Int4Linear); returns how many layers were set."""
     from quant4.ops import check_activation
 
     check_activation(activation)
+    from quant4.int8_linear import Int8Linear
+
     n = 0
     for mod in model.modules():
-        if isinstance(mod, Int4Linear):
+        if isinstance(mod, (Int4Linear, Int8Linear)):
             mod.activation = activation
             n += 1
     return n
@@ -187,14 +189,20 @@ def format_report(report, model: Optional[nn.Module] = None) -> str:
 
 
 def model_size(model: nn.Module) -> dict:
-    """What a model holds: int4 weights (and their layers), float parameters and buffers outside them, and the
-    bytes of both (tensors shared under two names counted once)."""
+    """What a model holds: int4 weights (and their layers), float parameters and buffers outside the quantized
+    modules (Int4Linear, Int4Embedding, Int8Linear), and the bytes of both (tensors shared under two names
+    counted once)."""
     seen, info = set(), {"int4_layers": 0, "int4_weights": 0, "float_params": 0, "bytes": 0}
     for mod in model.modules():
         if isinstance(mod, Int4Linear) and id(mod) not in seen:
             seen.add(id(mod))
             info["int4_layers"] += 1
             info["int4_weights"] += mod.in_features * mod.out_features
+    from quant4.embedding import Int4Embedding
+    from quant4.int8_linear import Int8Linear
+
+    quantized = {id(b) for m in model.modules() if isinstance(m, (Int4Linear, Int4Embedding, Int8Linear))
+                 for b in m.buffers(recurse=False) if b is not None and b is not getattr(m, "bias", None)}
     storages = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_meta or t.numel() == 0:
@@ -204,6 +212,6 @@ def model_size(model: nn.Module) -> dict:
             continue
         storages.add(key)
         info["bytes"] += t.numel() * t.element_size()
-        if t.is_floating_point() and t.dtype != torch.float16:      # fp16 tensors are int4 scales/zeros
+        if t.is_floating_point() and id(t) not in quantized:
             info["float_params"] += t.numel()
     return info

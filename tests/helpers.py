@@ -99,3 +99,36 @@ def available_builds():
         except ImportError:
             continue
     return names
+
+
+def gguf_from_float(path, m, layers, *, table=None, head=None, arch="llama"):
+    """m (a quant4 Transformer) as a GGUF written directly with the gguf package, quantized by gguf.quants as
+    llama.cpp would: the 2-D projections in `layers`, the token table in `table` and the output head in `head`
+    (None: F32). Returns {state_dict key: the file's values dequantized by gguf}."""
+    import gguf
+    import numpy as np
+
+    from quant4.models.gguf import add_llama_metadata, gguf_name
+
+    a = m.args
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    add_llama_metadata(w, a)
+    deq = {}
+    for key, t in m.state_dict().items():
+        if key.startswith("rope") or (key == "output.weight" and a.tie_embeddings):
+            continue
+        name = key[: -len(".weight")]
+        arr = t.detach().float().numpy()
+        kind = {"tok_embeddings": table, "output": head}.get(name, layers if t.dim() == 2 else None)
+        if kind is None:
+            w.add_tensor(gguf_name(name), arr)
+            deq[key] = t.detach().float()
+        else:
+            q = gguf.quants.quantize(arr, kind)
+            w.add_tensor(gguf_name(name), q, raw_dtype=kind)
+            deq[key] = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(q, kind)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return deq

@@ -20,7 +20,7 @@ from quant4.serialization import save_quantized
 from quant4.models.torch_int4 import describe_checkpoint, read_torch_int4
 from quant4 import Int4Linear, quantize_model_, reference
 from quant4.interop import layouts
-from helpers import REPO
+from helpers import REPO, gguf_from_float
 
 FIXTURES = REPO / "tests" / "fixtures" / "int4_layouts.safetensors"
 ISA_LAYOUT = {"AVX512": "cpu-avx512", "AVX2": "cpu-avx2", "DEFAULT": "cpu-scalar"}
@@ -276,35 +276,6 @@ def test_load_model_reads_a_foreign_int4_pth_like_gguf(tmp_path):
 
 # ---- GGUF -----------------------------------------------------------------------------------------------------
 
-def _gguf_from_float(path, m, qtype, arch="llama"):
-    """A llama GGUF written directly with the gguf package (quantized by gguf.quants), like llama.cpp would."""
-    import gguf
-
-    from quant4.models.gguf import add_llama_metadata, gguf_name
-
-    a = m.args
-    w = gguf.GGUFWriter(str(path), arch=arch)
-    add_llama_metadata(w, a)
-    deq = {}
-    for key, t in m.state_dict().items():
-        if key.startswith("rope") or (key == "output.weight" and a.tie_embeddings):
-            continue
-        name = key[: -len(".weight")]
-        arr = t.detach().float().numpy()
-        if name.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            q = gguf.quants.quantize(arr, qtype)
-            w.add_tensor(gguf_name(name), q, raw_dtype=qtype)
-            deq[key] = torch.from_numpy(gguf.quants.dequantize(q, qtype).copy())
-        else:
-            w.add_tensor(gguf_name(name), arr)
-            deq[key] = t.detach().float()
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return deq
-
-
 @pytest.mark.parametrize("qname", ["Q4_0", "Q4_1"])
 def test_gguf_import_matches_dequantized_reference(qname, tmp_path):
     import gguf
@@ -312,7 +283,7 @@ def test_gguf_import_matches_dequantized_reference(qname, tmp_path):
     m = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=256,
                               max_seq_len=64))
     m.init_weights(1)
-    deq = _gguf_from_float(tmp_path / "m.gguf", m, getattr(gguf.GGMLQuantizationType, qname))
+    deq = gguf_from_float(tmp_path / "m.gguf", m, getattr(gguf.GGMLQuantizationType, qname))
     loaded = load_model(tmp_path / "m.gguf")
     assert loaded.kind == "gguf" and len(loaded.quantized) == 14 and loaded.args.tie_embeddings
     for name in loaded.quantized:
@@ -370,7 +341,7 @@ def test_gguf_tokenizer_rebuilt_from_vocab(tmp_path):
 def test_gguf_rejects_other_architectures(tmp_path):
     m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, hidden_dim=128, max_seq_len=16))
     import gguf
-    _gguf_from_float(tmp_path / "g.gguf", m, gguf.GGMLQuantizationType.Q4_0, arch="gpt2")
+    gguf_from_float(tmp_path / "g.gguf", m, gguf.GGMLQuantizationType.Q4_0, arch="gpt2")
     with pytest.raises(CheckpointError, match="architecture 'gpt2' is not 'llama'"):
         load_model(tmp_path / "g.gguf")
 

@@ -220,3 +220,12 @@ def test_all_zero_tensors_are_adopted_without_resident_pages():
     negative = torch.full((2048, 1024), -0.0, dtype=torch.float16)      # -0.0 is not every byte 0: copied
     got = memory.adopt(negative)
     assert torch.equal(got.view(torch.int16), negative.view(torch.int16))
+
+
+def test_small_all_zero_tensors_are_adopted_without_resident_pages():
+    z = torch.zeros(512, 128, dtype=torch.float16)         # 128 KiB: below 2 MiB, still a page or more
+    got = memory.adopt(z)
+    assert got is not z and torch.equal(got, z) and memory.mapped_bytes(got, "Rss") == 0
+    assert memory.adopt(got) is got                          # adopted again (a tied head): shared, not remapped
+    tiny = torch.zeros(16)
+    assert memory.adopt(tiny) is tiny                        # under a page: as it is
