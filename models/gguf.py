@@ -175,8 +175,10 @@ def read_gguf(path, *, report: Optional[list] = None):
                          max_seq_len=context, tie_embeddings=tied)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    note(f"{len(layers)} int4 layers (Q4_0/Q4_1 kept as is), {sum(1 for k in tensors if k.endswith('.weight'))} "
-         f"float tensors")
+    n_linear = sum(1 for info in layers.values() if "kind" not in info)
+    table = ", the token table int4" if "tok_embeddings" in layers else ""
+    note(f"{n_linear} int4 layers (Q4_0/Q4_1 kept as is){table}, "
+         f"{sum(1 for k in tensors if k.endswith('.weight'))} float tensors")
     return args, layers, tensors, _tokenizer(reader, path)
 
 
