@@ -23,7 +23,6 @@ import numpy as np
 
 from .llama import ModelArgs
 from .load import CheckpointError
-from quant4 import ops
 from quant4.interop import ggml
 from quant4.serialization import TOKENIZER_KEY, tokenizer_from_header, tokenizer_header
 
@@ -131,17 +130,20 @@ def read_gguf(path, *, report: Optional[list] = None):
             type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
             # the output head and the token embeddings stay int4 where the file holds them in Q4_0 / Q4_1 (no
             # loss), float otherwise; the projections are int4 whatever the file's type
+            if (name == "output" and type_name not in ("F32", "F16", "BF16", "Q4_0", "Q4_1") and len(shape) == 2
+                    and shape[1] % 32 == 0):
+                # a head in another quantized type (Q6_K, Q8_0, ...): 8 bits (quant4.int8_linear), not 32
+                tensors["output.codes"], tensors["output.scales"] = ggml.to_int8(t.data, type_name, shape)
+                layers["output"] = {"in_features": shape[1], "out_features": shape[0], "kind": "int8"}
+                head8 = type_name
+                _release(reader, t)
+                continue
             c = ggml.to_quant4(t.data, type_name, shape,
                                is_proj or (name in ("output", "tok_embeddings") and type_name in ("Q4_0", "Q4_1")))
         except Exception as exc:     # short data, bad shapes, unknown types: all mean a damaged file
             raise CheckpointError(f"{path}: tensor {t.name}: {type(exc).__name__}: {exc}") from None
         _release(reader, t)
-        if c.weight is not None and name == "output" and type_name not in ("F32", "F16", "BF16") and shape[1] % 32 == 0:
-            # a head in another quantized type (Q6_K, Q8_0, ...): 8 bits (quant4.int8_linear), not 32
-            tensors["output.codes"], tensors["output.scales"] = ops.head_int8_quantize(c.weight)
-            layers["output"] = {"in_features": shape[1], "out_features": shape[0], "kind": "int8"}
-            head8 = type_name
-        elif c.weight is not None:
+        if c.weight is not None:
             tensors[f"{name}.weight"] = c.weight
             if any(name.endswith(p) for p in PROJECTIONS.values()):    # a projection the file holds in float
                 floats.append(name)
@@ -154,7 +156,7 @@ def read_gguf(path, *, report: Optional[list] = None):
             if c.requantized:
                 requant.append(name)
     if head8:
-        note(f"output head {head8} held in 8 bits (Q8_0 rounding of its values)")
+        note(f"output head {head8} held in 8 bits ({'exactly' if head8 == 'Q8_0' else 'Q8_0 rounding of its values'})")
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
     if floats:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from quant4 import memory, ops
-from quant4.nn import apply_keeping_dtypes
+from quant4.nn import _torch_ops, _tracing, apply_keeping_dtypes
 from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
 
 
@@ -73,6 +73,10 @@ class Int4Embedding(nn.Module):
             raise TypeError(f"Int4Embedding expects int64/int32 token ids, got "
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         flat = tokens.reshape(-1)
+        if _tracing(tokens):      # torch.compile / torch.export: the kernel as the custom op quant4::dequantize
+            rows = _torch_ops().dequantize(self.qweight[flat], self.scales[flat], self.zeros[flat], self.group_size,
+                                           self.embedding_dim)
+            return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise ValueError(f"token ids must be in [0, {self.num_embeddings}), got "
                              f"{int(flat.min())}..{int(flat.max())}")

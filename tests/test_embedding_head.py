@@ -97,19 +97,25 @@ def _model(tie, seed=3):
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 199]])
 
 
-def test_gguf_q4_table_and_q8_head_load_compact(tmp_path):
-    """Q4_0 token table and Q8_0 head (as llama.cpp files hold them): the table stays int4 (exact), the head
-    becomes 8-bit (within a Q8_0 step of the file's values), no float copy of either; the logits match a float
-    model of the file's values; the lean decode path gives forward's logits."""
-    deq = _gguf(tmp_path / "m.gguf", _model(False), table=Q.Q4_0, head=Q.Q8_0)
-    loaded = load_model(tmp_path / "m.gguf")
+@pytest.mark.parametrize("head", [Q.Q8_0, Q.Q5_0])
+def test_gguf_q4_table_and_quantized_head_load_compact(tmp_path, head):
+    """Q4_0 token table and a quantized head (llama.cpp files: Q6_K or Q8_0): the table stays int4 (exact), the
+    head becomes 8-bit (Q8_0 exactly, another type within a Q8_0 step of the file's values), no float copy of
+    either; the logits match a float model of the file's values; the lean decode path gives forward's logits."""
+    deq = _gguf(tmp_path / "m.gguf", _model(False), table=Q.Q4_0, head=head)
+    report = []
+    loaded = load_model(tmp_path / "m.gguf", report=report)
     m = loaded.model
     assert type(m.tok_embeddings) is Int4Embedding and type(m.output) is Int8Linear
     assert loaded.quantized["tok_embeddings"]["kind"] == "embedding" and loaded.quantized["output"]["kind"] == "int8"
     assert torch.equal(m.tok_embeddings.dequantize(), deq["tok_embeddings.weight"])
     file_head = deq["output.weight"]
-    step = file_head.view(200, 2, 32).abs().amax(-1, keepdim=True) / 127
-    assert bool(((m.output.dequantize() - file_head).view(200, 2, 32).abs() <= step / 2 * 1.0001).all())
+    if head == Q.Q8_0:
+        assert torch.equal(m.output.dequantize(), file_head)
+        assert any("held in 8 bits (exactly)" in line for line in report)
+    else:
+        step = file_head.view(200, 2, 32).abs().amax(-1, keepdim=True) / 127
+        assert bool(((m.output.dequantize() - file_head).view(200, 2, 32).abs() <= step / 2 * 1.0001).all())
     assert all(t.numel() < 200 * 64 for t in m.state_dict().values()
                if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
     ref = Transformer(m.args)

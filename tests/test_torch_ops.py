@@ -88,6 +88,22 @@ def test_compiled_model_matches_eager_without_graph_breaks():
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
+def test_compiled_model_with_int4_table_and_8bit_head():
+    """A model as a llama.cpp Q4_0 file loads (int4 token table, 8-bit head) compiles without graph breaks: the
+    table's rows through quant4::dequantize, the head in torch ops (its float mode; int8 runs eagerly)."""
+    from quant4 import Int4Embedding
+    from quant4.int8_linear import Int8Linear
+
+    model = small_model()
+    model.tok_embeddings = Int4Embedding.from_float(model.tok_embeddings.weight)
+    model.output = Int8Linear.from_float(model.output.weight)
+    tokens = torch.randint(0, 128, (1, 12))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        want, got = model(tokens), compiled(tokens)
+    assert torch.allclose(want, got, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 def test_export_records_the_custom_op():
     model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64))
     quantize_model_(model, 32, lambda m, n: isinstance(m, nn.Linear))

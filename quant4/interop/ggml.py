@@ -3,7 +3,8 @@
 to_quant4: Q4_0 / Q4_1 projections become quant4 int4 layers with group size 32 without re-quantization
 (layouts.from_ggml_q4: Q4_0 exact, Q4_1's offset rounded once to float16); F32 / F16 / BF16 become float32; any
 other type is dequantized with gguf.quants.dequantize and, for a projection, re-quantized to int4 g32 (round to
-nearest). from_int4: an Int4Linear's tensors as Q4_1 blocks (in_features a multiple of 32).
+nearest). to_int8: a quantized head as an 8-bit layer (Q8_0 exact). from_int4: an Int4Linear's tensors as Q4_1
+blocks (in_features a multiple of 32).
 """
 from __future__ import annotations
 
@@ -59,6 +60,25 @@ def to_quant4(data, type_name: str, shape: tuple, int4: bool) -> Converted:
             qw, s, z = ops.quantize(w.reshape(shape), 32)
             return Converted(qweight=qw, scales=s, zeros=z, requantized=True)
     return Converted(weight=w.reshape(shape))
+
+
+def to_int8(data, type_name: str, shape: tuple) -> tuple:
+    """A GGML tensor [rows, cols] of a quantized type -> (codes, scales) of quant4.int8_linear.Int8Linear: Q8_0
+    exactly (layouts.from_ggml_q8_0), any other type dequantized by gguf then rounded as Q8_0 rounds
+    (ops.head_int8_quantize). ValueError for a type gguf cannot dequantize."""
+    import gguf
+
+    data = np.asarray(data)
+    N, K = shape
+    if type_name == "Q8_0":
+        codes, scales = layouts.from_ggml_q8_0(torch.from_numpy(data.copy()).view(torch.uint8).reshape(N, -1), K)
+        return memory.adopt(codes), memory.adopt(scales)
+    try:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)).astype(np.float32))
+    except (NotImplementedError, KeyError) as exc:
+        raise ValueError(f"type {type_name}, which gguf cannot dequantize ({exc})") from None
+    return ops.head_int8_quantize(w.reshape(shape))
 
 
 def from_int4(module) -> tuple[np.ndarray, float]:

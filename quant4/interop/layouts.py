@@ -245,6 +245,22 @@ def to_ggml_q4_1(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return out.view(N, -1), err
 
 
+def from_ggml_q8_0(raw: torch.Tensor, in_features: int):
+    """Q8_0 blocks uint8 [N, K/32 * 34] (w = d q, d float16, q int8) -> (codes uint8 [N, K] = q + 128, scales
+    float32 [N, K/32] = d): quant4.int8_linear.Int8Linear's tensors, exact."""
+    K = in_features
+    if K % 32 or raw.dim() != 2 or raw.dtype != torch.uint8 or raw.shape[1] != K // 32 * 34:
+        raise ValueError(f"Q8_0 rows must be uint8 [N, {K // 32 * 34}] for in_features={K}, got "
+                         f"{raw.dtype} {tuple(raw.shape)}")
+    N = raw.shape[0]
+    blocks = raw.contiguous().view(N, K // 32, 34)
+    d = blocks[:, :, 0:2].contiguous().view(torch.float16).view(N, K // 32)
+    if not torch.isfinite(d).all():
+        raise ValueError("Q8_0 tensor has non-finite scales")
+    codes = (blocks[:, :, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8).view(N, K)
+    return codes, d.float()
+
+
 def from_ggml_q4(raw: torch.Tensor, kind: str, in_features: int):
     """Q4_0 or Q4_1 blocks uint8 [N, K/32 * (18 or 20)] -> (codes [N, K], scales fp16 [N, K/32], zeros fp16
     [N, K/32]) for group size 32. Q4_0 (w = d (q - 8)): scale = d, zero = 0, exact. Q4_1 (w = d q + m):
