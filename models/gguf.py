@@ -108,7 +108,7 @@ def read_gguf(path, *, report: Optional[list] = None):
     if not 0 < context <= 1 << 20:
         raise CheckpointError(f"{path}: GGUF key llama.context_length = {context} is out of range")
 
-    tensors, layers, requant, floats, head8 = {}, {}, [], [], None
+    tensors, layers, requant, floats, eight = {}, {}, [], [], []
     rope_freqs = None
     for t in reader.tensors:
         if not t.name or not t.name.isprintable():
@@ -130,12 +130,14 @@ def read_gguf(path, *, report: Optional[list] = None):
             type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
             # the output head and the token embeddings stay int4 where the file holds them in Q4_0 / Q4_1 (no
             # loss), float otherwise; the projections are int4 whatever the file's type
-            if (name == "output" and type_name not in ("F32", "F16", "BF16", "Q4_0", "Q4_1") and len(shape) == 2
-                    and shape[1] % 32 == 0):
-                # a head in another quantized type (Q6_K, Q8_0, ...): 8 bits (quant4.int8_linear), not 32
-                tensors["output.codes"], tensors["output.scales"] = ggml.to_int8(t.data, type_name, shape)
-                layers["output"] = {"in_features": shape[1], "out_features": shape[0], "kind": "int8"}
-                head8 = type_name
+            if (name in ("output", "tok_embeddings") and type_name not in ("F32", "F16", "BF16", "Q4_0", "Q4_1")
+                    and len(shape) == 2 and shape[1] % 32 == 0):
+                # a head or table in another quantized type (Q6_K, Q8_0, ...): 8 bits, not 32
+                # (quant4.int8_linear.Int8Linear, quant4.embedding.Int8Embedding)
+                tensors[f"{name}.codes"], tensors[f"{name}.scales"] = ggml.to_int8(t.data, type_name, shape)
+                layers[name] = {"in_features": shape[1], "out_features": shape[0],
+                                "kind": "int8" if name == "output" else "int8-embedding"}
+                eight.append(f"{'head' if name == 'output' else 'token table'} {type_name}")
                 _release(reader, t)
                 continue
             c = ggml.to_quant4(t.data, type_name, shape,
@@ -155,8 +157,8 @@ def read_gguf(path, *, report: Optional[list] = None):
                 layers[name]["kind"] = "embedding"
             if c.requantized:
                 requant.append(name)
-    if head8:
-        note(f"output head {head8} held in 8 bits ({'exactly' if head8 == 'Q8_0' else 'Q8_0 rounding of its values'})")
+    for what in eight:
+        note(f"{what} held in 8 bits ({'exactly' if what.endswith('Q8_0') else 'Q8_0 rounding of its values'})")
     if requant:
         note(f"{len(requant)} projections in other GGML types were dequantized and re-quantized to int4 g32")
     if floats:
@@ -178,7 +180,7 @@ def read_gguf(path, *, report: Optional[list] = None):
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     n_linear = sum(1 for info in layers.values() if "kind" not in info)
-    table = ", the token table int4" if "tok_embeddings" in layers else ""
+    table = ", the token table int4" if layers.get("tok_embeddings", {}).get("kind") == "embedding" else ""
     note(f"{n_linear} int4 layers (Q4_0/Q4_1 kept as is){table}, "
          f"{sum(1 for k in tensors if k.endswith('.weight'))} float tensors")
     return args, layers, tensors, _tokenizer(reader, path)
@@ -259,16 +261,17 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=N
         tokenizer = open_tokenizer(tokenizer_path)
     import gguf
 
-    from quant4 import Int4Embedding, Int4Linear
+    from quant4 import Int4Embedding, Int4Linear, Int8Embedding
     from quant4.serialization import atomic_write
 
     note = report.append if report is not None else (lambda s: None)
     from quant4.int8_linear import Int8Linear
 
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, Int4Embedding))}
-    int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
     if args.tie_embeddings:
         int4.pop("output", None)        # a tied head is the embedding table, written once
+        int8.pop("output", None)
     items = []          # (gguf name, numpy array, raw dtype or None)
     max_round = 0.0
     sd = model.state_dict()
@@ -280,7 +283,7 @@ def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=N
         if base in int8:
             if base not in written:
                 written.add(base)
-                note(f"{base}: 8-bit head written as F32 (its exact values)")
+                note(f"{base}: 8-bit {'head' if base == 'output' else 'table'} written as F32 (its exact values)")
                 items.append((gguf_name(base), int8[base].dequantize().numpy(), None))
             continue
         if base in int4:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .llama import ModelArgs, Transformer
 from .tokenizer import Tokenizer, TokenizerSource, check_settings, open_tokenizer
@@ -187,15 +188,18 @@ def build_model(args: ModelArgs, sd: dict, path, dtype: Optional[torch.dtype] = 
 
 def tie_head(args: ModelArgs, layers: dict) -> dict:
     """The "tied" entries of a converted int4 model (quant4.serialization's meta["tied"]): none when the head is
-    its own; the float head on the float embedding table; or, over an int4 embedding table (layers
-    "tok_embeddings" of kind "embedding"), an int4 head layer "output" added to `layers` whose tensors are the
-    table's."""
+    its own; the float head on the float embedding table; or, over a quantized table (layers "tok_embeddings" of
+    kind "embedding" or "int8-embedding"), an int4 or 8-bit head layer "output" added to `layers` whose tensors
+    are the table's."""
     if not args.tie_embeddings:
         return {}
     emb = layers.get("tok_embeddings")
     if emb is None:
         return {"output.weight": "tok_embeddings.weight"}
     layers["output"] = {k: v for k, v in emb.items() if k != "kind"}
+    if emb.get("kind") == "int8-embedding":
+        layers["output"]["kind"] = "int8"
+        return {f"output.{k}": f"tok_embeddings.{k}" for k in ("codes", "scales")}
     return {f"output.{k}": f"tok_embeddings.{k}" for k in ("qweight", "scales", "zeros")}
 
 
@@ -210,7 +214,7 @@ def build_quantized(args: ModelArgs, meta: dict, tensors: dict, *, num_threads: 
         load_quantized_(model, meta, tensors, num_threads=num_threads)
     except RuntimeError as exc:       # load_state_dict's size mismatches
         raise CheckpointError(f"tensors do not fit the model they describe: {exc}") from None
-    if args.tie_embeddings and not hasattr(model.output, "qweight"):
+    if args.tie_embeddings and type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding:
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()
     return model.eval()

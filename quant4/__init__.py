@@ -11,6 +11,7 @@ _LAZY = {
     "gptq_quantize": "quant4.gptq", "quantize_model_gptq_": "quant4.gptq", "tune_model_": "quant4.tune",
     "Int4Config": "quant4.config", "quantize_": "quant4.config",
     "Int4Linear": "quant4.nn", "Int4Embedding": "quant4.embedding",
+    "Int8Embedding": "quant4.embedding", "Int8Linear": "quant4.int8_linear",
     "dequantize": "quant4.ops", "get_num_threads": "quant4.ops", "kernel_isa": "quant4.ops",
     "matmul": "quant4.ops", "openmp_enabled": "quant4.ops", "quantize": "quant4.ops",
     "set_num_threads": "quant4.ops", "unpack": "quant4.ops",
@@ -21,7 +22,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["ACTIVATIONS", "DEFAULT_METHOD", "GROUP_SIZES", "METHODS", "MODEL_METHODS"]
 
 
-_SUBMODULES = {"awq", "config", "decode", "embedding", "gptq", "tune", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap", "torch_ops"}
+_SUBMODULES = {"awq", "config", "decode", "embedding", "int8_linear", "gptq", "tune", "interop", "models", "nn", "ops", "reference", "scheme", "serialization", "swap", "torch_ops"}
 
 
 def __getattr__(name):

@@ -1,15 +1,50 @@
-"""Int4Embedding: a token-embedding table held group-wise int4 in quant4's stored format."""
+"""Token-embedding tables held quantized: Int4Embedding (group-wise int4, quant4's stored format) and
+Int8Embedding (8 bits, the tensors of quant4.int8_linear.Int8Linear)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from quant4 import memory, ops
+from quant4.int8_linear import BLOCK, Int8Linear, check_codes, dequantize_codes
 from quant4.nn import _torch_ops, _tracing, apply_keeping_dtypes
 from quant4.scheme import FORMAT_VERSION, SCALE_DTYPE, padded_k
 
 
-class Int4Embedding(nn.Module):
+class _Table(nn.Module):
+    """What both tables share: forward(tokens) checks the ids and returns the rows asked for, in `dtype` (fp32;
+    module.to(dtype) changes it, the buffers keep their stored dtypes); subclasses give _rows(flat ids) -> fp32
+    [n, embedding_dim]."""
+    num_embeddings: int
+    embedding_dim: int
+
+    # the names a layer's metadata uses (quant4.serialization, the GGUF writer)
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.num_embeddings
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{type(self).__name__} expects int64/int32 token ids, got "
+                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        flat = tokens.reshape(-1)
+        if not _tracing(tokens) and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise ValueError(f"token ids must be in [0, {self.num_embeddings}), got "
+                             f"{int(flat.min())}..{int(flat.max())}")
+        return self._rows(flat, _tracing(tokens)).to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.dtype))      # what module.to(...) makes of a float tensor
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.dtype = probe.dtype
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse)
+
+
+class Int4Embedding(_Table):
     """An embedding table [num_embeddings, embedding_dim] in int4: the buffers an Int4Linear of that weight
     holds (qweight uint8 [V, Kp/2], scales and zeros float16 [V, Kp/group_size]; quant4.scheme), looked up row
     by row. forward(tokens) dequantizes only the rows asked for: out[..., :] == dequantize()[tokens], bit for
@@ -55,34 +90,15 @@ class Int4Embedding(nn.Module):
         qweight, scales, zeros = ops.quantize(weight.detach(), group_size)
         return cls.from_packed(qweight, scales, zeros, embedding_dim=weight.shape[1], group_size=group_size)
 
-    # the names an int4 layer's metadata uses (quant4.serialization, the GGUF writer)
-    @property
-    def in_features(self) -> int:
-        return self.embedding_dim
-
-    @property
-    def out_features(self) -> int:
-        return self.num_embeddings
-
     def dequantize(self) -> torch.Tensor:
         """The whole table as fp32 [num_embeddings, embedding_dim]."""
         return ops.dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.embedding_dim)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"Int4Embedding expects int64/int32 token ids, got "
-                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
-        flat = tokens.reshape(-1)
-        if _tracing(tokens):      # torch.compile / torch.export: the kernel as the custom op quant4::dequantize
-            rows = _torch_ops().dequantize(self.qweight[flat], self.scales[flat], self.zeros[flat], self.group_size,
-                                           self.embedding_dim)
-            return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise ValueError(f"token ids must be in [0, {self.num_embeddings}), got "
-                             f"{int(flat.min())}..{int(flat.max())}")
-        rows = ops.dequantize(self.qweight[flat], self.scales[flat], self.zeros[flat], self.group_size,
-                              self.embedding_dim, num_threads=1)
-        return rows.to(self.dtype).reshape(*tokens.shape, self.embedding_dim)
+    def _rows(self, flat: torch.Tensor, tracing: bool) -> torch.Tensor:
+        parts = (self.qweight[flat], self.scales[flat], self.zeros[flat], self.group_size, self.embedding_dim)
+        if tracing:      # torch.compile / torch.export: the kernel as the custom op quant4::dequantize
+            return _torch_ops().dequantize(*parts)
+        return ops.dequantize(*parts, num_threads=1)
 
     # -- state ---------------------------------------------------------------------------------
     def get_extra_state(self):
@@ -98,13 +114,56 @@ class Int4Embedding(nn.Module):
             if state.get(key) != mine[key]:
                 raise ValueError(f"checkpoint {key}={state.get(key)!r} but this Int4Embedding has {key}={mine[key]!r}")
 
-    def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0, dtype=self.dtype))      # what module.to(...) makes of a float tensor
-        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-            self.dtype = probe.dtype
-        return apply_keeping_dtypes(self, super()._apply, fn, recurse)
-
     def extra_repr(self) -> str:
         dtype = f", dtype={self.dtype}" if self.dtype != torch.float32 else ""
         return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}{dtype}, "
                 f"format=v{FORMAT_VERSION}")
+
+
+class Int8Embedding(_Table):
+    """An embedding table [num_embeddings, embedding_dim] in 8 bits: the tensors of an Int8Linear of that
+    weight (codes uint8 [V, D] = w / scale + 128, scales float32 [V, D/32]), looked up row by row:
+    out[..., :] == Int8Linear.dequantize()[tokens], in `dtype`. For a table a file holds in a quantized type
+    other than Q4_0/Q4_1 (GGUF Q8_0 exactly, Q6_K and others rounded as Q8_0 rounds), e.g. the tied table of
+    a small model quantized by llama.cpp: 8.25 bits a weight against fp32's 32, and a tied head is then an
+    Int8Linear over the same tensors."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        ops.check_int("num_embeddings", num_embeddings, 1, 1 << 31)
+        ops.check_int("embedding_dim", embedding_dim, 1, 1 << 31)
+        if embedding_dim % BLOCK:
+            raise ValueError(f"Int8Embedding needs embedding_dim divisible by {BLOCK}, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, torch.float32
+        self.register_buffer("codes", torch.full((num_embeddings, embedding_dim), 128, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(num_embeddings, embedding_dim // BLOCK))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Embedding":
+        """Wrap stored tensors (validated as Int8Linear.from_codes does; 2 MiB or more copied once into 2 MiB-page
+        memory where Linux offers it)."""
+        check_codes(codes, scales)
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.num_embeddings, mod.embedding_dim = codes.shape
+        mod.dtype = torch.float32
+        mod.register_buffer("codes", memory.adopt(codes.contiguous()))
+        mod.register_buffer("scales", memory.adopt(scales.contiguous()))
+        return mod
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
+        """Round a float table [num_embeddings, embedding_dim] as Q8_0 rounds (Int8Linear.from_float)."""
+        head = Int8Linear.from_float(weight)
+        return cls.from_codes(head.codes, head.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table as fp32 [num_embeddings, embedding_dim]."""
+        return self._rows(slice(None), False)
+
+    def _rows(self, flat, tracing: bool) -> torch.Tensor:
+        return dequantize_codes(self.codes[flat], self.scales[flat])
+
+    def extra_repr(self) -> str:
+        dtype = f", dtype={self.dtype}" if self.dtype != torch.float32 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8{dtype}"

@@ -27,6 +27,13 @@ def check_codes(codes, scales) -> None:
         raise ValueError("Int8Linear scales have non-finite values (NaN/Inf)")
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(codes - 128) * scale per 32 values: uint8 [n, K] and float32 [n, K/32] -> fp32 [n, K] (torch ops only)."""
+    n, K = codes.shape
+    return ((codes.to(torch.int16) - 128).to(torch.float32).view(n, K // BLOCK, BLOCK)
+            * scales.unsqueeze(-1)).view(n, K)
+
+
 class Int8Linear(nn.Module):
     """y = x . w_hat^T with w_hat = (codes - 128) * scale, one fp32 scale per 32 inputs (scale = absmax / 127,
     codes = round(w / scale) + 128: Q8_0's rounding), no bias. 8.25 bits a weight.
@@ -95,9 +102,7 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The float weight (of `rows`) this module multiplies by: fp32 [rows, in_features]."""
-        c, s = self.codes[rows], self.scales[rows]
-        w = (c.to(torch.int16) - 128).to(torch.float32).view(c.shape[0], -1, BLOCK) * s.unsqueeze(-1)
-        return w.view(c.shape[0], self.in_features)
+        return dequantize_codes(self.codes[rows], self.scales[rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

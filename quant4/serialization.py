@@ -4,12 +4,13 @@ Tensors: the model's state_dict without Int4Linear extra state, so each quantize
 <name>.qweight (uint8 [N, Kp/2]), <name>.scales and <name>.zeros (float16 [N, G]) and <name>.bias if any,
 in the stored format of quant4.scheme. A layer of kind "int8" (an output head a file held in another quantized
 type; quant4.int8_linear.Int8Linear) holds <name>.codes (uint8 [N, K], w / scale + 128) and <name>.scales
-(float32 [N, K/32]) instead, and no group_size. A layer of kind "embedding" is a token-embedding table in the same
+(float32 [N, K/32]) instead, and no group_size; kind "int8-embedding" is a token table in those tensors
+(quant4.embedding.Int8Embedding). A layer of kind "embedding" is a token-embedding table in the same
 tensors (quant4.embedding.Int4Embedding, rows = tokens; readers without the kind refuse it: the model's
 embedding has no in/out features to match). Tensors that alias another (tied embeddings) are stored once.
 Header metadata key "quant4" holds JSON:
     {"format": "quant4", "format_version": 1,
-     "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g[, "kind": "embedding" | "int8"]}, ...},
+     "layers": {"<name>": {"in_features": K, "out_features": N, "group_size": g[, "kind": "embedding" | "int8" | "int8-embedding"]}, ...},
      "tied": {"<name>": "<name it aliases>"},
      "model": {...},            free-form description of the architecture (e.g. type and config)
      "tokenizer": "<path relative to the file>" or null}       (files written before the key below)
@@ -33,13 +34,15 @@ import torch
 from torch import nn
 
 from quant4 import memory, ops
-from quant4.embedding import Int4Embedding
+from quant4.embedding import Int4Embedding, Int8Embedding
 from quant4.int8_linear import Int8Linear, check_codes
 from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
 
 FILE_FORMAT = "quant4"
-LAYER_KINDS = ("linear", "embedding", "int8")
+LAYER_KINDS = ("linear", "embedding", "int8", "int8-embedding")
+EMBEDDING_KINDS = ("embedding", "int8-embedding")
+INT8_KINDS = ("int8", "int8-embedding")
 TOKENIZER_KEY = "quant4.tokenizer.sentencepiece"    # the same keys in quant4's GGUF files
 TOKENIZER_JSON_KEY = "quant4.tokenizer.json"
 TOKENIZER_SETTINGS_KEY = "quant4.tokenizer.settings"
@@ -178,8 +181,9 @@ def quantized_tensors(model: nn.Module):
             layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size}
             if isinstance(m, Int4Embedding):
                 layers[name]["kind"] = "embedding"
-        elif isinstance(m, Int8Linear):
-            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "kind": "int8"}
+        elif isinstance(m, (Int8Linear, Int8Embedding)):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                            "kind": "int8" if isinstance(m, Int8Linear) else "int8-embedding"}
     tensors, tied, seen = {}, {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
         if key.endswith("_extra_state"):
@@ -304,7 +308,7 @@ def read_quantized(path) -> tuple[dict, dict]:
             if t is None:
                 raise FormatError(f"{path}: layer {name!r} has no tensor {name}.{k}")
         try:
-            if info.get("kind") == "int8":
+            if info.get("kind") in INT8_KINDS:
                 check_codes(held["codes"], held["scales"])
                 N, K = held["codes"].shape
                 if K != info.get("in_features"):
@@ -327,7 +331,7 @@ def read_quantized(path) -> tuple[dict, dict]:
 
 def layer_tensors(info: dict) -> tuple:
     """The tensor names (after "<layer>.") a layer of this metadata holds, bias aside."""
-    return ("codes", "scales") if info.get("kind") == "int8" else ("qweight", "scales", "zeros")
+    return ("codes", "scales") if info.get("kind") in INT8_KINDS else ("qweight", "scales", "zeros")
 
 
 def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads: Optional[int] = None) -> nn.Module:
@@ -347,7 +351,7 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
             old = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"quantized layer {name!r} does not exist in the model") from None
-        embedding = info.get("kind", "linear") == "embedding"
+        embedding = info.get("kind", "linear") in EMBEDDING_KINDS
         if embedding:
             want = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
         else:
@@ -368,11 +372,13 @@ def load_quantized_(model: nn.Module, meta: dict, tensors: dict, *, num_threads:
             raise FormatError(f"quantized layer {name!r}: the model's config "
                               f"{'has a bias there and the file none' if keys[-1] not in tensors else 'has no bias there but the file one'}")
         given = [tensors[k] for k in keys[:-1]]
-        if embedding:
+        if info.get("kind") in INT8_KINDS and keys[-1] in tensors:
+            raise FormatError(f"8-bit layer {name!r} has a bias; quant4's 8-bit layers have none")
+        if info.get("kind") == "int8-embedding":
+            mod = Int8Embedding.from_codes(*given)
+        elif embedding:
             mod = Int4Embedding.from_packed(*given, embedding_dim=info["in_features"], group_size=info["group_size"])
         elif info.get("kind") == "int8":
-            if keys[-1] in tensors:
-                raise FormatError(f"8-bit layer {name!r} has a bias; quant4's 8-bit layers have none")
             mod = Int8Linear.from_codes(*given, num_threads=num_threads)
         else:
             mod = Int4Linear.from_packed(*given, in_features=info["in_features"], group_size=info["group_size"],

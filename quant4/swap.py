@@ -198,10 +198,10 @@ def model_size(model: nn.Module) -> dict:
             seen.add(id(mod))
             info["int4_layers"] += 1
             info["int4_weights"] += mod.in_features * mod.out_features
-    from quant4.embedding import Int4Embedding
+    from quant4.embedding import Int4Embedding, Int8Embedding
     from quant4.int8_linear import Int8Linear
 
-    quantized = {id(b) for m in model.modules() if isinstance(m, (Int4Linear, Int4Embedding, Int8Linear))
+    quantized = {id(b) for m in model.modules() if isinstance(m, (Int4Linear, Int4Embedding, Int8Embedding, Int8Linear))
                  for b in m.buffers(recurse=False) if b is not None and b is not getattr(m, "bias", None)}
     storages = set()
     for t in list(model.parameters()) + list(model.buffers()):

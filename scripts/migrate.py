@@ -38,6 +38,7 @@ def read_any(path: Path, args, report: list):
         raise SystemExit(f"error: {path} holds no int4 layers; quantize it with scripts/quantize.py")
     kinds = [info.get("kind", "linear") for info in loaded.quantized.values()]
     extra = "".join(f", {n} {what}" for n, what in ((kinds.count("embedding"), "int4 token table"),
+                                                    (kinds.count("int8-embedding"), "8-bit token table"),
                                                     (kinds.count("int8"), "8-bit head")) if n)
     report.append(f"{loaded.kind}: {kinds.count('linear')} int4 layers{extra}")
     return loaded.model, loaded.args, loaded.kind, loaded.tokenizer

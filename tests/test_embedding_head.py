@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from quant4 import Int4Embedding, Int4Linear, ops, quantize_model_, set_activation_
+from quant4 import Int4Embedding, Int4Linear, Int8Embedding, ops, quantize_model_, set_activation_
 from quant4.int8_linear import Int8Linear
 from quant4.models.fast_decode import decode_step
 from quant4.models.gguf import write_gguf
@@ -178,6 +178,51 @@ def test_tied_q4_table_is_the_int4_head_shared(tmp_path):
     write_gguf(m, m.args, tmp_path / "t2.gguf")
     names = [t.name for t in gguf.GGUFReader(str(tmp_path / "t2.gguf")).tensors]
     assert "output.weight" not in names and "token_embd.weight" in names      # the tied table written once
+
+
+def test_int8_embedding_rows_are_the_head_values():
+    torch.manual_seed(2)
+    w = torch.randn(100, 64)
+    table, head = Int8Embedding.from_float(w), Int8Linear.from_float(w)
+    ids = torch.tensor([[0, 99, 5], [5, 6, 7]])
+    assert torch.equal(table(ids), head.dequantize()[ids]) and torch.equal(table.dequantize(), head.dequantize())
+    table.to(torch.bfloat16)
+    assert table(ids).dtype == torch.bfloat16 and table.codes.dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        table(torch.tensor([100]))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gguf_q8_0_table_is_8bit(tmp_path, tie):
+    """A table in Q8_0 (what llama.cpp's Q4_0 makes of a tied table whose width is not a multiple of 256, e.g.
+    SmolLM2's 576): an Int8Embedding with the file's values exactly; tied, the head is an Int8Linear over the
+    same tensors, saved once; the logits match a float model of the file's values."""
+    deq = _gguf(tmp_path / "q.gguf", _model(tie), table=Q.Q8_0)
+    m = load_model(tmp_path / "q.gguf").model
+    assert type(m.tok_embeddings) is Int8Embedding
+    assert torch.equal(m.tok_embeddings.dequantize(), deq["tok_embeddings.weight"])
+    if tie:
+        assert type(m.output) is Int8Linear and m.output.codes.data_ptr() == m.tok_embeddings.codes.data_ptr()
+    ref = Transformer(m.args)
+    ref.load_state_dict({**deq, "output.weight": deq.get("output.weight", deq["tok_embeddings.weight"])},
+                        strict=False)
+    with torch.no_grad():
+        got, want = m(TOKENS), ref.eval()(TOKENS)
+    assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+    info = {"type": "llama", "config": dict(m.args.to_dict(), dropout=0.0)}
+    save_quantized(m, tmp_path / "q.safetensors", model_info=info)
+    meta = json.loads(read_header(tmp_path / "q.safetensors")["quant4"])
+    assert meta["layers"]["tok_embeddings"]["kind"] == "int8-embedding"
+    if tie:
+        assert meta["tied"] == {"output.codes": "tok_embeddings.codes", "output.scales": "tok_embeddings.scales"}
+    back = load_model(tmp_path / "q.safetensors").model
+    with torch.no_grad():
+        assert torch.equal(back(TOKENS), got)
+    if tie:
+        assert back.output.codes.data_ptr() == back.tok_embeddings.codes.data_ptr()
+    write_gguf(m, m.args, tmp_path / "q2.gguf")
+    again = load_model(tmp_path / "q2.gguf").model      # written as its F32 values: a float table again
+    assert torch.equal(again.tok_embeddings.weight, m.tok_embeddings.dequantize())
 
 
 def test_float_model_with_int4_table_quantized_by_hand():

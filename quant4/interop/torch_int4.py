@@ -18,13 +18,13 @@ def export_torch_int4(model, *, dtype=torch.bfloat16, layout: Optional[str] = No
     _convert_weight_to_int4pack_for_cpu (this torch, this CPU; what torchchat and torchao use on CPU);
     otherwise any quant4.interop.layouts layout (cuda-tiled with inner_k_tiles for gpt-fast on CUDA). Layers torch's
     op cannot hold (N % 16, in_features % group_size) are written as float weights, listed in `report`."""
-    from quant4.embedding import Int4Embedding
+    from quant4.embedding import Int4Embedding, Int8Embedding
     from quant4.int8_linear import Int8Linear
     from quant4.nn import Int4Linear
 
     note = report.append if report is not None else (lambda s: None)
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
-    tables = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Embedding, Int8Linear))}
+    tables = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Embedding, Int8Embedding, Int8Linear))}
     out = {}
     for key, t in model.state_dict().items():
         if key.endswith("_extra_state") or key.rsplit(".", 1)[0] in int4 or key.rsplit(".", 1)[0] in tables:
@@ -32,8 +32,8 @@ def export_torch_int4(model, *, dtype=torch.bfloat16, layout: Optional[str] = No
         out[key] = t.detach().clone()
     for name, m in tables.items():     # these tools hold embedding tables and heads in float: the exact values
         out[f"{name}.weight"] = m.dequantize()
-        note(f"{name}: {'int4 embedding table' if isinstance(m, Int4Embedding) else '8-bit head'} written as "
-             f"its float32 values")
+        what = {Int4Embedding: "int4 embedding table", Int8Embedding: "8-bit embedding table"}.get(type(m), "8-bit head")
+        note(f"{name}: {what} written as its float32 values")
     for name, m in int4.items():
         K, g = m.in_features, m.group_size
         codes = ops.unpack(m.qweight)[:, :K].contiguous()
