@@ -73,6 +73,8 @@ def test_int8_linear_values_kernel_and_modes():
         assert (y8 - y).abs().max().item() <= 2e-2 * y.abs().max().item()
         out = torch.empty(500)
         assert torch.equal(head.matvec(x[1].contiguous(), out), y8[1])
+        many = torch.randn(8, 128)          # more rows than INT8_MAX_ROWS: the float path
+        assert torch.allclose(head(many), many @ deq.t(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="in_features=128"):
         head(torch.randn(2, 64))
     with pytest.raises(ValueError, match="divisible by 32"):
@@ -126,7 +128,9 @@ def test_gguf_q4_table_and_quantized_head_load_compact(tmp_path, head):
     for activation in ("float", "int8"):
         set_activation_(m, activation)
         with torch.no_grad():
-            full = m(TOKENS)[0]
+            # forward one token at a time (the 8-bit head's int8 mode takes the float path above 4 rows)
+            cache = m.new_cache(1, 16)
+            full = torch.cat([m(TOKENS[:, i:i + 1], i, cache)[0] for i in range(TOKENS.shape[1])])
             step_fn = decode_step(m, m.new_cache(1, 16))
             assert getattr(step_fn, "lean", False)
             steps = torch.stack([step_fn(int(t), i) for i, t in enumerate(TOKENS[0])])
