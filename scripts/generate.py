@@ -82,7 +82,7 @@ def main(argv=None):
             raise SystemExit(f"error: --compare needs a float checkpoint; {loaded.path} is already int4")
         runs = [("float", False), (f"int4 g{args.group_size}", True)]
     elif loaded.quantized:       # an int4 file of any kind (quant4, GGUF Q4, another tool's .pth)
-        sizes = sorted({info["group_size"] for info in loaded.quantized.values()})
+        sizes = sorted({info["group_size"] for info in loaded.quantized.values() if "group_size" in info})
         runs = [(f"int4 g{'/'.join(map(str, sizes))}", False)]
     else:
         runs = [(f"int4 g{args.group_size}" if quantize else "float", quantize)]

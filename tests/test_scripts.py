@@ -175,3 +175,26 @@ def test_quantize_script_budget(tmp_path, capsys):
     for bad in (["--group-size", "64"], ["--method", "gptq"]):
         with pytest.raises(SystemExit, match="--budget"):
             _script("quantize").main(["--out", str(tmp_path / "c.safetensors"), "--budget", "4.5"] + bad)
+
+
+@pytest.mark.parametrize("table", ["Q8_0", "Q4_0"])
+def test_generate_and_migrate_a_gguf_with_quantized_table(tmp_path, capsys, table):
+    """The embedded model as llama.cpp would quantize it (layers Q4_0, tied table Q8_0 or Q4_0): the table and
+    the tied head stay 8-bit / int4; generate.py and migrate.py work on it, and the text is the embedded model's."""
+    import gguf
+
+    from helpers import gguf_from_float
+
+    Q = gguf.GGMLQuantizationType
+    path = tmp_path / "e.gguf"
+    gguf_from_float(path, load_model().model, Q.Q4_0, table=getattr(Q, table))
+    tok = str(EMBEDDED_MODEL.parent / "tokenizer.model")
+    for extra in ([], ["--dtype", "bf16"], ["--activation", "float"]):
+        _script("generate").main(["--checkpoint", str(path), "--tokenizer", tok, "--max-new-tokens", "8"] + extra)
+        text = capsys.readouterr().out
+        assert "--- int4 g32 ---\nOnce upon a time" in text and "decode 8 tokens" in text, extra
+    _script("migrate").main([str(path), "--tokenizer", tok, "--out", str(tmp_path / "e.safetensors")])
+    text = capsys.readouterr().out
+    assert ("1 8-bit token table, 1 8-bit head" if table == "Q8_0" else "1 int4 token table") in text
+    _script("generate").main(["--checkpoint", str(tmp_path / "e.safetensors"), "--max-new-tokens", "8"])
+    assert "Once upon a time" in capsys.readouterr().out
