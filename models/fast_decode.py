@@ -23,6 +23,7 @@ def lean_stack(model, cache: Optional[list] = None):
     the attached one, setup_cache), or None when the model is not one it runs exactly (see above). Rebuild it
     whenever the model's weights or the cache change."""
     from quant4.decode import DecodeLayer, DecodeStack
+    from quant4.embedding import Int4Embedding, Int8Embedding
     from quant4.nn import Int4Linear
 
     if type(model) is not Transformer or model.training:
@@ -37,6 +38,8 @@ def lean_stack(model, cache: Optional[list] = None):
         return None
     if model.compute_dtype != torch.float32 or model.norm.eps != a.norm_eps:
         return None
+    if type(model.tok_embeddings) not in (nn.Embedding, Int4Embedding, Int8Embedding):
+        return None          # a table it cannot read a row of: forward
     layers, settings = [], set()
     for layer, c in zip(model.layers, caches):
         att, ff = layer.attention, layer.feed_forward
@@ -96,7 +99,7 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     if stack is None:
         return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
     emb, out, limit = model.tok_embeddings, model.output, model.args.max_seq_len
-    table = emb.weight if type(emb) is nn.Embedding else None     # else an int4 table: its rows looked up
+    table = emb.weight if type(emb) is nn.Embedding else None     # else a quantized table: row_into
     x = torch.empty(model.args.dim)
     from quant4 import ops
     from quant4.int8_linear import Int8Linear
@@ -109,7 +112,10 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     def step(token: int, pos: int) -> torch.Tensor:
         if pos + 1 > limit:
             raise ValueError(f"sequence end {pos + 1} exceeds max_seq_len={limit}")
-        x.copy_(table[token] if table is not None else emb(torch.tensor([token]))[0])
+        if table is not None:
+            x.copy_(table[token])
+        else:
+            emb.row_into(token, x)
         cos, sin = model.rope(pos + 1)
         h = stack.step(x, pos, cos[pos].float(), sin[pos].float())
         if head is not None:

@@ -1,5 +1,6 @@
 """Int4Embedding (token tables in int4) and Int8Linear (output heads in 8 bits): the modules, and models loaded
 from GGUF files that hold their tables in Q4_0/Q4_1 and their heads in other quantized types."""
+import copy
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from quant4 import Int4Embedding, Int4Linear, Int8Embedding, ops, quantize_model_, set_activation_
 from quant4.int8_linear import Int8Linear
-from quant4.models.fast_decode import decode_step
+from quant4.models.fast_decode import decode_step, lean_stack
 from quant4.models.gguf import write_gguf
 from quant4.models.llama import ModelArgs, Transformer
 from quant4.models.load import load_model
@@ -38,6 +39,10 @@ def test_int4_embedding_rows_are_the_dequantized_table_bit_exact():
         emb(torch.tensor([-1]))
     with pytest.raises(TypeError, match="token ids"):
         emb(torch.tensor([1.0]))
+    out = torch.empty(96)
+    assert torch.equal(emb.row_into(299, out), table[299])
+    with pytest.raises(ValueError, match="300"):
+        emb.row_into(300, out)
 
 
 def test_int4_embedding_dtype_and_state():
@@ -190,6 +195,7 @@ def test_int8_embedding_rows_are_the_head_values():
     table, head = Int8Embedding.from_float(w), Int8Linear.from_float(w)
     ids = torch.tensor([[0, 99, 5], [5, 6, 7]])
     assert torch.equal(table(ids), head.dequantize()[ids]) and torch.equal(table.dequantize(), head.dequantize())
+    assert torch.equal(table.row_into(99, torch.empty(64)), head.dequantize()[99])
     table.to(torch.bfloat16)
     assert table(ids).dtype == torch.bfloat16 and table.codes.dtype == torch.uint8
     with pytest.raises(ValueError, match=r"\[0, 100\)"):
@@ -231,11 +237,19 @@ def test_gguf_q8_0_table_is_8bit(tmp_path, tie):
 
 def test_float_model_with_int4_table_quantized_by_hand():
     m = _model(False)
-    quantize_model_(m)
+    quantize_model_(m.eval())
     m.tok_embeddings = Int4Embedding.from_float(m.tok_embeddings.weight)
     assert m.compute_dtype == torch.float32
     cache = m.new_cache(1, 8)
     assert cache[0].k.dtype == torch.float32
+    assert lean_stack(m, cache) is not None
+
+    class Table(torch.nn.Embedding):         # a table the lean path cannot read a row of: forward decodes
+        pass
+
+    other = copy.deepcopy(m)
+    other.tok_embeddings = Table(200, 64)
+    assert lean_stack(other, other.new_cache(1, 8)) is None
     m.to(torch.bfloat16)
     assert m.compute_dtype == torch.bfloat16 and m.new_cache(1, 8)[0].k.dtype == torch.bfloat16
     with torch.no_grad():
