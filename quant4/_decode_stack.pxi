@@ -21,6 +21,7 @@ cdef extern from "_q4decode.h" nogil:
                         float scale, float* s, float* out) noexcept
     void q4_silu_mul(float* gate, const float* up, Py_ssize_t n) noexcept
     void q4_add_into(float* y, const float* x, Py_ssize_t n) noexcept
+    float q8_dot_f32(const uint8_t* u, const float* d, const float* x, Py_ssize_t nb) noexcept
 
 
 ctypedef struct Q4Group:

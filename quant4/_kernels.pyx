@@ -1010,3 +1010,18 @@ def q8_matvec(const float[::1] x,               # IN  [D] fp32
 
 
 include "_decode_stack.pxi"
+
+
+def q8_matvec_f32(const float[:, ::1] x,        # IN  [M, D] fp32, as given
+                  const uint8_t[:, ::1] wu,     # IN  [N, D] codes + 128 (q8_quantize_rows)
+                  const float[:, ::1] dw,       # IN  [N, D/32]
+                  float[:, ::1] out,            # OUT [M, N]
+                  int num_threads):
+    """out = x times the 8-bit weight, fp32 activations unrounded (_q4decode.h q8_dot_f32, every build)."""
+    cdef Py_ssize_t M = x.shape[0], N = wu.shape[0], nb = wu.shape[1] // 32, n, m
+    if M == 0 or N == 0:
+        return
+    with nogil:
+        for n in prange(N, num_threads=num_threads, schedule="static"):
+            for m in range(M):
+                out[m, n] = q8_dot_f32(&wu[n, 0], &dw[n, 0], &x[m, 0], nb)

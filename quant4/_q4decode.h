@@ -7,6 +7,7 @@
 #define QUANT4_Q4DECODE_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stddef.h>
 
 /* out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], i < n */
@@ -61,6 +62,19 @@ static inline void q4_attend_head(const float *q, const float *k, const float *v
 /* gate[i] = silu(gate[i]) * up[i] */
 static inline void q4_silu_mul(float *gate, const float *up, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* x . w for one 8-bit row (codes u = w / d + 128, one scale d per 32 inputs) with fp32 x as given: per block
+   sum_k x[k] (u[k] - 128), times d, summed over the blocks (Int8Linear's exact-activation product) */
+static inline float q8_dot_f32(const uint8_t *u, const float *d, const float *x, ptrdiff_t nb) {
+    float acc = 0.0f;
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        float part = 0.0f;
+#pragma omp simd reduction(+:part)
+        for (ptrdiff_t k = 0; k < 32; k++) part += x[32 * b + k] * ((float)u[32 * b + k] - 128.0f);
+        acc += d[b] * part;
+    }
+    return acc;
 }
 
 /* y[i] += x[i] */

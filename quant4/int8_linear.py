@@ -10,10 +10,12 @@ from quant4 import memory, ops
 from quant4.nn import _tracing, apply_keeping_dtypes
 
 BLOCK = 32          # inputs per scale
-# activation "int8" runs rows one at a time through the matrix-vector kernel up to this many rows; more (a
-# prefill's every position, evaluation) take the float path: 32000 x 4096 at 512 rows, 2 threads, 2.94 s row by
-# row against 1.16 s (fp32 F.linear on the float weight: 0.84 s)
-INT8_MAX_ROWS = 4
+# Up to this many rows the kernels read the 8-bit weight directly (activation "int8": row by row through the
+# int8 matrix-vector kernel; otherwise ops.head_int8_matmul_float); more rows (a prefill's every position,
+# evaluation) dequantize 32 MB of weight at a time for a BLAS product. 32000 x 4096, 2 threads: 1 row 25.7 ms
+# direct against 214 ms dequantized (fp32 F.linear on a float weight: 28 ms), 4 rows 112 against 357, 16 rows
+# 406 against 389; int8 row by row at 512 rows 2.94 s against 1.16 s
+SMALL_ROWS = 4
 
 
 def check_codes(codes, scales) -> None:
@@ -48,11 +50,12 @@ class Int8Linear(nn.Module):
     own is at most half a step of 1/127 of each 32-input block's largest weight.
 
     Buffers: codes uint8 [out, in], scales float32 [out, in/32] (in_features % 32 == 0).
-    activation (a runtime choice, as Int4Linear's): "float" multiplies the inputs as given by w_hat (in row
-    blocks, never the whole float weight at once); "int8" rounds each input row to int8 per 32 values and uses
-    the 8-bit dot-product kernel (AVX512-VNNI or AVX2; ops.int8_head_available), what int8-activation decode
-    does, for up to INT8_MAX_ROWS rows (more take the float path, faster there); "bf16" is "float" here, and so
-    is every mode under torch.compile / torch.export (torch ops only).
+    activation (a runtime choice, as Int4Linear's): "float" multiplies the inputs as given by w_hat (up to
+    SMALL_ROWS rows by a kernel reading the codes, more in row blocks of dequantized weight, never the whole
+    float weight at once); "int8" rounds each input row to int8 per 32 values and uses the 8-bit dot-product
+    kernel (AVX512-VNNI or AVX2; ops.int8_head_available), what int8-activation decode does, for up to
+    SMALL_ROWS rows (more take the float path, faster there); "bf16" is "float" here, and so is every mode
+    under torch.compile / torch.export (torch ops only).
     """
 
     def __init__(self, in_features: int, out_features: int, *, num_threads: Optional[int] = None,
@@ -117,11 +120,14 @@ class Int8Linear(nn.Module):
             raise ValueError(f"input shape {tuple(x.shape)}: last dim must be in_features={self.in_features}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        if (self.activation == "int8" and x2d.shape[0] <= INT8_MAX_ROWS and ops.int8_head_available()
-                and not _tracing(x) and not (x.requires_grad and torch.is_grad_enabled())):
+        few = (x2d.shape[0] <= SMALL_ROWS and not _tracing(x)
+               and not (x.requires_grad and torch.is_grad_enabled()))
+        if few and self.activation == "int8" and ops.int8_head_available():
             y = torch.empty(x2d.shape[0], self.out_features)
             for i in range(x2d.shape[0]):
                 self.matvec(x2d[i].float().contiguous(), y[i])
+        elif few:
+            y = ops.head_int8_matmul_float(x2d.float(), self.codes, self.scales, self.num_threads)
         else:
             xf = x2d.float()
             step = max(1, (32 << 20) // (4 * self.in_features))       # 32 MB of float weight at a time

@@ -70,6 +70,12 @@ def test_int8_linear_values_kernel_and_modes():
     x = torch.randn(3, 128)
     y = head(x)
     assert torch.allclose(y, x @ deq.t(), rtol=1e-5, atol=1e-4)
+    # the few-rows float kernel against its definition in float64, within 1e-5 of |x| . |w_hat|
+    wide = Int8Linear.from_float(torch.randn(96, 2048))
+    xw = torch.randn(2, 2048)
+    exact = xw.double() @ wide.dequantize().double().t()
+    bound = 1e-5 * (xw.abs().double() @ wide.dequantize().abs().double().t())
+    assert bool(((wide(xw).double() - exact).abs() <= bound).all())
     assert torch.allclose(head(x[0]), y[0], rtol=1e-5, atol=1e-4)      # BLAS gemv against gemm: rounding only
     if ops.int8_head_available():
         set_activation_(head, "int8")
@@ -78,7 +84,7 @@ def test_int8_linear_values_kernel_and_modes():
         assert (y8 - y).abs().max().item() <= 2e-2 * y.abs().max().item()
         out = torch.empty(500)
         assert torch.equal(head.matvec(x[1].contiguous(), out), y8[1])
-        many = torch.randn(8, 128)          # more rows than INT8_MAX_ROWS: the float path
+        many = torch.randn(8, 128)          # more rows than SMALL_ROWS: the float path
         assert torch.allclose(head(many), many @ deq.t(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="in_features=128"):
         head(torch.randn(2, 64))
