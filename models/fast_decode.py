@@ -98,16 +98,18 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     stack = lean_stack(model, cache) if lean else None
     if stack is None:
         return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
-    emb, out, limit = model.tok_embeddings, model.output, model.args.max_seq_len
-    table = emb.weight if type(emb) is nn.Embedding else None     # else a quantized table: row_into
-    x = torch.empty(model.args.dim)
     from quant4 import ops
     from quant4.int8_linear import Int8Linear
 
-    head = int8_head(model, stack.num_threads) if stack.activation == "int8" else None
+    emb, out, limit = model.tok_embeddings, model.output, model.args.max_seq_len
+    table = emb.weight if type(emb) is nn.Embedding else None     # else a quantized table: row_into
+    x = torch.empty(model.args.dim)
+    head = None
     if type(out) is Int8Linear and stack.activation == "int8" and ops.int8_head_available():
         logits = torch.empty(out.out_features)
         head = lambda h: out.matvec(h, logits)       # noqa: E731  (an 8-bit head of the file's: no copy)
+    elif stack.activation == "int8":
+        head = int8_head(model, stack.num_threads)
 
     def step(token: int, pos: int) -> torch.Tensor:
         if pos + 1 > limit:

@@ -128,8 +128,8 @@ def read_gguf(path, *, report: Optional[list] = None):
             shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))    # numpy order [rows, cols]
             is_proj = any(name.endswith(p) for p in PROJECTIONS.values())
             type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
-            # the output head and the token embeddings stay int4 where the file holds them in Q4_0 / Q4_1 (no
-            # loss), float otherwise; the projections are int4 whatever the file's type
+            # the output head and the token embeddings: int4 where the file holds them in Q4_0 / Q4_1 (no loss),
+            # 8 bits in another quantized type, float in a float type; the projections are int4 whatever the type
             if (name in ("output", "tok_embeddings") and type_name not in ("F32", "F16", "BF16", "Q4_0", "Q4_1")
                     and len(shape) == 2 and shape[1] % 32 == 0):
                 # a head or table in another quantized type (Q6_K, Q8_0, ...): 8 bits, not 32
@@ -253,20 +253,19 @@ def _tokenizer(reader, path):
 
 def write_gguf(model, args: ModelArgs, path, *, tokenizer=None, tokenizer_path=None, overwrite: bool = False,
                report: Optional[list] = None) -> Path:
-    """Write `model` (float and/or Int4Linear layers, a float or Int4Embedding table) as a GGUF llama model, atomically (see module doc).
-    tokenizer: a TokenizerSource to write (or tokenizer_path: a tokenizer file)."""
+    """Write `model` (float and/or Int4Linear layers; a float, Int4Embedding or 8-bit table; an 8-bit head) as a
+    GGUF llama model, atomically (see module doc): int4 as Q4_1, 8-bit as F32 values. tokenizer: a
+    TokenizerSource to write (or tokenizer_path: a tokenizer file)."""
     if tokenizer is None and tokenizer_path is not None:
         from .tokenizer import open_tokenizer
 
         tokenizer = open_tokenizer(tokenizer_path)
     import gguf
 
-    from quant4 import Int4Embedding, Int4Linear, Int8Embedding
+    from quant4 import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
     from quant4.serialization import atomic_write
 
     note = report.append if report is not None else (lambda s: None)
-    from quant4.int8_linear import Int8Linear
-
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, Int4Embedding))}
     int8 = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
     if args.tie_embeddings:
