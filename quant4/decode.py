@@ -103,7 +103,7 @@ class DecodeStack:
         self.dim, self.head_dim, self.max_positions = dim, D, Tmax
         self._keep = (layers, norm)          # everything the kernel state points into
         st = ops.decode_stack_state(len(layers), dim, hidden, H, Hkv, D, Tmax, kmax, eps, threads,
-                                ops.MIN_WORK_PER_THREAD)
+                                ops.MIN_ATTENTION_WORK)
         np_ = lambda t: t.detach().numpy()      # noqa: E731  (contiguous: checked above)
         for i, L in enumerate(layers):
             for which, ws in (("qkv", (L.wq, L.wk, L.wv)), ("wo", (L.wo,)), ("w13", (L.w1, L.w3)), ("w2", (L.w2,))):

@@ -153,7 +153,11 @@ def warn_if_oversubscribed(read=None) -> bool:
 
 
 # Below this much work per thread (multiply-adds or weights), waking another thread costs more than it saves.
-MIN_WORK_PER_THREAD = 1 << 18
+# Was 1 << 18 until session 14: a 135M-shaped model's 576 x 576 wo then ran on one thread; 1 << 16 made its lean
+# decode step 0.86-0.87x as long (with MIN_ATTENTION_WORK below; in turns, one process, docs/speed.md).
+MIN_WORK_PER_THREAD = 1 << 16
+# Below this much attention work in all (heads x positions x head_dim), the lean decode step attends on one thread
+MIN_ATTENTION_WORK = 1 << 13
 
 
 def _threads(num_threads: Optional[int], work: Optional[int] = None) -> int:

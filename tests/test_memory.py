@@ -79,6 +79,33 @@ def test_off_switch(monkeypatch):
 
 
 @needs_thp
+def test_mid_sized_weights_share_huge_pages_and_the_page_goes_when_they_die():
+    import gc
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.randn(n, generator=g).to(dt) for n, dt in
+            ((4096 * 8, torch.float32), (70001, torch.float16), (9000, torch.uint8), (100_000, torch.int32))]
+    srcs[2] = torch.randint(0, 256, (memory.ARENA_MIN + 1,), dtype=torch.uint8, generator=g)
+    outs = [memory.adopt(s) for s in srcs]
+    for s, o in zip(srcs, outs):
+        assert o is not s and o.dtype == s.dtype and o.shape == s.shape and torch.equal(o, s)
+        assert o.data_ptr() % 64 == 0 and o.data_ptr() in memory._ARENA_PTRS
+        assert memory.adopt(o) is o                    # already there: no second copy
+    # 128 + 137 + 17 + 391 KB fit one 2 MiB page: all four share it, without overlapping
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()) for o in outs)
+    assert spans[-1][1] - spans[0][0] <= HP
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    outs[0].add_(1)                                    # writable, and the others keep their values
+    assert all(torch.equal(o, s) for o, s in zip(outs[1:], srcs[1:]))
+    tiny = torch.ones(100)
+    assert memory.adopt(tiny) is tiny                  # below ARENA_MIN: torch's own memory
+    # the page is unmapped when the last tensor in it dies
+    page_refs = [p[0] for p in memory._arena_pages if p[0]() is not None]
+    del outs, o
+    gc.collect()
+    assert all(r() is None for r in page_refs)
+
+
+@needs_thp
 def test_int4linear_weights_live_in_huge_page_memory_and_compute_the_same():
     g = torch.Generator().manual_seed(1)
     N, K = 2048, 4096
@@ -87,7 +114,8 @@ def test_int4linear_weights_live_in_huge_page_memory_and_compute_the_same():
     zeros = (torch.randn(N, K // 32, generator=g) * 1e-3).half()
     layer = Int4Linear.from_packed(qweight, scales, zeros, in_features=K, group_size=32)
     assert layer.qweight.data_ptr() % HP == 0 and torch.equal(layer.qweight, qweight)
-    assert layer.scales is scales             # 256 KB: below a huge page, used as it is
+    # 256 KB: below a huge page, packed into a shared 2 MiB page (a copy with the same values)
+    assert layer.scales.data_ptr() in memory._ARENA_PTRS and torch.equal(layer.scales, scales)
     x = torch.randn(3, K, generator=g)
     want = ops.matmul(x, qweight.clone(), scales, zeros, 32, K)
     assert torch.equal(layer(x), want)
