@@ -1,8 +1,9 @@
 /* The float parts of one decode step (one token, batch 1) of a Llama layer, for the lean decode path
  * (_decode_stack.pxi): RMSNorm, RoPE on adjacent pairs, attention of one query head over the cached
- * positions, SiLU(gate) * up, and an e^x those two vectorize. Plain C: the reductions carry `omp simd` so the compiler vectorizes them (the
- * pragma is ignored, and the loops stay scalar and correct, in a build without OpenMP). fp32 throughout,
- * as quant4's PyTorch model computes them (models/llama.py); results agree with it to rounding. */
+ * positions, SiLU(gate) * up, and an e^x those two vectorize. Plain C: the reductions carry `omp simd` so
+ * the compiler vectorizes them (the pragma is ignored, and the loops stay scalar and correct, in a build
+ * without OpenMP). fp32 throughout, as quant4's PyTorch model computes them (models/llama.py); results agree
+ * with it to rounding. */
 #ifndef QUANT4_Q4DECODE_H
 #define QUANT4_Q4DECODE_H
 

@@ -99,7 +99,7 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     return t if t is not None else torch.zeros(tuple(int(s) for s in shape), dtype=dtype)
 
 
-_ZERO_MAPPINGS: set = set()          # addresses of the zero mappings adopt made (a stale entry only skips a scan or a copy)
+_ZERO_MAPPINGS: set = set()   # addresses of the zero mappings adopt made (a stale entry only skips a scan or a copy)
 
 
 def _zero_mapping(shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -187,6 +187,11 @@ def _shared_page_copy(t: torch.Tensor) -> torch.Tensor:
     out.copy_(t)
     _ARENA_PTRS.add(out.data_ptr())
     return out
+
+
+def in_shared_page(t: torch.Tensor) -> bool:
+    """True if t was placed by adopt() in a 2 MiB page it shares with other weights."""
+    return t.data_ptr() in _ARENA_PTRS
 
 
 def mapped_bytes(t: torch.Tensor, field: str = "AnonHugePages") -> int:

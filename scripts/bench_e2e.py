@@ -222,7 +222,7 @@ def placement(model) -> str:
     total = sum(w.numel() for w in ws)
     # a tensor of 2 MiB or more: its own mapping; a smaller one in a shared 2 MiB page (memory.adopt): its bytes
     huge = sum(memory.mapped_bytes(w) for w in ws if w.numel() >= memory.HUGE_PAGE) + \
-        sum(w.numel() for w in ws if w.data_ptr() in memory._ARENA_PTRS and memory.mapped_bytes(w) > 0)
+        sum(w.numel() for w in ws if memory.in_shared_page(w) and memory.mapped_bytes(w) > 0)
     wait = os.environ.get("OMP_WAIT_POLICY") or ("GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"]
                                                  if "GOMP_SPINCOUNT" in os.environ else "spinning (libgomp default)")
     return f"int4 codes in 2 MiB pages: {huge / 2**30:.2f} of {total / 2**30:.2f} GiB; OpenMP wait: {wait}"

@@ -88,7 +88,7 @@ def test_mid_sized_weights_share_huge_pages_and_the_page_goes_when_they_die():
     outs = [memory.adopt(s) for s in srcs]
     for s, o in zip(srcs, outs):
         assert o is not s and o.dtype == s.dtype and o.shape == s.shape and torch.equal(o, s)
-        assert o.data_ptr() % 64 == 0 and o.data_ptr() in memory._ARENA_PTRS
+        assert o.data_ptr() % 64 == 0 and memory.in_shared_page(o)
         assert memory.adopt(o) is o                    # already there: no second copy
     # 128 + 137 + 17 + 391 KB fit one 2 MiB page: all four share it, without overlapping
     spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()) for o in outs)
@@ -115,7 +115,7 @@ def test_int4linear_weights_live_in_huge_page_memory_and_compute_the_same():
     layer = Int4Linear.from_packed(qweight, scales, zeros, in_features=K, group_size=32)
     assert layer.qweight.data_ptr() % HP == 0 and torch.equal(layer.qweight, qweight)
     # 256 KB: below a huge page, packed into a shared 2 MiB page (a copy with the same values)
-    assert layer.scales.data_ptr() in memory._ARENA_PTRS and torch.equal(layer.scales, scales)
+    assert memory.in_shared_page(layer.scales) and torch.equal(layer.scales, scales)
     x = torch.randn(3, K, generator=g)
     want = ops.matmul(x, qweight.clone(), scales, zeros, 32, K)
     assert torch.equal(layer(x), want)
