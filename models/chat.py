@@ -107,10 +107,10 @@ class ChatSession:
         stop = self.tok.stop_ids
         out = []
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids[keep:]]), keep, self.cache, last_only=True)[0, -1]
+            step = decode_step(self.model, self.cache)
+            logits = step.prefill(ids[keep:], keep)
             self.prefilled += len(ids) - keep
             self.cached = list(ids)
-            step = decode_step(self.model, self.cache)
             try:
                 while len(out) < max_new_tokens and len(self.cached) < self.context:
                     t = sample(logits, **self.sampling, generator=self.generator)

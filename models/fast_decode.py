@@ -93,11 +93,16 @@ def int8_head(model, num_threads: Optional[int] = None):
 def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Callable[[int, int], torch.Tensor]:
     """step(token, pos) -> the logits (fp32 [vocab]) of `token` at position `pos`, the cache holding positions
     < pos: what model(torch.tensor([[token]]), pos, cache)[0, -1] gives, through the lean path when the model
-    allows it (lean=False: always forward). Built for one generation: the lean path reads the weights and the
+    allows it (lean=False: always forward). step.prefill(ids, pos) -> the logits of the last of the tokens
+    `ids` (a list) at positions pos.., the cache holding positions < pos: what model(torch.tensor([ids]), pos,
+    cache, last_only=True)[0, -1] gives; on the lean path one call for the whole prompt (up to
+    ops.SMALL_M tokens: one step each). Built for one generation: the lean path reads the weights and the
     cache as they are now."""
     stack = lean_stack(model, cache) if lean else None
     if stack is None:
-        return lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]
+        step = lambda token, pos: model(torch.tensor([[token]]), pos, cache)[0, -1]        # noqa: E731
+        step.prefill = lambda ids, pos: model(torch.tensor([ids]), pos, cache, last_only=True)[0, -1]
+        return step
     from quant4 import ops
     from quant4.int8_linear import Int8Linear
 
@@ -111,18 +116,39 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     elif stack.activation == "int8":
         head = int8_head(model, stack.num_threads)
 
+    def check_end(end: int) -> None:
+        if end > limit:
+            raise ValueError(f"sequence end {end} exceeds max_seq_len={limit}")
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        if head is not None:
+            return head(h).clone()
+        return out(h.view(1, 1, -1))[0, 0].float()
+
     def step(token: int, pos: int) -> torch.Tensor:
-        if pos + 1 > limit:
-            raise ValueError(f"sequence end {pos + 1} exceeds max_seq_len={limit}")
+        check_end(pos + 1)
         if table is not None:
             x.copy_(table[token])
         else:
             emb.row_into(token, x)
         cos, sin = model.rope(pos + 1)
-        h = stack.step(x, pos, cos[pos].float(), sin[pos].float())
-        if head is not None:
-            return head(h).clone()
-        return out(h.view(1, 1, -1))[0, 0].float()
+        return logits_of(stack.step(x, pos, cos[pos].float(), sin[pos].float()))
+
+    def prefill(ids, pos: int) -> torch.Tensor:
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        check_end(pos + len(ids))
+        if len(ids) <= ops.SMALL_M:        # the decode kernels, as forward runs so few rows
+            for i, token in enumerate(ids):
+                logits = step(token, pos + i)
+            return logits
+        xs = emb(torch.tensor(ids)).float().contiguous()
+        cos, sin = model.rope(pos + len(ids))
+        h = stack.prefill(xs, pos, cos[pos:pos + len(ids)].float().contiguous(),
+                          sin[pos:pos + len(ids)].float().contiguous())
+        return logits_of(h)
 
     step.lean = True
+    step.prefill = prefill
     return step

@@ -51,7 +51,8 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              stop_ids=(), on_token: Optional[Callable[[int], None]] = None, lean: bool = True):
     """-> (new token ids, GenStats). Stops at max_new_tokens, a stop id, or the model's max_seq_len.
-    Decode steps take the lean path (models/fast_decode.py) when the model allows it; lean=False: forward."""
+    The prompt and the decode steps take the lean path (models/fast_decode.py) when the model allows it;
+    lean=False: forward."""
     if not prompt_ids:
         raise ValueError("prompt_ids is empty")
     limit = model.args.max_seq_len
@@ -61,10 +62,10 @@ def generate(model, prompt_ids: list, max_new_tokens: int, *, temperature: float
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     ops.warn_if_oversubscribed()
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)    # this call's own: threads may share a model
-    t0 = time.perf_counter()
-    logits = model(torch.tensor([prompt_ids]), 0, cache, last_only=True)[0, -1]
-    t1 = time.perf_counter()
     step = decode_step(model, cache, lean=lean)
+    t0 = time.perf_counter()
+    logits = step.prefill(prompt_ids, 0)
+    t1 = time.perf_counter()
     out = []
     pos = len(prompt_ids)
     for _ in range(max_new_tokens):

@@ -10,6 +10,7 @@
 #
 # Included by _kernels.pyx. Everything here is checked by quant4/decode.py before it is called.
 
+from cython.parallel cimport threadid
 from libc.stdlib cimport calloc
 from libc.string cimport memcpy
 from libc.math cimport sqrtf
@@ -19,6 +20,12 @@ cdef extern from "_q4decode.h" nogil:
     void q4_rope(float* x, Py_ssize_t heads, Py_ssize_t d, const float* cs, const float* sn) noexcept
     void q4_attend_head(const float* q, const float* k, const float* v, Py_ssize_t d, Py_ssize_t T,
                         float scale, float* s, float* out) noexcept
+    enum:
+        Q4_AQ       # queries per prefill attention block
+        Q4_AT       # positions per score block of it (K transposed, zero-padded to a multiple)
+    void q4_attend_block(const float* q, Py_ssize_t ldq, int nq, const float* kt, Py_ssize_t ldt, const float* v,
+                         Py_ssize_t d, Py_ssize_t T0, float scale, float* s, Py_ssize_t lds, float* out,
+                         Py_ssize_t ldo) noexcept
     void q4_silu_mul(float* gate, const float* up, Py_ssize_t n) noexcept
     void q4_add_into(float* y, const float* x, Py_ssize_t n) noexcept
     float q8_dot_f32(const uint8_t* u, const float* d, const float* x, Py_ssize_t nb) noexcept
@@ -27,6 +34,7 @@ cdef extern from "_q4decode.h" nogil:
 ctypedef struct Q4Group:
     # the weights one input feeds (q/k/v; w1/w3; wo; w2), run in one parallel loop over all their rows
     Q4Rows w[3]
+    const uint16_t* zfull[3]    # every weight's zeros, for the prefill kernels (w[j].zr may be NULL: int8-decode)
     float* out[3]
     Py_ssize_t start[4]     # first work unit of each weight (a row, or Q4_DR rows for fp32-decode); start[nw]: all
     int nw
@@ -70,6 +78,58 @@ cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, fl
                           (g.w[j].bias[n] if g.w[j].bias != NULL else 0.0)
         else:
             _decode_rows(&g.w[j], xp, 1, n * Q4_DR, g.out[j], g.w[j].N, g.multi_row)
+
+
+cdef enum:
+    PREFILL_SCRATCH = NB8 * KC8 + 2 * (NB8 * KC8 // 32) * 4    # bytes per thread: int8-prefill's codes and scales
+
+
+cdef int _prefill_group(const Q4Group* g, const float* x, Py_ssize_t ldx, Py_ssize_t M, float** outs,
+                        const Py_ssize_t* ldo, bint int8, float* xp, int8_t* xq, float* d, float* xs,
+                        uint8_t* scratch, int threads) noexcept nogil:
+    # outs[j] [M, ldo[j]] = the M rows x [M, ldx] times each of the group's weights, on the prefill kernel
+    # ops.plan_matmul chooses for M > SMALL_M: int8-prefill (the activations rounded to int8 per 32-k block,
+    # each thread repacking panels into its slice of scratch, PREFILL_SCRATCH bytes) or fp32-prefill. x is zero
+    # beyond each row's K up to the weights' padded Kp. Returns -1 if fp32-prefill's scratch failed.
+    cdef Py_ssize_t Kp = g.w[0].Kp, nb = Kp // 32, m, u, blk, n_units = 0
+    cdef Py_ssize_t ustart[4]
+    cdef const float* xsw[3]
+    cdef Q4Rows w[3]
+    cdef Q4Rows b
+    cdef uint8_t* codes
+    cdef float* fs
+    cdef int j
+    for j in range(g.nw):
+        w[j] = g.w[j]
+        w[j].zr = g.zfull[j]
+        # the int8 codes and block scales do not depend on the group size; the group sums xs do
+        xsw[j] = xsw[j - 1] if j > 0 and w[j].cpg == w[j - 1].cpg else xs + j * M * nb
+        ustart[j] = n_units
+        n_units += (w[j].N + NB8 - 1) // NB8
+    ustart[g.nw] = n_units
+    for m in prange(M, num_threads=threads, schedule="static"):
+        q4_permute_x(x + m * ldx, Kp, xp + m * Kp)
+        if int8:
+            for j in range(g.nw):
+                if j == 0 or xsw[j] != xsw[j - 1]:
+                    q4_quantize_x_int8_blocks(xp + m * Kp, Kp, w[j].cpg, xq + m * Kp, d + m * nb,
+                                              <float*>xsw[j] + m * w[j].G)
+    if not int8:
+        for j in range(g.nw):
+            if _prefill(&w[j], xp, M, outs[j], ldo[j], threads) < 0:
+                return -1
+        return 0
+    for u in prange(n_units, num_threads=threads, schedule="dynamic", chunksize=1):
+        j = 0
+        while u >= ustart[j + 1]:
+            j = j + 1
+        blk = u - ustart[j]
+        b = _block(&w[j], blk * NB8)
+        b.N = min(<Py_ssize_t>NB8, b.N)
+        codes = scratch + threadid() * PREFILL_SCRATCH
+        fs = <float*>(codes + NB8 * KC8)
+        _prefill_block_int8(&b, xq, d, xsw[j], M, outs[j] + blk * NB8, ldo[j], codes, fs, fs + NB8 * KC8 // 32)
+    return 0
 
 
 cdef class DecodeStack:
@@ -125,8 +185,9 @@ cdef class DecodeStack:
 
     def set_group(self, Py_ssize_t layer, str which, list weights, int threads, bint int8, bint multi_row):
         """weights: [(qweight uint8 [N, Kp/2], scales / zeros uint16 [N, G], group_size, bias float32 [N] or
-        None)], the group's weights in output order: qkv (q, k, v), wo, w13 (w1, w3), w2. zeros may be None
-        (every zero is 0) for int8-decode only."""
+        None, zeros uint16 [N, G] for prefill)], the group's weights in output order: qkv (q, k, v), wo, w13
+        (w1, w3), w2. The first zeros may be None (every zero is 0) for int8-decode only; the prefill kernels
+        read the second."""
         cdef DecLayer* L = &self.layers[layer]
         cdef Q4Group* g
         cdef float* outs[3]
@@ -142,10 +203,11 @@ cdef class DecodeStack:
         g.nw, g.threads, g.int8, g.multi_row = len(weights), threads, int8, multi_row
         g.start[0] = 0
         for j in range(len(weights)):
-            qw, sc, zr, gs, bias = weights[j]
+            qw, sc, zr, gs, bias, zfull = weights[j]
             if zr is None and not int8:
                 raise ValueError("zeros=None (symmetric weights) is only for the int8-decode kernel")
             g.w[j] = _rows(qw, sc, zr, gs, bias)
+            g.zfull[j] = _rows(qw, sc, zfull, gs, bias).zr
             g.out[j] = outs[j]
             g.start[j + 1] = g.start[j] + (g.w[j].N if int8 else (g.w[j].N + Q4_DR - 1) // Q4_DR)
 
@@ -187,3 +249,108 @@ cdef class DecodeStack:
                 _run_group(&L.w2, self.gate, self.xp, self.xq, self.d, self.xs)
                 q4_add_into(self.h, self.o, dim)
             q4_rms_norm(self.h, self.norm, dim, self.eps, &out[0])
+
+    def prefill(self, const float[:, ::1] x, Py_ssize_t pos0, const float[:, ::1] cos, const float[:, ::1] sin,
+                float[::1] out, bint int8_prefill):
+        """out = the final RMSNorm of the last layer's output for the last of the M embeddings x [M, dim] at
+        positions pos0..pos0+M-1 (the caches hold positions < pos0; this writes pos0..pos0+M-1), each
+        projection on the prefill kernel (int8_prefill: int8-prefill, else fp32-prefill). cos/sin [M, D/2]:
+        the RoPE table rows of those positions. Causal attention: position p sees positions <= p."""
+        cdef Py_ssize_t M = x.shape[0], dim = self.dim, D = self.D, H = self.H, Hkv = self.Hkv
+        cdef Py_ssize_t kmax = self.kmax, kd = Hkv * D, nb = kmax // 32, Tmax = self.Tmax, grp = H // Hkv
+        cdef Py_ssize_t l, m, u, hh, hk, nf, t, i, m0, T = pos0 + M
+        cdef Py_ssize_t ldt = (T + Q4_AT - 1) // Q4_AT * Q4_AT, nqb = (M + Q4_AQ - 1) // Q4_AQ
+        cdef bint blocked = D % 16 == 0     # q4_attend_block's vectors; else a query at a time
+        cdef int threads = self.threads, failed = 0
+        cdef int athreads = threads if H * M * (pos0 + M) * D >= self.min_work else 1
+        cdef DecLayer* L
+        cdef float* outs[3]
+        cdef Py_ssize_t ldo[3]
+        cdef float* h
+        cdef float* o
+        cdef float* xn
+        cdef float* q
+        cdef float* att
+        cdef float* gate
+        cdef float* up
+        cdef float* xp
+        cdef float* k
+        cdef float* v
+        cdef float* d
+        cdef float* xs
+        cdef float* scores
+        cdef float* kt
+        # h, o [M, dim]; xn, q, att, gate, up, xp [M, kmax] (zero beyond what is written: the padding a weight
+        # reads); k, v [M, kd]; d [M, nb]; xs [3, M, nb]; scores [threads, Q4_AQ, ldt]; kt [Hkv, D, ldt] (the
+        # keys transposed for q4_attend_block, zero beyond T)
+        nf = 2 * M * dim + 6 * M * kmax + 2 * M * kd + 4 * M * nb + threads * Q4_AQ * ldt + Hkv * D * ldt
+        cdef float* fb = <float*>calloc(nf, sizeof(float))
+        cdef int8_t* xq = <int8_t*>malloc(M * kmax + 64)
+        cdef uint8_t* scratch = <uint8_t*>malloc(threads * PREFILL_SCRATCH + 64)
+        try:
+            if fb == NULL or xq == NULL or scratch == NULL:
+                raise MemoryError(f"cannot allocate the buffers of a {M}-token prefill")
+            h, o = fb, fb + M * dim
+            xn, q, att = o + M * dim, o + M * dim + M * kmax, o + M * dim + 2 * M * kmax
+            gate, up, xp = att + M * kmax, att + 2 * M * kmax, att + 3 * M * kmax
+            k, v = xp + M * kmax, xp + M * kmax + M * kd
+            d = v + M * kd
+            xs = d + M * nb
+            scores = xs + 3 * M * nb
+            kt = scores + threads * Q4_AQ * ldt
+            with nogil:
+                memcpy(h, &x[0, 0], M * dim * sizeof(float))
+                for l in range(self.n_layers):
+                    L = &self.layers[l]
+                    for m in prange(M, num_threads=threads, schedule="static"):
+                        q4_rms_norm(h + m * dim, L.attn_norm, dim, self.eps, xn + m * kmax)
+                    outs[0], outs[1], outs[2] = q, k, v
+                    ldo[0], ldo[1], ldo[2] = kmax, kd, kd
+                    failed |= _prefill_group(&L.qkv, xn, kmax, M, outs, ldo, int8_prefill, xp, xq, d, xs,
+                                             scratch, threads)
+                    for m in prange(M, num_threads=threads, schedule="static"):
+                        q4_rope(q + m * kmax, H, D, &cos[m, 0], &sin[m, 0])
+                        q4_rope(k + m * kd, Hkv, D, &cos[m, 0], &sin[m, 0])
+                        for hk in range(Hkv):
+                            memcpy(L.kc + (hk * Tmax + pos0 + m) * D, k + m * kd + hk * D, D * sizeof(float))
+                            memcpy(L.vc + (hk * Tmax + pos0 + m) * D, v + m * kd + hk * D, D * sizeof(float))
+                    if blocked:
+                        for hk in prange(Hkv, num_threads=athreads, schedule="static"):
+                            for t in range(T):
+                                for i in range(D):
+                                    kt[(hk * D + i) * ldt + t] = L.kc[(hk * Tmax + t) * D + i]
+                        for u in prange(H * nqb, num_threads=athreads, schedule="dynamic", chunksize=1):
+                            m0, hh = u // H * Q4_AQ, u % H
+                            q4_attend_block(q + m0 * kmax + hh * D, kmax, <int>min(<Py_ssize_t>Q4_AQ, M - m0),
+                                            kt + (hh // grp) * D * ldt, ldt, L.vc + (hh // grp) * Tmax * D, D,
+                                            pos0 + m0 + 1, self.scale, scores + threadid() * Q4_AQ * ldt, ldt,
+                                            att + m0 * kmax + hh * D, kmax)
+                    else:
+                        for u in prange(H * M, num_threads=athreads, schedule="dynamic", chunksize=1):
+                            m, hh = u // H, u % H
+                            q4_attend_head(q + m * kmax + hh * D, L.kc + (hh // grp) * Tmax * D,
+                                           L.vc + (hh // grp) * Tmax * D, D, pos0 + m + 1, self.scale,
+                                           scores + threadid() * Q4_AQ * ldt, att + m * kmax + hh * D)
+                    outs[0], ldo[0] = o, dim
+                    failed |= _prefill_group(&L.wo, att, kmax, M, outs, ldo, int8_prefill, xp, xq, d, xs,
+                                             scratch, threads)
+                    q4_add_into(h, o, M * dim)
+                    for m in prange(M, num_threads=threads, schedule="static"):
+                        q4_rms_norm(h + m * dim, L.ffn_norm, dim, self.eps, xn + m * kmax)
+                    outs[0], outs[1] = gate, up
+                    ldo[0], ldo[1] = kmax, kmax
+                    failed |= _prefill_group(&L.w13, xn, kmax, M, outs, ldo, int8_prefill, xp, xq, d, xs,
+                                             scratch, threads)
+                    for m in prange(M, num_threads=threads, schedule="static"):
+                        q4_silu_mul(gate + m * kmax, up + m * kmax, self.hidden)
+                    outs[0], ldo[0] = o, dim
+                    failed |= _prefill_group(&L.w2, gate, kmax, M, outs, ldo, int8_prefill, xp, xq, d, xs,
+                                             scratch, threads)
+                    q4_add_into(h, o, M * dim)
+                q4_rms_norm(h + (M - 1) * dim, self.norm, dim, self.eps, &out[0])
+            if failed:
+                raise MemoryError("cannot allocate the prefill kernels' per-thread scratch")
+        finally:
+            free(fb)
+            free(xq)
+            free(scratch)

@@ -1,6 +1,6 @@
-/* The float parts of one decode step (one token, batch 1) of a Llama layer, for the lean decode path
- * (_decode_stack.pxi): RMSNorm, RoPE on adjacent pairs, attention of one query head over the cached
- * positions, SiLU(gate) * up, and an e^x those two vectorize. Plain C: the reductions carry `omp simd` so
+/* The float parts of one decode step (one token, batch 1) of a Llama layer, and of a prefill, for the lean
+ * path (_decode_stack.pxi): RMSNorm, RoPE on adjacent pairs, attention of one query head over the cached
+ * positions (a prefill: of four queries at a time), SiLU(gate) * up, and an e^x those two vectorize. Plain C: the reductions carry `omp simd` so
  * the compiler vectorizes them (the pragma is ignored, and the loops stay scalar and correct, in a build
  * without OpenMP). fp32 throughout, as quant4's PyTorch model computes them (models/llama.py); results agree
  * with it to rounding. */
@@ -96,6 +96,89 @@ static inline void q4_attend_head(const float *q, const float *k, const float *v
         const float p = s[t] * inv, *vt = v + t * d;
 #pragma omp simd
         for (ptrdiff_t i = 0; i < d; i++) out[i] += p * vt[i];
+    }
+}
+
+/* Attention of up to Q4_AQ consecutive queries of one head over the first positions of its K/V head, for
+ * prefill: query j (j < nq) sees positions t < T0 + j. K is given transposed, kt[i * ldt + t] (i < d, t a
+ * multiple of Q4_AT past T0 + nq - 1 readable: zero padded), V as rows v[t * d + i]. Each K and V element
+ * loaded serves all Q4_AQ queries (a query at a time reads the whole K/V head from L2 per query: L2-bound).
+ * s: scratch [Q4_AQ][lds], lds >= the padded length. d % 16 == 0. out_j = out + j * ldo. */
+enum { Q4_AQ = 4, Q4_AT = 64 };
+static inline void q4_attend_block(const float *q, ptrdiff_t ldq, int nq, const float *kt, ptrdiff_t ldt,
+                                   const float *v, ptrdiff_t d, ptrdiff_t T0, float scale, float *s,
+                                   ptrdiff_t lds, float *out, ptrdiff_t ldo) {
+    const ptrdiff_t Tn = T0 + nq - 1;
+    const float *qr[Q4_AQ];
+    for (int j = 0; j < Q4_AQ; j++) qr[j] = q + (j < nq ? j : 0) * ldq;
+    for (ptrdiff_t t0 = 0; t0 < Tn; t0 += Q4_AT) {
+        float acc[Q4_AQ][Q4_AT];
+        for (int j = 0; j < Q4_AQ; j++)
+            for (int c = 0; c < Q4_AT; c++) acc[j][c] = 0.0f;
+        for (ptrdiff_t i = 0; i < d; i++) {
+            const float *row = kt + i * ldt + t0;
+            const float q0 = qr[0][i], q1 = qr[1][i], q2 = qr[2][i], q3 = qr[3][i];
+#pragma omp simd
+            for (int c = 0; c < Q4_AT; c++) {
+                acc[0][c] += q0 * row[c];
+                acc[1][c] += q1 * row[c];
+                acc[2][c] += q2 * row[c];
+                acc[3][c] += q3 * row[c];
+            }
+        }
+        for (int j = 0; j < Q4_AQ; j++)
+            for (int c = 0; c < Q4_AT; c++) s[j * lds + t0 + c] = acc[j][c] * scale;
+    }
+    for (int j = 0; j < Q4_AQ; j++) {
+        float *sj = s + j * lds, mx = -INFINITY, tot = 0.0f;
+        const ptrdiff_t T = j < nq ? T0 + j : 0;
+        for (ptrdiff_t t = 0; t < T; t++) mx = sj[t] > mx ? sj[t] : mx;
+#pragma omp simd reduction(+:tot)
+        for (ptrdiff_t t = 0; t < T; t++) {
+            sj[t] = q4_expf(sj[t] - mx);
+            tot += sj[t];
+        }
+        const float inv = T ? 1.0f / tot : 0.0f;
+#pragma omp simd
+        for (ptrdiff_t t = 0; t < T; t++) sj[t] *= inv;
+        for (ptrdiff_t t = T; t < Tn; t++) sj[t] = 0.0f;
+    }
+    ptrdiff_t i0 = 0;
+    for (; i0 + Q4_AT <= d; i0 += Q4_AT) {      /* 16 accumulator vectors: throughput-bound, not latency */
+        float acc[Q4_AQ][Q4_AT];
+        for (int j = 0; j < Q4_AQ; j++)
+            for (int c = 0; c < Q4_AT; c++) acc[j][c] = 0.0f;
+        for (ptrdiff_t t = 0; t < Tn; t++) {
+            const float *vt = v + t * d + i0;
+            const float p0 = s[t], p1 = s[lds + t], p2 = s[2 * lds + t], p3 = s[3 * lds + t];
+#pragma omp simd
+            for (int c = 0; c < Q4_AT; c++) {
+                acc[0][c] += p0 * vt[c];
+                acc[1][c] += p1 * vt[c];
+                acc[2][c] += p2 * vt[c];
+                acc[3][c] += p3 * vt[c];
+            }
+        }
+        for (int j = 0; j < nq; j++)
+            for (int c = 0; c < Q4_AT; c++) out[j * ldo + i0 + c] = acc[j][c];
+    }
+    for (; i0 < d; i0 += 16) {
+        float acc[Q4_AQ][16];
+        for (int j = 0; j < Q4_AQ; j++)
+            for (int c = 0; c < 16; c++) acc[j][c] = 0.0f;
+        for (ptrdiff_t t = 0; t < Tn; t++) {
+            const float *vt = v + t * d + i0;
+            const float p0 = s[t], p1 = s[lds + t], p2 = s[2 * lds + t], p3 = s[3 * lds + t];
+#pragma omp simd
+            for (int c = 0; c < 16; c++) {
+                acc[0][c] += p0 * vt[c];
+                acc[1][c] += p1 * vt[c];
+                acc[2][c] += p2 * vt[c];
+                acc[3][c] += p3 * vt[c];
+            }
+        }
+        for (int j = 0; j < nq; j++)
+            for (int c = 0; c < 16; c++) out[j * ldo + i0 + c] = acc[j][c];
     }
 }
 

@@ -109,8 +109,8 @@ class DecodeStack:
             for which, ws in (("qkv", (L.wq, L.wk, L.wv)), ("wo", (L.wo,)), ("w13", (L.w1, L.w3)), ("w2", (L.w2,))):
                 plan = ops.plan_matmul(1, ws[0].Kp, False, activation)
                 rows = sum(w.N for w in ws)
-                st.set_group(i, which, [(w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias)
-                                        for w in ws],
+                st.set_group(i, which, [(w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias,
+                                         w.zeros) for w in ws],
                              ops._threads(threads, rows * ws[0].Kp), plan.kernel == "int8-decode", plan.multi_row)
             st.set_layer(i, np_(L.attn_norm), np_(L.ffn_norm), np_(L.k_cache), np_(L.v_cache))
         st.set_norm(np_(norm))
@@ -124,6 +124,28 @@ class DecodeStack:
         _check_vector("cos", cos, self.head_dim // 2)
         _check_vector("sin", sin, self.head_dim // 2)
         self._st.step(x.detach().numpy(), pos, cos.detach().numpy(), sin.detach().numpy(), self._out.numpy())
+        return self._out
+
+    def prefill(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The M embeddings x (fp32 [M, dim], M > ops.SMALL_M) at positions pos..pos+M-1 through the layers in one
+        call, as the model's forward computes them on the prefill kernels ops.plan_matmul chooses (causal
+        attention; the caches must hold positions < pos and get pos..pos+M-1): the final normed hidden state of
+        the last position, fp32 [dim] (a buffer the next call overwrites). cos/sin: the RoPE rows of those
+        positions, fp32 [M, head_dim / 2]."""
+        ops._check_tensor("x", x, ndim=2, dtypes=(torch.float32,))
+        M = x.shape[0]
+        if M <= ops.SMALL_M or x.shape[1] != self.dim or not x.is_contiguous():
+            raise ValueError(f"x must be contiguous [M, {self.dim}] with M > {ops.SMALL_M} (fewer rows: step), "
+                             f"got shape {tuple(x.shape)}")
+        if not isinstance(pos, int) or not 0 <= pos <= self.max_positions - M:
+            raise ValueError(f"positions {pos!r}..+{M} must lie in [0, {self.max_positions}) (the caches' length)")
+        for name, t in (("cos", cos), ("sin", sin)):
+            ops._check_tensor(name, t, ndim=2, dtypes=(torch.float32,))
+            if tuple(t.shape) != (M, self.head_dim // 2) or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous [{M}, {self.head_dim // 2}], got {tuple(t.shape)}")
+        int8 = self.activation == "int8" and ops.plan_matmul(M, self.dim, False, "int8").kernel == "int8-prefill"
+        self._st.prefill(x.detach().numpy(), pos, cos.detach().numpy(), sin.detach().numpy(), self._out.numpy(),
+                         int8)
         return self._out
 
 

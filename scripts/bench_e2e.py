@@ -4,8 +4,8 @@
     python scripts/bench_e2e.py --shape smollm2-135m --llama-bench /path/to/llama-bench   # a random model
 
 quant4 loads the file with load_model (GGUF Q4_0/Q4_1 stay int4, the default a user gets) and measures, after a
-warm-up, the median of --repeats runs of: prefill of each --prompt length (one forward over the prompt, KV
-cache filled) and decode (--gen tokens one at a time after a 16-token prompt). llama.cpp's `llama-bench` runs
+warm-up, the median of --repeats runs of: prefill of each --prompt length (the prompt in one call as generate()
+runs it, KV cache filled) and decode (--gen tokens one at a time after a 16-token prompt). llama.cpp's `llama-bench` runs
 the same file with the same threads (-p prompt lengths, -n --gen, -r --repeats). The table gives tokens/s and
 the ratio quant4 / llama.cpp. Then (--alternate, default 3 rounds) decode once more in turns, quant4 then
 llama.cpp, each round's ratio printed: decode is bound by memory bandwidth, which drifts on a shared VM within
@@ -115,18 +115,24 @@ def quant4_speeds(model, prompts, gen: int, repeats: int, compiled: bool = False
     torch.compile(model, dynamic=True) (its compilation happens in the warm-up)."""
     import torch
 
+    from quant4.models.fast_decode import decode_step
+
     vocab = model.args.vocab_size
     model.setup_cache(1, max(max(prompts), 16 + gen))   # one attached cache, refilled by each run
     fwd = torch.compile(model, dynamic=True) if compiled else model
     g = torch.Generator().manual_seed(0)
     out = {}
     with torch.inference_mode():
+        # as generate() prefills: the lean path when the model allows it (eagerly), else forward; the logits
+        # of the last position only (as llama-bench)
+        prefill = (decode_step(model).prefill if not compiled
+                   else lambda ids, pos: fwd(torch.tensor([ids]), pos, last_only=True)[0, -1])
         for n in prompts:
-            toks = torch.randint(0, vocab, (1, n), generator=g)
+            toks = torch.randint(0, vocab, (n,), generator=g).tolist()
             times = []
             for r in range(repeats + 1):            # the first run warms up
                 t0 = time.perf_counter()
-                fwd(toks, 0, last_only=True)        # as generation does (and llama-bench)
+                prefill(toks, 0)
                 times.append(time.perf_counter() - t0)
             out[f"pp{n}"] = n / statistics.median(times[1:])
         rates, out["lean"] = quant4_decode(model, fwd, gen, repeats + 1, compiled, g)
@@ -147,7 +153,7 @@ def quant4_decode(model, fwd, gen: int, runs: int, compiled: bool = False, g=Non
     step = decode_step(model) if not compiled else (lambda t, pos: fwd(torch.tensor([[t]]), pos)[0, -1])
     rates = []
     for r in range(runs):
-        logits = fwd(prompt, 0, last_only=True)[0, -1]
+        logits = step.prefill(prompt[0].tolist(), 0) if not compiled else fwd(prompt, 0, last_only=True)[0, -1]
         t0 = time.perf_counter()
         for i in range(gen):
             t = int(torch.argmax(logits))
@@ -244,7 +250,7 @@ def table(args, path, model, threads):
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
-          f"activations {activation}, decode {'lean path' if lean else 'through forward'}"
+          f"activations {activation}, prefill and decode {'lean path' if lean else 'through forward'}"
           f"{', beside one busy process' if args.busy else ''}; {placement(model)}")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]

@@ -96,8 +96,11 @@ def test_embedded_model_generates_the_same_tokens():
     assert lean == slow and len(lean) == 40
 
 
-def test_results_do_not_depend_on_threads():
-    model = _model()
+@pytest.mark.parametrize("activation", ["float", "int8"])
+def test_results_do_not_depend_on_threads(activation):
+    if activation == "int8" and not ops.int8_kernel_available():
+        pytest.skip("no int8-activation kernel on this CPU")
+    model = _model(activation)
     outs = []
     for threads in (1, 2):
         quant4.set_num_threads(threads)
@@ -106,10 +109,79 @@ def test_results_do_not_depend_on_threads():
                 cache = model.new_cache(1, 32)
                 model(torch.tensor([[3, 4, 5]]), 0, cache)
                 step = decode_step(model, cache)
-                outs.append(torch.stack([step(t, 3 + i) for i, t in enumerate((7, 8, 9))]))
+                outs.append(torch.stack([step(t, 3 + i) for i, t in enumerate((7, 8, 9))]
+                                        + [step.prefill(list(range(20, 40)), 6)]))     # and a lean prefill
         finally:
             quant4.set_num_threads(None)
     assert torch.equal(outs[0], outs[1])
+
+
+def _compare_prefill(model, n, start=0, cache_tol=1e-5):
+    """Prefill n tokens at positions start.. (after a first `start` tokens, as a chat turn) through forward and
+    through decode_step(...).prefill from equal caches -> (largest logit difference relative to the largest
+    logit, KL(forward || lean), top-1 agreement); the caches must hold the same keys and values."""
+    g = torch.Generator().manual_seed(n + start)
+    ids = torch.randint(0, model.args.vocab_size, (start + n,), generator=g).tolist()
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(1, start + n + 2), model.new_cache(1, start + n + 2)
+        if start:
+            model(torch.tensor([ids[:start]]), 0, c1)
+            model(torch.tensor([ids[:start]]), 0, c2)
+        a = model(torch.tensor([ids[start:]]), start, c1, last_only=True)[0, -1]
+        step = decode_step(model, c2)
+        assert getattr(step, "lean", False)
+        b = step.prefill(ids[start:], start)
+        for x, y in zip(c1, c2):
+            end = start + n
+            assert torch.allclose(x.k[:, :, :end], y.k[:, :, :end], rtol=0, atol=cache_tol * float(x.k.abs().max()))
+            assert torch.allclose(x.v[:, :, :end], y.v[:, :, :end], rtol=0, atol=cache_tol * float(x.v.abs().max()))
+            assert not y.k[:, :, end:].any()           # nothing written past the prompt
+    kl = float(F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum"))
+    return float((a - b).abs().max() / a.abs().max()), kl, bool(a.argmax() == b.argmax())
+
+
+@pytest.mark.parametrize("kw", [
+    {},                                                     # grouped-query attention (head_dim 16: blocked)
+    {"n_kv_heads": 6, "tie_embeddings": False},             # multi-head attention, separate head
+    {"qkv_bias": True, "head_dim": 24},                     # head_dim 24: attention a query at a time
+    {"group_size": 64},                                     # K = 96 and 160 padded to 128 and 192
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}},
+])
+@pytest.mark.parametrize("n, start", [(3, 0), (6, 0), (37, 0), (70, 0), (9, 61), (2, 20)])
+def test_lean_prefill_matches_forward_float_activations(kw, n, start):
+    # n <= SMALL_M: decode steps; 70 positions: two blocks of scores; start > 0: a later chat turn
+    worst, kl, top1 = _compare_prefill(_model(**kw, max_seq_len=96), n, start)
+    assert worst < 1e-5 and kl < 1e-6 and top1
+
+
+@pytest.mark.skipif(not ops.int8_kernel_available(), reason="no int8-activation kernel on this CPU")
+@pytest.mark.parametrize("n, start", [(3, 0), (37, 0), (9, 40)])
+def test_lean_prefill_matches_forward_int8_activations(n, start):
+    # the same int8 kernels; float parts equal to rounding, which can move an activation across an int8
+    # rounding boundary (see test_lean_matches_forward_int8_activations)
+    worst, kl, top1 = _compare_prefill(_model("int8"), n, start, cache_tol=0.05)
+    assert worst < 0.05 and kl < 1e-4 and top1
+
+
+def test_lean_prefill_checks_its_input():
+    model = _model()
+    with torch.inference_mode():
+        stack = lean_stack(model, model.new_cache(1, 16))
+        x, cs = torch.zeros(8, 96), torch.zeros(8, 8)
+        with pytest.raises(ValueError, match="M > 4"):
+            stack.prefill(x[:4], 0, cs[:4], cs[:4])
+        with pytest.raises(ValueError, match="positions"):
+            stack.prefill(x, 9, cs, cs)
+        with pytest.raises(ValueError, match="cos"):
+            stack.prefill(x, 0, cs[:7], cs)
+        with pytest.raises(TypeError, match="x must have dtype"):
+            stack.prefill(x.double(), 0, cs, cs)
+        step = decode_step(model, model.new_cache(1, 16))
+        with pytest.raises(ValueError, match="at least one token"):
+            step.prefill([], 0)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            step.prefill([1] * 8, model.args.max_seq_len - 4)
 
 
 def test_models_it_does_not_run_exactly_take_forward():
