@@ -435,6 +435,8 @@ cdef extern from "_q4avx512.h" nogil:
                             float* xs) noexcept
     float q4_dot1_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
                        const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg) noexcept
+    void q4_dot1x4_int8(const uint8_t* w, Py_ssize_t ldq, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
+                        const float* d, const float* xs, Py_ssize_t G, Py_ssize_t cpg, int nr, float* out) noexcept
     void q4_dotn_int8(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* const* xq,
                       const float* const* d, const float* const* xs, Py_ssize_t G, Py_ssize_t cpg, int nx,
                       float* out) noexcept nogil
@@ -806,10 +808,9 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
     cdef float* xs = d + M * nb
     try:
         with nogil:
-            if M == 1:      # the common case, without the row pointers of the multi-row call
-                for n in prange(w.N, num_threads=num_threads, schedule="static"):
-                    out[n] = q4_dot1_int8(w.qw + n * w.ldq, w.sc + n * G, _zeros_row(w, n), xq, d, xs, G, cpg) + \
-                             (w.bias[n] if w.bias != NULL else 0.0)
+            if M == 1:      # the common case: four weight rows per call, their horizontal sums together
+                for n in prange((w.N + 3) // 4, num_threads=num_threads, schedule="static"):
+                    _dot_int8_rows4(w, 4 * n, xq, d, xs, out)
             else:
                 for n in prange(w.N, num_threads=num_threads, schedule="static"):
                     _dot_int8_row(w, n, xq, d, xs, M, out, ldo)
@@ -817,6 +818,16 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
         free(xp)
         free(xq)
     return 0
+
+
+cdef inline void _dot_int8_rows4(const Q4Rows* w, Py_ssize_t n0, const int8_t* xq, const float* d, const float* xs,
+                                 float* out) noexcept nogil:
+    # int8 decode at M = 1: weight rows n0 .. n0 + 3 (those < N), out[n] for each, each as q4_dot1_int8 computes it
+    cdef int nr = <int>min(<Py_ssize_t>4, w.N - n0), r
+    q4_dot1x4_int8(w.qw + n0 * w.ldq, w.ldq, w.sc + n0 * w.G, _zeros_row(w, n0), xq, d, xs, w.G, w.cpg, nr, out + n0)
+    if w.bias != NULL:
+        for r in range(nr):
+            out[n0 + r] = out[n0 + r] + w.bias[n0 + r]
 
 
 cdef inline void _dot_int8_row(const Q4Rows* w, Py_ssize_t n, const int8_t* xq, const float* d, const float* xs,

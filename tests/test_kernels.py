@@ -425,6 +425,13 @@ def test_every_build_of_the_int8_decode_matches_its_definition(build, K, g):
                          build.KERNELS["int8-decode"], False, 2)
             ref = torch.stack([_int8_activation_reference(x[m], qweight, scales, zf, g, K) for m in range(M)]) + bias
             assert ((out - ref).abs() <= 1e-5 * ref.abs().max() + 1e-6).all(), (M, z is None)
+            if M == 1:        # four rows per call (their sums in vector lanes): each row as when it is alone
+                for n in range(21):
+                    one = torch.empty(1, 1)
+                    build.matmul(xk.numpy(), p.qweight[n:n + 1], p.scales[n:n + 1],
+                                 None if z is None else z[n:n + 1], g, bias[n:n + 1].numpy(), one.numpy(),
+                                 build.KERNELS["int8-decode"], False, 1)
+                    assert one[0, 0] == out[0, n], (n, z is None)
 
 
 @pytest.mark.skipif(not ops.int8_prefill_kernel_available(), reason="no int8 prefill kernel (AVX512-VNNI)")
