@@ -238,20 +238,24 @@ def table(args, path, model, threads):
     import torch
 
     import quant4
+    from bench import probe_bandwidth
 
     if args.dtype == "bf16":
         model.to(torch.bfloat16)
     activation = resolve_activation(args.activation)
     quant4.set_activation_(model, activation)
+    probe = [probe_bandwidth(threads)]      # the memory's read speed now (it drifts): with the table
     ours = quant4_speeds(model, args.prompt, args.gen, args.repeats)
     comp = quant4_speeds(model, args.prompt, args.gen, args.repeats, compiled=True) if args.compile else {}
     lean = ours.pop("lean")
     comp.pop("lean", None)
     theirs = llama_speeds(args.llama_bench, path, args.prompt, args.gen, args.repeats, threads) \
         if args.llama_bench else {}
+    probe.append(probe_bandwidth(threads))
     print(f"{path.name}, {threads} threads, quant4 kernels {quant4.kernel_isa()}, model {args.dtype}, "
           f"activations {activation}, prefill and decode {'lean path' if lean else 'through forward'}"
-          f"{', beside one busy process' if args.busy else ''}; {placement(model)}")
+          f"{', beside one busy process' if args.busy else ''}; {placement(model)}; read-bandwidth probe "
+          f"(scripts/bench.py) {probe[0]:.1f} GB/s before, {probe[1]:.1f} after")
     cols = ["phase", "quant4 tok/s"] + (["compiled tok/s", "compiled / eager"] if comp else []) + \
         ["llama.cpp tok/s", "quant4 / llama.cpp"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
