@@ -69,6 +69,7 @@ def test_bench_e2e_runs_quant4_side_on_a_gguf(tmp_path):
                         "--prompt", "8", "--gen", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout
+    assert "prefill and decode lean path" in r.stdout and "read-bandwidth probe" in r.stdout
     # with llama-bench (here a stand-in that answers its JSON, 50 tok/s for every test it is asked for): the
     # table's ratios, then decode in turns, one llama-bench run per round
     fake = tmp_path / "llama-bench"
