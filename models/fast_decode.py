@@ -18,6 +18,9 @@ from torch.nn.modules import module as _module
 from .llama import Attention, FeedForward, KVCache, RMSNorm, Transformer, TransformerBlock
 
 
+PREFILL_CHUNK = 512     # prompt tokens per lean prefill call: its buffers are about 6 x chunk x hidden floats
+
+
 def lean_stack(model, cache: Optional[list] = None):
     """The quant4.decode.DecodeStack running `model`'s layers on `cache` (from model.new_cache(1, ...); None:
     the attached one, setup_cache), or None when the model is not one it runs exactly (see above). Rebuild it
@@ -95,8 +98,8 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     < pos: what model(torch.tensor([[token]]), pos, cache)[0, -1] gives, through the lean path when the model
     allows it (lean=False: always forward). step.prefill(ids, pos) -> the logits of the last of the tokens
     `ids` (a list) at positions pos.., the cache holding positions < pos: what model(torch.tensor([ids]), pos,
-    cache, last_only=True)[0, -1] gives; on the lean path one call for the whole prompt (up to
-    ops.SMALL_M tokens: one step each). Built for one generation: the lean path reads the weights and the
+    cache, last_only=True)[0, -1] gives; on the lean path one call per PREFILL_CHUNK tokens of the prompt (up
+    to ops.SMALL_M tokens: one step each). Built for one generation: the lean path reads the weights and the
     cache as they are now."""
     stack = lean_stack(model, cache) if lean else None
     if stack is None:
@@ -125,28 +128,33 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
             return head(h).clone()
         return out(h.view(1, 1, -1))[0, 0].float()
 
-    def step(token: int, pos: int) -> torch.Tensor:
-        check_end(pos + 1)
+    def embed(token: int) -> torch.Tensor:
         if table is not None:
             x.copy_(table[token])
         else:
             emb.row_into(token, x)
+        return x
+
+    def step(token: int, pos: int) -> torch.Tensor:
+        check_end(pos + 1)
         cos, sin = model.rope(pos + 1)
-        return logits_of(stack.step(x, pos, cos[pos].float(), sin[pos].float()))
+        return logits_of(stack.step(embed(token), pos, cos[pos].float(), sin[pos].float()))
 
     def prefill(ids, pos: int) -> torch.Tensor:
         ids = list(ids)
         if not ids:
             raise ValueError("prefill needs at least one token")
         check_end(pos + len(ids))
-        if len(ids) <= ops.SMALL_M:        # the decode kernels, as forward runs so few rows
-            for i, token in enumerate(ids):
-                logits = step(token, pos + i)
-            return logits
-        xs = emb(torch.tensor(ids)).float().contiguous()
         cos, sin = model.rope(pos + len(ids))
-        h = stack.prefill(xs, pos, cos[pos:pos + len(ids)].float().contiguous(),
-                          sin[pos:pos + len(ids)].float().contiguous())
+        for i in range(0, len(ids), PREFILL_CHUNK):     # a long prompt in chunks: bounded buffers
+            part = ids[i:i + PREFILL_CHUNK]
+            if len(part) <= ops.SMALL_M:                # the decode kernels, as forward runs so few rows
+                for j, token in enumerate(part):
+                    h = stack.step(embed(token), pos + i + j, cos[pos + i + j].float(), sin[pos + i + j].float())
+                continue
+            a, b = pos + i, pos + i + len(part)
+            h = stack.prefill(emb(torch.tensor(part)).float().contiguous(), a,
+                              cos[a:b].float().contiguous(), sin[a:b].float().contiguous())
         return logits_of(h)
 
     step.lean = True

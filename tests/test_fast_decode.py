@@ -164,6 +164,23 @@ def test_lean_prefill_matches_forward_int8_activations(n, start):
     assert worst < 0.05 and kl < 1e-4 and top1
 
 
+@pytest.mark.parametrize("chunk", [16, 33])
+def test_a_long_prompt_prefills_in_chunks(monkeypatch, chunk):
+    # chunks of 16 (the last of 70 tokens: 6) and 33 (the last: 4, as decode steps) against one call
+    from quant4.models import fast_decode
+
+    model = _model()
+    ids = list(range(3, 73))
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(1, 80), model.new_cache(1, 80)
+        whole = decode_step(model, c1).prefill(ids, 0)
+        monkeypatch.setattr(fast_decode, "PREFILL_CHUNK", chunk)
+        parts = decode_step(model, c2).prefill(ids, 0)
+    assert float((whole - parts).abs().max()) <= 1e-5 * float(whole.abs().max())
+    for x, y in zip(c1, c2):
+        assert torch.allclose(x.k, y.k, rtol=0, atol=1e-5 * float(x.k.abs().max()))
+
+
 def test_lean_prefill_checks_its_input():
     model = _model()
     with torch.inference_mode():
