@@ -109,9 +109,17 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
     from quant4 import ops
     from quant4.int8_linear import Int8Linear
 
+    from . import rope
+
     emb, out, limit = model.tok_embeddings, model.output, model.args.max_seq_len
     table = emb.weight if type(emb) is nn.Embedding else None     # else a quantized table: row_into
-    x = torch.empty(model.args.dim)
+    x = stack.input
+    # RoPE tables whose rows do not depend on the sequence's length (all but dynamic scaling): bound once
+    bound = not rope.depends_on_length(model.args.rope_scaling)
+    if bound:
+        n = min(stack.max_positions, limit)
+        cos, sin = model.rope(n)
+        stack.bind_rope(cos[:n].float().contiguous(), sin[:n].float().contiguous())
     head = None
     if type(out) is Int8Linear and stack.activation == "int8" and ops.int8_head_available():
         logits = torch.empty(out.out_features)
@@ -137,6 +145,9 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
 
     def step(token: int, pos: int) -> torch.Tensor:
         check_end(pos + 1)
+        if bound:
+            embed(token)
+            return logits_of(stack.step_at(pos))
         cos, sin = model.rope(pos + 1)
         return logits_of(stack.step(embed(token), pos, cos[pos].float(), sin[pos].float()))
 

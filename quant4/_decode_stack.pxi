@@ -149,6 +149,9 @@ cdef class DecodeStack:
     cdef float eps, scale
     cdef int threads
     cdef const float* norm
+    cdef const float* rope_cos      # RoPE tables bound by set_rope (rope_T rows), for step_at
+    cdef const float* rope_sin
+    cdef Py_ssize_t rope_T
     cdef float* buf
     cdef float* h
     cdef float* xn
@@ -227,21 +230,34 @@ cdef class DecodeStack:
     def set_norm(self, const float[::1] norm):
         self.norm = &norm[0]
 
+    def set_rope(self, const float[:, ::1] cos, const float[:, ::1] sin):
+        """Bind RoPE tables [T, D/2] (rows = positions) for step_at; the caller keeps them alive."""
+        self.rope_cos, self.rope_sin, self.rope_T = &cos[0, 0], &sin[0, 0], cos.shape[0]
+
     def step(self, const float[::1] x, Py_ssize_t pos, const float[::1] cos, const float[::1] sin,
              float[::1] out):
         """out = the final RMSNorm of the last layer's output for embedding x at position pos (the layers'
         caches hold positions 0..pos-1; this writes pos). cos/sin: the RoPE table rows of pos."""
+        self._step(&x[0], pos, &cos[0], &sin[0], &out[0])
+
+    def step_at(self, const float[::1] x, Py_ssize_t pos, float[::1] out):
+        """step() with the RoPE rows of pos from the tables bound by set_rope."""
+        if pos < 0 or pos >= self.Tmax or pos >= self.rope_T:
+            raise ValueError(f"pos {pos} outside the caches ({self.Tmax}) or the bound RoPE tables ({self.rope_T})")
+        self._step(&x[0], pos, self.rope_cos + pos * (self.D // 2), self.rope_sin + pos * (self.D // 2), &out[0])
+
+    cdef void _step(self, const float* x, Py_ssize_t pos, const float* cs, const float* sn, float* out) noexcept:
         cdef Py_ssize_t l, hh, dim = self.dim, D = self.D, T = pos + 1, grp = self.H // self.Hkv, hk
         cdef DecLayer* L
         cdef int athreads = self.threads if self.H * T * D >= self.min_work else 1
         with nogil:
-            memcpy(self.h, &x[0], dim * sizeof(float))
+            memcpy(self.h, x, dim * sizeof(float))
             for l in range(self.n_layers):
                 L = &self.layers[l]
                 q4_rms_norm(self.h, L.attn_norm, dim, self.eps, self.xn)
                 _run_group(&L.qkv, self.xn, self.xp, self.xq, self.d, self.xs)
-                q4_rope(self.q, self.H, D, &cos[0], &sin[0])
-                q4_rope(self.k, self.Hkv, D, &cos[0], &sin[0])
+                q4_rope(self.q, self.H, D, cs, sn)
+                q4_rope(self.k, self.Hkv, D, cs, sn)
                 for hk in range(self.Hkv):
                     memcpy(L.kc + (hk * self.Tmax + pos) * D, self.k + hk * D, D * sizeof(float))
                     memcpy(L.vc + (hk * self.Tmax + pos) * D, self.v + hk * D, D * sizeof(float))
@@ -256,7 +272,7 @@ cdef class DecodeStack:
                 q4_silu_mul(self.gate, self.up, self.hidden)
                 _run_group(&L.w2, self.gate, self.xp, self.xq, self.d, self.xs)
                 q4_add_into(self.h, self.o, dim)
-            q4_rms_norm(self.h, self.norm, dim, self.eps, &out[0])
+            q4_rms_norm(self.h, self.norm, dim, self.eps, out)
 
     def prefill(self, const float[:, ::1] x, Py_ssize_t pos0, const float[:, ::1] cos, const float[:, ::1] sin,
                 float[::1] out, bint int8_prefill):

@@ -116,6 +116,9 @@ class DecodeStack:
         st.set_norm(np_(norm))
         self._st = st
         self._out = torch.empty(dim)
+        self.input = torch.empty(dim)       # step_at's embedding, filled by the caller
+        self._np = (self.input.numpy(), self._out.numpy())
+        self._rope = None
 
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if not isinstance(pos, int) or not 0 <= pos < self.max_positions:
@@ -124,6 +127,22 @@ class DecodeStack:
         _check_vector("cos", cos, self.head_dim // 2)
         _check_vector("sin", sin, self.head_dim // 2)
         self._st.step(x.detach().numpy(), pos, cos.detach().numpy(), sin.detach().numpy(), self._out.numpy())
+        return self._out
+
+    def bind_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Keep RoPE tables fp32 [T, head_dim / 2] (row p: position p) for step_at."""
+        for name, t in (("cos", cos), ("sin", sin)):
+            ops._check_tensor(name, t, ndim=2, dtypes=(torch.float32,))
+            if t.shape[1] != self.head_dim // 2 or t.shape != cos.shape or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous [T, {self.head_dim // 2}] as the other, got "
+                                 f"{tuple(t.shape)}")
+        self._rope = (cos, sin)
+        self._st.set_rope(cos.detach().numpy(), sin.detach().numpy())
+
+    def step_at(self, pos: int) -> torch.Tensor:
+        """step(self.input, pos, ...) with the RoPE rows of pos from the tables of bind_rope: the per-token call
+        of a decode loop, without re-checking what was checked once (pos is checked in the kernel module)."""
+        self._st.step_at(self._np[0], pos, self._np[1])
         return self._out
 
     def prefill(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,8 @@ def _compare(model, cache_tol=1e-4, steps=24, prompt=(1, 5, 9, 13, 20, 7)):
     {"group_size": 64},                                     # K = 96 and 160 padded to 128 and 192
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 32}},
+    # frequencies that depend on the sequence's length: RoPE rows per step, not bound once (bind_rope)
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}},
 ])
 def test_lean_matches_forward_float_activations(kw):
     worst, agree, kl = _compare(_model(**kw))
@@ -255,6 +257,14 @@ def test_decode_stack_checks_its_input():
             DecodeStack([layer], model.norm.weight, **{**kw, "n_kv_heads": 4})
         with pytest.raises(ValueError, match="activation"):
             DecodeStack([layer], model.norm.weight, **kw, activation="bf16")
+        one = DecodeStack([layer], model.norm.weight, **kw)
+        with pytest.raises(ValueError, match="bound RoPE tables"):
+            one.step_at(0)                                  # no tables bound yet
+        with pytest.raises(ValueError, match="cos must be contiguous"):
+            one.bind_rope(torch.zeros(16, 9), torch.zeros(16, 9))
+        one.bind_rope(torch.zeros(8, 8), torch.zeros(8, 8))
+        with pytest.raises(ValueError, match="pos 8 outside"):
+            one.step_at(8)                                  # past the 8 rows bound
 
 
 def _int8_head_reference(w, x):
