@@ -143,13 +143,17 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
             emb.row_into(token, x)
         return x
 
-    def step(token: int, pos: int) -> torch.Tensor:
-        check_end(pos + 1)
+    def hidden(token: int, pos: int) -> torch.Tensor:
+        # the final normed hidden state of one token through the stack (what the head multiplies)
         if bound:
             embed(token)
-            return logits_of(stack.step_at(pos))
+            return stack.step_at(pos)
         cos, sin = model.rope(pos + 1)
-        return logits_of(stack.step(embed(token), pos, cos[pos].float(), sin[pos].float()))
+        return stack.step(embed(token), pos, cos[pos].float(), sin[pos].float())
+
+    def step(token: int, pos: int) -> torch.Tensor:
+        check_end(pos + 1)
+        return logits_of(hidden(token, pos))
 
     def prefill(ids, pos: int) -> torch.Tensor:
         ids = list(ids)
@@ -161,7 +165,7 @@ def decode_step(model, cache: Optional[list] = None, *, lean: bool = True) -> Ca
             part = ids[i:i + PREFILL_CHUNK]
             if len(part) <= ops.SMALL_M:                # the decode kernels, as forward runs so few rows
                 for j, token in enumerate(part):
-                    h = stack.step(embed(token), pos + i + j, cos[pos + i + j].float(), sin[pos + i + j].float())
+                    h = hidden(token, pos + i + j)
                 continue
             a, b = pos + i, pos + i + len(part)
             h = stack.prefill(emb(torch.tensor(part)).float().contiguous(), a,

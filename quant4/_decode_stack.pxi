@@ -32,7 +32,7 @@ cdef extern from "_q4decode.h" nogil:
 
 
 cdef enum:
-    Q4_IR = 4       # weight rows per int8-decode call (q4_dot1x4_int8: their horizontal sums together)
+    Q4_IR = 4       # weight rows per int8-decode unit (_dot_int8_rows4: their horizontal sums together)
 
 
 ctypedef struct Q4Group:
@@ -58,7 +58,7 @@ ctypedef struct DecLayer:
 cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, float* d, float* xs) noexcept nogil:
     # out_j = x . w_j^T (+ bias_j) for the group's weights; x is zero-padded to their common Kp
     cdef Py_ssize_t Kp = g.w[0].Kp, nb = Kp // 32, u, n
-    cdef int j, r, nr
+    cdef int j
     cdef const float* xsw[3]
     q4_permute_x(x, Kp, xp)
     if g.int8:
@@ -77,13 +77,7 @@ cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, fl
             j = j + 1
         n = u - g.start[j]
         if g.int8:
-            n = n * Q4_IR
-            nr = <int>min(<Py_ssize_t>Q4_IR, g.w[j].N - n)
-            q4_dot1x4_int8(g.w[j].qw + n * g.w[j].ldq, g.w[j].ldq, g.w[j].sc + n * g.w[j].G,
-                           _zeros_row(&g.w[j], n), xq, d, xsw[j], g.w[j].G, g.w[j].cpg, nr, g.out[j] + n)
-            if g.w[j].bias != NULL:
-                for r in range(nr):
-                    g.out[j][n + r] = g.out[j][n + r] + g.w[j].bias[n + r]
+            _dot_int8_rows4(&g.w[j], n * Q4_IR, xq, d, xsw[j], g.out[j])
         else:
             _decode_rows(&g.w[j], xp, 1, n * Q4_DR, g.out[j], g.w[j].N, g.multi_row)
 

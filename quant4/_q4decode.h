@@ -99,12 +99,35 @@ static inline void q4_attend_head(const float *q, const float *k, const float *v
     }
 }
 
+enum { Q4_AQ = 4, Q4_AT = 64 };     /* queries per attention block; positions per score block */
+/* q4_attend_block's output columns [0, W) of v's rows (row t at v + t d): out_j = sum_t p_j[t] v_t for the
+ * block's queries (p_j = s + j lds), the Q4_AQ x W sums in registers across positions (W a constant: inlined) */
+static inline __attribute__((always_inline)) void q4_attend_pv(const float *s, ptrdiff_t lds, const float *v,
+                                                               ptrdiff_t d, ptrdiff_t Tn, const int W, int nq,
+                                                               float *out, ptrdiff_t ldo) {
+    float acc[Q4_AQ][Q4_AT];
+    for (int j = 0; j < Q4_AQ; j++)
+        for (int c = 0; c < W; c++) acc[j][c] = 0.0f;
+    for (ptrdiff_t t = 0; t < Tn; t++) {
+        const float *vt = v + t * d;
+        const float p0 = s[t], p1 = s[lds + t], p2 = s[2 * lds + t], p3 = s[3 * lds + t];
+#pragma omp simd
+        for (int c = 0; c < W; c++) {
+            acc[0][c] += p0 * vt[c];
+            acc[1][c] += p1 * vt[c];
+            acc[2][c] += p2 * vt[c];
+            acc[3][c] += p3 * vt[c];
+        }
+    }
+    for (int j = 0; j < nq; j++)
+        for (int c = 0; c < W; c++) out[j * ldo + c] = acc[j][c];
+}
+
 /* Attention of up to Q4_AQ consecutive queries of one head over the first positions of its K/V head, for
  * prefill: query j (j < nq) sees positions t < T0 + j. K is given transposed, kt[i * ldt + t] (i < d, t a
  * multiple of Q4_AT past T0 + nq - 1 readable: zero padded), V as rows v[t * d + i]. Each K and V element
  * loaded serves all Q4_AQ queries (a query at a time reads the whole K/V head from L2 per query: L2-bound).
  * s: scratch [Q4_AQ][lds], lds >= the padded length. d % 16 == 0. out_j = out + j * ldo. */
-enum { Q4_AQ = 4, Q4_AT = 64 };
 static inline void q4_attend_block(const float *q, ptrdiff_t ldq, int nq, const float *kt, ptrdiff_t ldt,
                                    const float *v, ptrdiff_t d, ptrdiff_t T0, float scale, float *s,
                                    ptrdiff_t lds, float *out, ptrdiff_t ldo) {
@@ -144,42 +167,9 @@ static inline void q4_attend_block(const float *q, ptrdiff_t ldq, int nq, const 
         for (ptrdiff_t t = T; t < Tn; t++) sj[t] = 0.0f;
     }
     ptrdiff_t i0 = 0;
-    for (; i0 + Q4_AT <= d; i0 += Q4_AT) {      /* 16 accumulator vectors: throughput-bound, not latency */
-        float acc[Q4_AQ][Q4_AT];
-        for (int j = 0; j < Q4_AQ; j++)
-            for (int c = 0; c < Q4_AT; c++) acc[j][c] = 0.0f;
-        for (ptrdiff_t t = 0; t < Tn; t++) {
-            const float *vt = v + t * d + i0;
-            const float p0 = s[t], p1 = s[lds + t], p2 = s[2 * lds + t], p3 = s[3 * lds + t];
-#pragma omp simd
-            for (int c = 0; c < Q4_AT; c++) {
-                acc[0][c] += p0 * vt[c];
-                acc[1][c] += p1 * vt[c];
-                acc[2][c] += p2 * vt[c];
-                acc[3][c] += p3 * vt[c];
-            }
-        }
-        for (int j = 0; j < nq; j++)
-            for (int c = 0; c < Q4_AT; c++) out[j * ldo + i0 + c] = acc[j][c];
-    }
-    for (; i0 < d; i0 += 16) {
-        float acc[Q4_AQ][16];
-        for (int j = 0; j < Q4_AQ; j++)
-            for (int c = 0; c < 16; c++) acc[j][c] = 0.0f;
-        for (ptrdiff_t t = 0; t < Tn; t++) {
-            const float *vt = v + t * d + i0;
-            const float p0 = s[t], p1 = s[lds + t], p2 = s[2 * lds + t], p3 = s[3 * lds + t];
-#pragma omp simd
-            for (int c = 0; c < 16; c++) {
-                acc[0][c] += p0 * vt[c];
-                acc[1][c] += p1 * vt[c];
-                acc[2][c] += p2 * vt[c];
-                acc[3][c] += p3 * vt[c];
-            }
-        }
-        for (int j = 0; j < nq; j++)
-            for (int c = 0; c < 16; c++) out[j * ldo + i0 + c] = acc[j][c];
-    }
+    for (; i0 + Q4_AT <= d; i0 += Q4_AT)     /* 16 accumulator vectors: throughput-bound, not latency */
+        q4_attend_pv(s, lds, v + i0, d, Tn, Q4_AT, nq, out + i0, ldo);
+    for (; i0 < d; i0 += 16) q4_attend_pv(s, lds, v + i0, d, Tn, 16, nq, out + i0, ldo);
 }
 
 /* gate[i] = silu(gate[i]) * up[i] */
