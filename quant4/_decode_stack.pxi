@@ -40,9 +40,11 @@ ctypedef struct Q4Group:
     Q4Rows w[3]
     const uint16_t* zfull[3]    # every weight's zeros, for the prefill kernels (w[j].zr may be NULL: int8-decode)
     float* out[3]
-    Py_ssize_t start[4]     # first work unit of each weight (Q4_IR rows for int8-decode, Q4_DR for fp32-decode)
+    Py_ssize_t start[4]     # first work unit of each weight (int8-decode: a slab16 set, or Q4_IR rows past the
+                            # sets; fp32-decode: Q4_DR rows)
     int nw
     int threads
+    int chunk               # work units per guided chunk: about 16 rows
     bint int8               # int8-decode; else fp32-decode
     bint multi_row          # fp32-decode: Q4_DR rows sharing each activation load
 
@@ -71,13 +73,16 @@ cdef void _run_group(const Q4Group* g, const float* x, float* xp, int8_t* xq, fl
     # guided: each thread first takes a long contiguous run of rows (half, then a quarter, ...), the last runs
     # are short, so a thread slowed by this shared VM is not waited for at the end (7B Q4_0 decode, 18 rounds
     # in turns with the static split: median ratio 1.02, medians 8.38 / 8.53 against 8.22 / 8.17 tok/s)
-    for u in prange(g.start[g.nw], num_threads=g.threads, schedule="guided", chunksize=4):
+    for u in prange(g.start[g.nw], num_threads=g.threads, schedule="guided", chunksize=g.chunk):
         j = 0
         while u >= g.start[j + 1]:
             j = j + 1
         n = u - g.start[j]
         if g.int8:
-            _dot_int8_rows4(&g.w[j], n * Q4_IR, xq, d, xsw[j], g.out[j])
+            if n < g.w[j].nset:     # a set of 16 rows in the slab16 layout
+                _dot_int8_set16(&g.w[j], n, xq, d, xsw[j], 1, g.out[j], g.w[j].N)
+            else:
+                _dot_int8_rows4(&g.w[j], 16 * g.w[j].nset + (n - g.w[j].nset) * Q4_IR, xq, d, xsw[j], g.out[j])
         else:
             _decode_rows(&g.w[j], xp, 1, n * Q4_DR, g.out[j], g.w[j].N, g.multi_row)
 
@@ -190,9 +195,9 @@ cdef class DecodeStack:
 
     def set_group(self, Py_ssize_t layer, str which, list weights, int threads, bint int8, bint multi_row):
         """weights: [(qweight uint8 [N, Kp/2], scales / zeros uint16 [N, G], group_size, bias float32 [N] or
-        None, zeros uint16 [N, G] for prefill)], the group's weights in output order: qkv (q, k, v), wo, w13
-        (w1, w3), w2. The first zeros may be None (every zero is 0) for int8-decode only; the prefill kernels
-        read the second."""
+        None, zeros uint16 [N, G] for prefill, slab16)], the group's weights in output order: qkv (q, k, v), wo,
+        w13 (w1, w3), w2. The first zeros may be None (every zero is 0) for int8-decode only; the prefill kernels
+        read the second. slab16: the weight is in that layout (int8 only; permute_slab16)."""
         cdef DecLayer* L = &self.layers[layer]
         cdef Q4Group* g
         cdef float* outs[3]
@@ -208,13 +213,19 @@ cdef class DecodeStack:
         g.nw, g.threads, g.int8, g.multi_row = len(weights), threads, int8, multi_row
         g.start[0] = 0
         for j in range(len(weights)):
-            qw, sc, zr, gs, bias, zfull = weights[j]
+            qw, sc, zr, gs, bias, zfull, slab = weights[j]
             if zr is None and not int8:
                 raise ValueError("zeros=None (symmetric weights) is only for the int8-decode kernel")
-            g.w[j] = _rows(qw, sc, zr, gs, bias)
+            if slab and not (int8 and slab16_available()):
+                raise ValueError("a slab16 weight runs on the int8 kernels of an AVX512-VNNI build only")
+            g.w[j] = _rows(qw, sc, zr, gs, bias, slab)
             g.zfull[j] = _rows(qw, sc, zfull, gs, bias).zr
             g.out[j] = outs[j]
-            g.start[j + 1] = g.start[j] + (g.w[j].N + (Q4_IR if int8 else Q4_DR) - 1) // (Q4_IR if int8 else Q4_DR)
+            g.chunk = 1 if slab else 4
+            if int8:
+                g.start[j + 1] = g.start[j] + g.w[j].nset + (g.w[j].N - 16 * g.w[j].nset + Q4_IR - 1) // Q4_IR
+            else:
+                g.start[j + 1] = g.start[j] + (g.w[j].N + Q4_DR - 1) // Q4_DR
 
     def set_layer(self, Py_ssize_t layer, const float[::1] attn_norm, const float[::1] ffn_norm,
                   float[:, :, ::1] kc, float[:, :, ::1] vc):

@@ -21,7 +21,7 @@
 from cython.parallel cimport prange, parallel
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.math cimport rintf, fminf, fmaxf, fabsf
 
 cdef extern from "_q4util.h" nogil:
@@ -452,6 +452,11 @@ cdef extern from "_q4avx512.h" nogil:
     void q4_pack_slab_int8(const uint8_t* w, Py_ssize_t ldq, const uint16_t* sc, const uint16_t* zr, Py_ssize_t G,
                            Py_ssize_t rows, Py_ssize_t b0, Py_ssize_t nb, Py_ssize_t cpg, uint8_t* codes, float* fs,
                            float* zt) noexcept
+    void q4_dot16s_int8(const uint8_t* cs, const uint16_t* st, const uint16_t* zt, const int8_t* const* xq,
+                        const float* const* d, const float* const* xs, Py_ssize_t G, Py_ssize_t cpg, int nx,
+                        float* const* out) noexcept nogil
+    void q4_pack_slab16_int8(const uint8_t* cs, const uint16_t* st, const uint16_t* zt, Py_ssize_t b0,
+                             Py_ssize_t nb, Py_ssize_t cpg, uint8_t* codes, float* fs, float* zo) noexcept
     void q4_tile_int8(const int8_t* const* xq, const float* const* dx, const float* const* xs, const uint8_t* c0,
                       const uint8_t* c1, const float* f0, const float* f1, const float* z0, const float* z1,
                       Py_ssize_t nb, Py_ssize_t cpg, float* const* out, Py_ssize_t col, const float* bias,
@@ -468,11 +473,14 @@ ctypedef struct Q4Rows:
     Py_ssize_t N, Kp, G
     Py_ssize_t ldq          # bytes per packed row: Kp / 2
     Py_ssize_t cpg          # 16-byte chunks (32 codes) per group: group_size / 32
+    Py_ssize_t nset         # rows [0, 16 nset) are in the slab16 layout (to_slab16), the rest rows; 0: all rows
 
 
 cdef inline Q4Rows _rows(const uint8_t[:, ::1] qweight, const uint16_t[:, ::1] scales,
-                         const uint16_t[:, ::1] zeros, Py_ssize_t group_size, const float[::1] bias) noexcept:
+                         const uint16_t[:, ::1] zeros, Py_ssize_t group_size, const float[::1] bias,
+                         bint slab=False) noexcept:
     cdef Q4Rows w
+    w.nset = qweight.shape[0] // 16 if slab else 0
     w.qw = &qweight[0, 0]
     w.sc = &scales[0, 0]
     w.zr = &zeros[0, 0] if zeros is not None else NULL
@@ -497,6 +505,7 @@ cdef inline Q4Rows _block(const Q4Rows* w, Py_ssize_t n0) noexcept nogil:
     b.zr = _zeros_row(w, n0)
     b.bias = (w.bias + n0) if w.bias != NULL else NULL
     b.N = w.N - n0
+    b.nset = max(<Py_ssize_t>0, w.nset - n0 // 16)     # n0 % 16 == 0 whenever w.nset > 0
     return b
 
 
@@ -628,21 +637,25 @@ def matmul(const act_t[:, ::1] x,               # IN  [M, Kp] fp32, or bf16 bits
            float[:, ::1] out,                   # OUT [M, N]
            int kernel,                          # one of KERNELS, chosen by quant4.ops.plan_matmul
            bint multi_row,                      # fp32-decode at M = 1: Q4_DR weight rows per pass
-           int num_threads):
+           int num_threads,
+           bint slab=False):                    # the weight is in the slab16 layout (int8 kernels only)
     """out = x . dequantize(w)^T (+ bias), fp32 accumulation, on the kernel the caller chose:
     fp32-decode / fp32-prefill (fp32 x), int8-decode / int8-prefill (fp32 x rounded to int8 per 32 inputs;
     need int8_available() / int8_prefill_available()), bf16-decode (exact weights, M <= 4, Kp % 128 == 0) / bf16-prefill (bf16 x, needs
     bf16_available()). Decode streams each weight row once for a few activation rows; prefill dequantizes panels
     of weight rows into per-thread scratch and multiplies them in register tiles. zeros=None (the caller knows
     every zero is 0: symmetric weights) is for the decode kernels int8-decode and bf16-decode, which then do not
-    read a zero stream."""
+    read a zero stream. slab: the weight was permuted by to_slab16 (int8-decode and int8-prefill, on
+    slab16_available() builds)."""
     cdef Py_ssize_t M = x.shape[0], Kp = x.shape[1]
     cdef Q4Rows w
     if zeros is None and kernel != K_INT8_DECODE and kernel != K_BF16_DECODE:
         raise ValueError("zeros=None (symmetric weights) is only for the int8-decode and bf16-decode kernels")
+    if slab and not (slab16_available() and (kernel == K_INT8_DECODE or kernel == K_INT8_PREFILL)):
+        raise ValueError("a slab16 weight runs on the int8-decode and int8-prefill kernels of an AVX512-VNNI build")
     if M == 0 or qweight.shape[0] == 0:
         return
-    w = _rows(qweight, scales, zeros, group_size, bias)
+    w = _rows(qweight, scales, zeros, group_size, bias, slab)
     if act_t is float:
         if kernel == K_FP32_DECODE or kernel == K_FP32_PREFILL:
             _matmul_permuted(&w, &x[0, 0], M, &out[0, 0], out.shape[1], kernel == K_FP32_DECODE, multi_row,
@@ -808,12 +821,18 @@ cdef int _matmul_int8(const Q4Rows* w, const float* x, Py_ssize_t M, float* out,
     cdef float* xs = d + M * nb
     try:
         with nogil:
-            if M == 1:      # the common case: four weight rows per call, their horizontal sums together
-                for n in prange((w.N + 3) // 4, num_threads=num_threads, schedule="static"):
-                    _dot_int8_rows4(w, 4 * n, xq, d, xs, out)
+            if M == 1:      # the common case: a slab16 set, or four weight rows, per call
+                for n in prange(w.nset + (w.N - 16 * w.nset + 3) // 4, num_threads=num_threads, schedule="static"):
+                    if n < w.nset:
+                        _dot_int8_set16(w, n, xq, d, xs, 1, out, ldo)
+                    else:
+                        _dot_int8_rows4(w, 16 * w.nset + 4 * (n - w.nset), xq, d, xs, out)
             else:
-                for n in prange(w.N, num_threads=num_threads, schedule="static"):
-                    _dot_int8_row(w, n, xq, d, xs, M, out, ldo)
+                for n in prange(w.N - 15 * w.nset, num_threads=num_threads, schedule="static"):
+                    if n < w.nset:
+                        _dot_int8_set16(w, n, xq, d, xs, M, out, ldo)
+                    else:
+                        _dot_int8_row(w, 15 * w.nset + n, xq, d, xs, M, out, ldo)
     finally:
         free(xp)
         free(xq)
@@ -828,6 +847,31 @@ cdef inline void _dot_int8_rows4(const Q4Rows* w, Py_ssize_t n0, const int8_t* x
     if w.bias != NULL:
         for r in range(nr):
             out[n0 + r] = out[n0 + r] + w.bias[n0 + r]
+
+
+cdef inline void _dot_int8_set16(const Q4Rows* w, Py_ssize_t s, const int8_t* xq, const float* d, const float* xs,
+                                 Py_ssize_t M, float* out, Py_ssize_t ldo) noexcept nogil:
+    # int8 decode on the slab16 layout: rows 16 s .. 16 s + 15 (set s < w.nset) against the M activation rows,
+    # up to 4 per pass over the set's codes
+    cdef const int8_t* xr[4]
+    cdef const float* dr[4]
+    cdef const float* sr[4]
+    cdef float* orow[4]
+    cdef Py_ssize_t nb = w.Kp // 32, m0 = 0, i, n, nx
+    while m0 < M:
+        nx = min(<Py_ssize_t>4, M - m0)
+        for i in range(nx):
+            xr[i] = xq + (m0 + i) * w.Kp
+            dr[i] = d + (m0 + i) * nb
+            sr[i] = xs + (m0 + i) * w.G
+            orow[i] = out + (m0 + i) * ldo + 16 * s
+        q4_dot16s_int8(w.qw + 16 * s * w.ldq, w.sc + 16 * s * w.G, _zeros_row(w, 16 * s), xr, dr, sr, w.G, w.cpg,
+                       <int>nx, orow)
+        if w.bias != NULL:
+            for i in range(nx):
+                for n in range(16):
+                    orow[i][n] = orow[i][n] + w.bias[16 * s + n]
+        m0 += nx
 
 
 cdef inline void _dot_int8_row(const Q4Rows* w, Py_ssize_t n, const int8_t* xq, const float* d, const float* xs,
@@ -849,6 +893,73 @@ cdef inline void _dot_int8_row(const Q4Rows* w, Py_ssize_t n, const int8_t* xq, 
         for i in range(nx):
             out[(m0 + i) * ldo + n] = r[i] + (w.bias[n] if w.bias != NULL else 0.0)
         m0 += nx
+
+
+def slab16_available():
+    """True if this build has the slab16-layout int8 kernels (AVX512-VNNI) and the CPU runs them."""
+    return bool(q4_int8_prefill_available())
+
+
+cdef void _permute_set16(uint8_t* qw, Py_ssize_t ldq, uint16_t* sc, uint16_t* zr, Py_ssize_t G, bint forward,
+                         uint8_t* buf) noexcept nogil:
+    # one set of 16 rows between the row layout and slab16 (forward: rows -> slab16), through buf
+    # (16 ldq + 32 G bytes)
+    cdef Py_ssize_t b, j, i, g, k
+    cdef uint16_t* h = <uint16_t*>(buf + 16 * ldq)
+    cdef uint16_t* t
+    memcpy(buf, qw, 16 * ldq)
+    for b in range(ldq // 16):
+        for j in range(4):
+            for i in range(16):
+                if forward:
+                    memcpy(qw + 256 * b + 64 * j + 4 * i, buf + i * ldq + 16 * b + 4 * j, 4)
+                else:
+                    memcpy(qw + i * ldq + 16 * b + 4 * j, buf + 256 * b + 64 * j + 4 * i, 4)
+    for k in range(2):
+        t = sc if k == 0 else zr
+        if t == NULL:
+            continue
+        memcpy(h, t, 32 * G)
+        for g in range(G):
+            for i in range(16):
+                if forward:
+                    t[16 * g + i] = h[i * G + g]
+                else:
+                    t[i * G + g] = h[16 * g + i]
+
+
+def permute_slab16(uint8_t[:, ::1] qweight,      # IN/OUT [N, Kp/2]
+                   uint16_t[:, ::1] scales,      # IN/OUT [N, G]
+                   uint16_t[:, ::1] zeros,       # IN/OUT [N, G], or None
+                   bint forward,                 # True: rows -> slab16; False: back
+                   int num_threads):
+    """Permute a weight in place between the stored row layout and the slab16 layout of the int8 kernels
+    (_q4avx512.h): each whole set of 16 rows keeps its bytes in its own place, rearranged; rows past the last
+    whole set are not touched. Exact both ways (a permutation of bytes)."""
+    cdef Py_ssize_t N = qweight.shape[0], ldq = qweight.shape[1], G = scales.shape[1], s
+    cdef uint8_t* qw = &qweight[0, 0] if N else NULL
+    cdef uint16_t* sc = &scales[0, 0] if N else NULL
+    cdef uint16_t* zr = &zeros[0, 0] if (N and zeros is not None) else NULL
+    cdef uint8_t* buf
+    cdef size_t per = 16 * ldq + 32 * G
+    cdef int failed = 0
+    cdef int* failed_p = &failed
+    if scales.shape[0] != N or ldq % 16 or (zeros is not None and (zeros.shape[0] != N or zeros.shape[1] != G)):
+        raise ValueError(f"permute_slab16: qweight [{N}, {ldq}] (ldq % 16 == 0), scales / zeros [{N}, G] expected")
+    if N < 16:
+        return
+    with nogil, parallel(num_threads=num_threads):
+        buf = <uint8_t*>malloc(per)
+        try:
+            if buf == NULL:
+                failed_p[0] = 1
+            else:
+                for s in prange(N // 16, schedule="static"):
+                    _permute_set16(qw + 16 * s * ldq, ldq, sc + 16 * s * G, (zr + 16 * s * G) if zr != NULL else NULL,
+                                   G, forward, buf)
+        finally:
+            free(buf)
+    _check_thread_scratch(failed, per)
 
 
 def int8_prefill_available():
@@ -900,9 +1011,13 @@ cdef void _prefill_block_int8(const Q4Rows* w, const int8_t* xq, const float* d,
         nbk = kc // 32
         ngk = nbk // cpg
         for s in range(nslab):
-            q4_pack_slab_int8(w.qw + 16 * s * w.ldq, w.ldq, w.sc + 16 * s * G, w.zr + 16 * s * G, G,
-                              min(<Py_ssize_t>16, rows - 16 * s), b0, nbk, cpg, codes + s * nbk * 512,
-                              fs + s * nbk * 16, zt + s * ngk * 16)
+            if s < w.nset:      # stored as a slab16 set: its nibbles split
+                q4_pack_slab16_int8(w.qw + 16 * s * w.ldq, w.sc + 16 * s * G, w.zr + 16 * s * G, b0, nbk, cpg,
+                                    codes + s * nbk * 512, fs + s * nbk * 16, zt + s * ngk * 16)
+            else:
+                q4_pack_slab_int8(w.qw + 16 * s * w.ldq, w.ldq, w.sc + 16 * s * G, w.zr + 16 * s * G, G,
+                                  min(<Py_ssize_t>16, rows - 16 * s), b0, nbk, cpg, codes + s * nbk * 512,
+                                  fs + s * nbk * 16, zt + s * ngk * 16)
         s = 0
         while s < nslab:
             nv = 2 if s + 1 < nslab else 1

@@ -101,6 +101,7 @@ class DecodeStack:
                     raise ValueError(f"layer {i} {name} must be contiguous [{Hkv}, {Tmax or 'T'}, {D}], "
                                      f"got {tuple(c.shape)}")
         self.dim, self.head_dim, self.max_positions = dim, D, Tmax
+        self._slab16 = any(w.slab16 for L in layers for w in (L.wq, L.wk, L.wv, L.wo, L.w1, L.w3, L.w2))
         self._keep = (layers, norm)          # everything the kernel state points into
         st = ops.decode_stack_state(len(layers), dim, hidden, H, Hkv, D, Tmax, kmax, eps, threads,
                                 ops.MIN_ATTENTION_WORK)
@@ -110,7 +111,7 @@ class DecodeStack:
                 plan = ops.plan_matmul(1, ws[0].Kp, False, activation)
                 rows = sum(w.N for w in ws)
                 st.set_group(i, which, [(w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias,
-                                         w.zeros) for w in ws],
+                                         w.zeros, w.slab16) for w in ws],
                              ops._threads(threads, rows * ws[0].Kp), plan.kernel == "int8-decode", plan.multi_row)
             st.set_layer(i, np_(L.attn_norm), np_(L.ffn_norm), np_(L.k_cache), np_(L.v_cache))
         st.set_norm(np_(norm))
@@ -163,6 +164,8 @@ class DecodeStack:
             if tuple(t.shape) != (M, self.head_dim // 2) or not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous [{M}, {self.head_dim // 2}], got {tuple(t.shape)}")
         int8 = self.activation == "int8" and ops.plan_matmul(M, self.dim, False, "int8").kernel == "int8-prefill"
+        if self._slab16 and not int8:
+            raise ValueError("weights in the slab16 layout prefill on the int8 kernel only")
         self._st.prefill(x.detach().numpy(), pos, cos.detach().numpy(), sin.detach().numpy(), self._out.numpy(),
                          int8)
         return self._out

@@ -64,6 +64,8 @@ _BF16 = _k.bf16_available() and os.environ.get("QUANT4_DISABLE_BF16") != "1"
 _INT8 = _k.int8_available()
 _INT8_PREFILL = _k.int8_prefill_available()
 _INT8_HEAD = _k.int8_head_available()
+# The slab16 layout of int8-activation weights (AVX512-VNNI): QUANT4_DISABLE_SLAB16=1 keeps every weight in rows
+_SLAB16 = _k.slab16_available() and os.environ.get("QUANT4_DISABLE_SLAB16") != "1"
 
 
 def int8_kernel_available() -> bool:
@@ -74,6 +76,49 @@ def int8_kernel_available() -> bool:
 def int8_prefill_kernel_available() -> bool:
     """True if activation="int8" prefill (M > 4) runs on the int8 kernel (AVX512-VNNI; else on the exact one)."""
     return _INT8_PREFILL
+
+
+def slab16_available() -> bool:
+    """True if int8-activation weights can be held in the slab16 layout here (AVX512-VNNI; see permute_slab16_)."""
+    return _SLAB16
+
+
+def _check_slab16_args(qweight, scales, zeros):
+    for name, t, dtype in (("qweight", qweight, torch.uint8), ("scales", scales, torch.float16),
+                           ("zeros", zeros, torch.float16)):
+        _check_tensor(name, t, ndim=2, dtypes=(dtype,))
+        if not t.is_contiguous() or t.requires_grad:
+            raise ValueError(f"{name} must be contiguous and not require grad")
+    N = qweight.shape[0]
+    if scales.shape != zeros.shape or scales.shape[0] != N or qweight.shape[1] % 16:
+        raise ValueError(f"qweight {tuple(qweight.shape)} (columns a multiple of 16), scales {tuple(scales.shape)} "
+                         f"and zeros {tuple(zeros.shape)} do not form one weight")
+
+
+def permute_slab16_(qweight, scales, zeros, to_slab16: bool, num_threads: Optional[int] = None) -> None:
+    """Permute a weight's stored tensors in place between quant4's row layout (the stored format) and slab16,
+    the layout of the int8-activation kernels (_q4avx512.h: 16 rows in vector lanes), or back: exact both ways.
+    Each tensor's version counter moves, so every Prepared of the old layout stops matching. The caller owns
+    the decision (quant4.nn.Int4Linear keeps the layout with the module and saves the row layout)."""
+    _check_slab16_args(qweight, scales, zeros)
+    _k.permute_slab16(qweight.numpy(), _half_bits(scales), _half_bits(zeros), bool(to_slab16),
+                      _threads(num_threads, qweight.numel()))
+    with torch.no_grad():
+        for t in (qweight, scales, zeros):
+            t.view(-1)[:0].zero_()      # an in-place write of nothing: the version counter moves
+
+
+def rows_of_slab16(qweight, scales, zeros):
+    """Copies of a slab16 weight's tensors in the row layout (the stored format), the tensors unchanged: the
+    inverse permutation as tensor reshapes (traceable: a compiled backward uses it)."""
+    N, ldq, G = qweight.shape[0], qweight.shape[1], scales.shape[1]
+    n = N // 16 * 16
+
+    def back(t, shape, order):
+        head = t[:n].reshape(shape).permute(order).reshape(n, t.shape[1])
+        return torch.cat([head, t[n:]]) if n < N else head.contiguous()
+    return (back(qweight, (N // 16, ldq // 16, 4, 16, 4), (0, 3, 1, 2, 4)),
+            back(scales, (N // 16, G, 16), (0, 2, 1)), back(zeros, (N // 16, G, 16), (0, 2, 1)))
 
 
 def bf16_kernel_enabled() -> bool:
@@ -320,10 +365,13 @@ class Prepared:
     """
 
     __slots__ = ("keys", "qweight", "scales", "zeros", "bias", "N", "Kp", "group_size", "in_features", "plans",
-                 "_symmetric")
+                 "_symmetric", "slab16")
 
-    def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None):
+    def __init__(self, qweight, scales, zeros, group_size: int, in_features: int, bias=None, *, slab16: bool = False):
         self.N, self.Kp, _ = check_packed(qweight, scales, zeros, group_size, in_features)
+        if slab16 and not slab16_available():
+            raise ValueError("the slab16 layout needs the AVX512-VNNI kernels (ops.slab16_available())")
+        self.slab16 = bool(slab16)   # the tensors are permuted into the slab16 layout (permute_slab16_)
         if bias is not None:
             _check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
             if bias.shape[0] != self.N:
@@ -369,20 +417,21 @@ def _drop_prepared(key: int, ref) -> None:
             del _PREPARED[key]
 
 
-def prepared_for(qweight, scales, zeros, group_size: int, in_features: int, bias=None) -> Prepared:
+def prepared_for(qweight, scales, zeros, group_size: int, in_features: int, bias=None, *,
+                 slab16: bool = False) -> Prepared:
     """The Prepared of these stored tensors, cached per qweight tensor (see above). Inference tensors (made under
     torch.inference_mode) have no version counter, so an in-place write to them leaves nothing to check a cached
-    Prepared against: they get a fresh one on every call."""
+    Prepared against: they get a fresh one on every call. slab16: the tensors are in that layout."""
     if any(t is not None and (not isinstance(t, torch.Tensor) or t.is_inference())
            for t in (qweight, scales, zeros, bias)):
-        return Prepared(qweight, scales, zeros, group_size, in_features, bias)    # (which rejects non-tensors)
+        return Prepared(qweight, scales, zeros, group_size, in_features, bias, slab16=slab16)  # (rejects non-tensors)
     entry = _PREPARED.get(id(qweight))
     if entry is not None:
         ref, p = entry
         if (ref() is qweight and p.group_size == group_size and p.in_features == in_features
-                and p.matches(qweight, scales, zeros, bias)):
+                and p.slab16 == bool(slab16) and p.matches(qweight, scales, zeros, bias)):
             return p
-    p = Prepared(qweight, scales, zeros, group_size, in_features, bias)
+    p = Prepared(qweight, scales, zeros, group_size, in_features, bias, slab16=slab16)
     if qweight.is_contiguous() and qweight.numel():     # else p holds a copy, which does not reference qweight
         raw = (ctypes.c_uint8 * qweight.numel()).from_address(qweight.data_ptr())
         p.qweight = np.frombuffer(raw, dtype=np.uint8).reshape(qweight.shape)
@@ -509,6 +558,12 @@ def decode_stack_state(*args):
     return _k.DecodeStack(*args)
 
 
+def _check_layout(w: Prepared, kernel: str) -> None:
+    if w.slab16 and not kernel.startswith("int8"):
+        raise ValueError(f"a weight in the slab16 layout runs on the int8 kernels only (activation='int8'), not "
+                         f"{kernel}; permute it back to rows first (quant4.nn.Int4Linear does this itself)")
+
+
 def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
     """matmul_prepared_many's common case -- contiguous fp32 activations, K a whole number of groups, "float" or
     "int8" -- with the kernel choice cached per weight: the same kernels and results, less Python per call."""
@@ -520,12 +575,14 @@ def _matmul_fp32_direct(x, ws, num_threads, activation) -> list:
         plan = w.plans.get((M, activation, threads))
         if plan is None:
             p = plan_matmul(M, w.Kp, False, activation)
+            _check_layout(w, p.kernel)
             plan = (_k.KERNELS[p.kernel], p.multi_row, _threads(threads, M * w.N * w.Kp), w.zeros_for(p.kernel))
             if M <= SMALL_M:        # decode shapes only: one entry per prompt length would grow without bound
                 w.plans[M, activation, threads] = plan
         out = torch.empty(M, w.N)
         if w.N:
-            _k.matmul(xk, w.qweight, w.scales, plan[3], w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2])
+            _k.matmul(xk, w.qweight, w.scales, plan[3], w.group_size, w.bias, out.numpy(), plan[0], plan[1], plan[2],
+                      w.slab16)
         outs.append(out)
     return outs
 
@@ -563,10 +620,10 @@ def matmul_prepared_many(x: torch.Tensor, ws, *, num_threads: Optional[int] = No
     kernel = _k.KERNELS[plan.kernel]
     outs = []
     for w in ws:
+        _check_layout(w, plan.kernel)
         out = torch.empty(M, w.N)
         if w.N:
             _k.matmul(xk, w.qweight, w.scales, w.zeros_for(plan.kernel), w.group_size, w.bias, out.numpy(), kernel,
-                      plan.multi_row,
-                      _threads(num_threads, M * w.N * Kp))
+                      plan.multi_row, _threads(num_threads, M * w.N * Kp), w.slab16)
         outs.append(out if out_dtype == torch.float32 else out.to(out_dtype))
     return outs

@@ -1,7 +1,9 @@
 """quant4's kernels as PyTorch custom operators, so torch.compile and torch.export see them as single ops.
 
-    torch.ops.quant4.linear(x, qweight, scales, zeros, bias, group_size, in_features, activation, num_threads)
-        y [..., N] = x [..., in_features] . dequantize(w)^T (+ bias), in x's dtype (quant4.ops.matmul)
+    torch.ops.quant4.linear(x, qweight, scales, zeros, bias, group_size, in_features, activation, num_threads,
+                            slab16=False)
+        y [..., N] = x [..., in_features] . dequantize(w)^T (+ bias), in x's dtype (quant4.ops.matmul);
+        slab16: the weight's tensors are in the int8 kernels' slab16 layout (Int4Linear.set_slab16_)
     torch.ops.quant4.dequantize(qweight, scales, zeros, group_size, in_features) -> fp32 [N, in_features]
 
 Each has a fake (meta) implementation that checks shapes and dtypes as the real one does, so a compiled graph
@@ -28,20 +30,20 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
 # matters when a small model's decode step is 40 such calls.
 _LIB = torch.library.Library("quant4", "DEF")
 _LIB.define("linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int group_size, "
-            "int in_features, str activation, int? num_threads) -> Tensor")
+            "int in_features, str activation, int? num_threads, bool slab16=False) -> Tensor")
 _LIB.define("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size, int in_features) -> Tensor")
 
 
 def _linear_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
            bias: Optional[torch.Tensor], group_size: int, in_features: int, activation: str,
-           num_threads: Optional[int]) -> torch.Tensor:
+           num_threads: Optional[int], slab16: bool = False) -> torch.Tensor:
     _check_x(x, in_features)
-    w = ops.prepared_for(qweight, scales, zeros, group_size, in_features, bias)
+    w = ops.prepared_for(qweight, scales, zeros, group_size, in_features, bias, slab16=slab16)
     y = ops.matmul_prepared(x.reshape(-1, in_features), w, num_threads=num_threads, activation=activation)
     return y.reshape(*x.shape[:-1], w.N)
 
 
-def _linear_fake(x, qweight, scales, zeros, bias, group_size, in_features, activation, num_threads):
+def _linear_fake(x, qweight, scales, zeros, bias, group_size, in_features, activation, num_threads, slab16=False):
     _check_x(x, in_features)
     N, _, _ = ops.check_packed(qweight, scales, zeros, group_size, in_features)
     if bias is not None and tuple(bias.shape) != (N,):
@@ -62,17 +64,20 @@ def _dequantize_fake(qweight, scales, zeros, group_size, in_features):
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, _, group_size, in_features, _, _ = inputs
+    x, qweight, scales, zeros, _, group_size, in_features, _, _ = inputs[:9]
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.group_size, ctx.in_features = group_size, in_features
+    ctx.slab16 = bool(inputs[9]) if len(inputs) > 9 else False
 
 
 def _backward(ctx, grad_y):
     # the weights are frozen: only x gets a gradient, grad_x = grad_y . w_hat
     qweight, scales, zeros = ctx.saved_tensors
+    if ctx.slab16:
+        qweight, scales, zeros = ops.rows_of_slab16(qweight, scales, zeros)
     w = torch.ops.quant4.dequantize(qweight, scales, zeros, ctx.group_size, ctx.in_features)
     grad_x = (grad_y.float() @ w).to(grad_y.dtype)
-    return grad_x, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None, None
 
 
 _LIB.impl("linear", _linear_impl, "CPU")
