@@ -6,7 +6,8 @@
 
 What it measures (medians of repeated runs after a warm-up; ratios are within this process):
   * read bandwidth probe: sum of a 256 MB fp32 tensor;
-  * per layer shape, group size, thread count and M: quant4 (fp32 and bf16 activations),
+  * per layer shape, group size, thread count and M: quant4 (fp32 and bf16 activations; int8 activations on
+    the stored row layout and, where the CPU has the kernels, on the slab16 layout set_activation_ holds),
     torch.ops.aten._weight_int4pack_mm_for_cpu (bf16 activations: its SIMD path; fp32: scalar path, M <= 4 only),
     dense F.linear in bf16 and fp32. Every method cycles through enough distinct layers (>= 256 MB of its own
     weights for M <= 4) that decode is measured from memory, not cache. quant4's GB/s counts every byte the
@@ -63,6 +64,13 @@ def random_packed(N, K, g, gen):
     return qweight, scales, zeros
 
 
+def slab16_prepared(packed, g, K):
+    """A copy of a packed layer permuted into the slab16 layout, as the int8 kernels read it."""
+    q, s, z = (t.clone() for t in packed)
+    ops.permute_slab16_(q, s, z, True)
+    return ops.Prepared(q, s, z, g, K, slab16=True)
+
+
 def torch_pack(qweight, scales, zeros, dtype):
     layer = Int4Linear.from_packed(qweight, scales, zeros, in_features=qweight.shape[1] * 2,
                                    group_size=qweight.shape[1] * 2 // scales.shape[1])
@@ -79,7 +87,7 @@ def bench_shape(N, K, g, threads, Ms, gen, skip_torch_fp32_above=4):
     n_dense = max(2, math.ceil(CYCLE_BYTES / (N * K * 4)))
     dense32 = [torch.randn(N, K, generator=gen) * 0.02 for _ in range(n_dense)]
     dense16 = [w.bfloat16() for w in dense32]
-    rows = []
+    rows, slabs = [], None
     for M in Ms:
         decode = M <= 4
         x = torch.randn(M, K, generator=gen)
@@ -99,6 +107,12 @@ def bench_shape(N, K, g, threads, Ms, gen, skip_torch_fp32_above=4):
             res["quant4_int8act"] = median_time(cycle(
                 lambda p: ops.matmul(x, *p, g, K, num_threads=threads, activation="int8"), packs[use]),
                 reps) / len(packs[use])
+        if decode and ops.slab16_available():      # the same weights in the int8 kernels' slab16 layout
+            if slabs is None:
+                slabs = [slab16_prepared(p, g, K) for p in packs]
+            res["quant4_int8_slab16"] = median_time(cycle(
+                lambda p: ops.matmul_prepared(x, p, num_threads=threads, activation="int8"), slabs),
+                reps) / len(slabs)
         res["torch_int4_bf16"] = median_time(cycle(
             lambda p: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p[0], g, p[1]), tpacks_bf16[use]),
             reps) / len(tpacks_bf16[use])
@@ -115,14 +129,18 @@ def bench_shape(N, K, g, threads, Ms, gen, skip_torch_fp32_above=4):
                "quant4_GBps": layer_bytes / res["quant4_fp32"] / 1e9,
                "quant4_bf16_GBps": layer_bytes / res["quant4_bf16"] / 1e9,
                "quant4_int8_GBps": layer_bytes / res["quant4_int8act"] / 1e9 if "quant4_int8act" in res else None,
+               "quant4_slab16_GBps": (layer_bytes / res["quant4_int8_slab16"] / 1e9
+                                      if "quant4_int8_slab16" in res else None),
                "quant4_GFLOPs": 2 * M * N * K / min(res["quant4_fp32"], res["quant4_bf16"]) / 1e9}
         rows.append(row)
         ms = row["ms"]
         print(f"  {N:5d}x{K:<5d} g{g:<3d} t{threads} M={M:<4d} " +
               "  ".join(f"{k} {ms[k]:8.3f}" for k in ms) +
               f"   quant4 {row['quant4_GBps']:5.1f} / {row['quant4_bf16_GBps']:5.1f}" +
-              (f" / {row['quant4_int8_GBps']:5.1f} GB/s (fp32 / bf16 in / int8 act.)" if row["quant4_int8_GBps"]
-               else " GB/s (fp32 / bf16 in)"), flush=True)
+              (f" / {row['quant4_int8_GBps']:5.1f}" if row["quant4_int8_GBps"] else "") +
+              (f" / {row['quant4_slab16_GBps']:5.1f}" if row["quant4_slab16_GBps"] else "") +
+              " GB/s (fp32 / bf16 in" + (" / int8 act." if row["quant4_int8_GBps"] else "") +
+              (" / int8 slab16)" if row["quant4_slab16_GBps"] else ")"), flush=True)
     return rows
 
 
@@ -254,10 +272,12 @@ def check_targets(res):
             target(f"M=1 >= 1.3x torch int4 bf16 [{tag}]", ms["torch_int4_bf16"] / ms["quant4_bf16"] >= 1.3,
                    f"{ms['torch_int4_bf16'] / ms['quant4_bf16']:.2f}x" + (
                        f"; int8 activations {ms['torch_int4_bf16'] / ms['quant4_int8act']:.2f}x"
-                       if "quant4_int8act" in ms else ""))
+                       if "quant4_int8act" in ms else "") + (
+                       f", in slab16 {ms['torch_int4_bf16'] / ms['quant4_int8_slab16']:.2f}x"
+                       if "quant4_int8_slab16" in ms else ""))
             # the fastest kernel: int8 activations where the CPU has them (the tools' default), else bf16 inputs
             gbps = {"fp32 in": r["quant4_GBps"], "bf16 in": r["quant4_bf16_GBps"],
-                    "int8 act.": r.get("quant4_int8_GBps")}
+                    "int8 act.": r.get("quant4_int8_GBps"), "int8 slab16": r.get("quant4_slab16_GBps")}
             best_kind = max((k for k in gbps if gbps[k] is not None), key=lambda k: gbps[k])
             best = gbps[best_kind]
             target(f"M=1 >= 85% of probe bandwidth [{tag}]", best >= 0.85 * bw[t],

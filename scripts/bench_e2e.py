@@ -224,14 +224,17 @@ def placement(model) -> str:
     from quant4 import memory
     from quant4.nn import Int4Linear
 
-    ws = [m.qweight for m in model.modules() if isinstance(m, Int4Linear)]
+    # named_buffers: the tensors as held (reading m.qweight would put a slab16 weight back into rows)
+    ws = [dict(m.named_buffers())["qweight"] for m in model.modules() if isinstance(m, Int4Linear)]
+    slab = sum(m.slab16 for m in model.modules() if isinstance(m, Int4Linear))
     total = sum(w.numel() for w in ws)
     # a tensor of 2 MiB or more: its own mapping; a smaller one in a shared 2 MiB page (memory.adopt): its bytes
     huge = sum(memory.mapped_bytes(w) for w in ws if w.numel() >= memory.HUGE_PAGE) + \
         sum(w.numel() for w in ws if memory.in_shared_page(w) and memory.mapped_bytes(w) > 0)
     wait = os.environ.get("OMP_WAIT_POLICY") or ("GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"]
                                                  if "GOMP_SPINCOUNT" in os.environ else "spinning (libgomp default)")
-    return f"int4 codes in 2 MiB pages: {huge / 2**30:.2f} of {total / 2**30:.2f} GiB; OpenMP wait: {wait}"
+    return (f"int4 codes in 2 MiB pages: {huge / 2**30:.2f} of {total / 2**30:.2f} GiB, slab16 layout: {slab} of "
+            f"{len(ws)} layers; OpenMP wait: {wait}")
 
 
 def table(args, path, model, threads):

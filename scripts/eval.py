@@ -194,7 +194,8 @@ def projection_bpw(model=None, gguf_path=None) -> float:
     from quant4 import Int4Linear
 
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    bits = sum(8 * (m.qweight.numel() + 2 * m.scales.numel() + 2 * m.zeros.numel()) for m in layers)
+    # the buffers as held (m.qweight would put a slab16 layer back into rows); sizes do not depend on the layout
+    bits = sum(8 * t.numel() * t.element_size() for m in layers for n, t in m.named_buffers() if n != "bias")
     return bits / sum(m.in_features * m.out_features for m in layers)
 
 
