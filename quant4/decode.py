@@ -102,6 +102,7 @@ class DecodeStack:
                                      f"got {tuple(c.shape)}")
         self.dim, self.head_dim, self.max_positions = dim, D, Tmax
         self._slab16 = any(w.slab16 for L in layers for w in (L.wq, L.wk, L.wv, L.wo, L.w1, L.w3, L.w2))
+        self._epoch = ops.layout_epoch()    # a weight permuted since (Int4Linear.set_slab16_): rebuild
         self._keep = (layers, norm)          # everything the kernel state points into
         st = ops.decode_stack_state(len(layers), dim, hidden, H, Hkv, D, Tmax, kmax, eps, threads,
                                 ops.MIN_ATTENTION_WORK)
@@ -121,7 +122,13 @@ class DecodeStack:
         self._np = (self.input.numpy(), self._out.numpy())
         self._rope = None
 
+    def _check_layout(self) -> None:
+        if ops._LAYOUT_EPOCH[0] != self._epoch:
+            raise RuntimeError("a weight was permuted between layouts since this DecodeStack was built (e.g. by "
+                               "reading an Int4Linear's qweight, or set_activation_): build a new one")
+
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        self._check_layout()
         if not isinstance(pos, int) or not 0 <= pos < self.max_positions:
             raise ValueError(f"pos must be an int in [0, {self.max_positions}) (the caches' length), got {pos!r}")
         _check_vector("x", x, self.dim)
@@ -143,6 +150,8 @@ class DecodeStack:
     def step_at(self, pos: int) -> torch.Tensor:
         """step(self.input, pos, ...) with the RoPE rows of pos from the tables of bind_rope: the per-token call
         of a decode loop, without re-checking what was checked once (pos is checked in the kernel module)."""
+        if ops._LAYOUT_EPOCH[0] != self._epoch:
+            self._check_layout()
         self._st.step_at(self._np[0], pos, self._np[1])
         return self._out
 
@@ -152,6 +161,7 @@ class DecodeStack:
         attention; the caches must hold positions < pos and get pos..pos+M-1): the final normed hidden state of
         the last position, fp32 [dim] (a buffer the next call overwrites). cos/sin: the RoPE rows of those
         positions, fp32 [M, head_dim / 2]."""
+        self._check_layout()
         ops._check_tensor("x", x, ndim=2, dtypes=(torch.float32,))
         M = x.shape[0]
         if M <= ops.SMALL_M or x.shape[1] != self.dim or not x.is_contiguous():

@@ -248,8 +248,8 @@ class Int4Linear(nn.Module):
         # changed (see ops.Prepared.matches); never copied or pickled (__getstate__)
         b = self._buffers        # not self.qweight: nn.Module's attribute lookup costs more than the check
         slab = self.__dict__.get("_slab16", False)
-        if slab and self.activation != "int8":
-            self.set_slab16_(False)         # the other modes' kernels read rows
+        if slab and (self.activation != "int8" or not ops.slab16_available()):
+            self.set_slab16_(False)         # the other modes' kernels (and other CPUs' builds) read rows
             slab = False
         p = self.__dict__.get("_prep")
         if p is None or not p.matches(b["qweight"], b["scales"], b["zeros"], b["bias"]):
@@ -300,9 +300,14 @@ class Int4Linear(nn.Module):
 
     # -- state ---------------------------------------------------------------------------------
     def __getstate__(self):
-        # the kernel views are a cache of the buffers: a copy or a pickle carries the buffers only
+        # the kernel views are a cache of the buffers: a copy or a pickle carries the buffers only, in the
+        # stored row layout (slab16 is this process's arrangement, never written anywhere)
         state = super().__getstate__().copy()
         state.pop("_prep", None)
+        if state.pop("_slab16", False):
+            b = dict(state["_buffers"])
+            b["qweight"], b["scales"], b["zeros"] = ops.rows_of_slab16(b["qweight"], b["scales"], b["zeros"])
+            state["_buffers"] = b
         return state
 
     def get_extra_state(self):

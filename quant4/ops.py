@@ -103,9 +103,20 @@ def permute_slab16_(qweight, scales, zeros, to_slab16: bool, num_threads: Option
     _check_slab16_args(qweight, scales, zeros)
     _k.permute_slab16(qweight.numpy(), _half_bits(scales), _half_bits(zeros), bool(to_slab16),
                       _threads(num_threads, qweight.numel()))
+    _LAYOUT_EPOCH[0] += 1
     with torch.no_grad():
         for t in (qweight, scales, zeros):
-            t.view(-1)[:0].zero_()      # an in-place write of nothing: the version counter moves
+            if not t.is_inference():    # (inference tensors have no version counter: never cached by it)
+                t.view(-1)[:0].zero_()  # an in-place write of nothing: the version counter moves
+
+
+# Counts permute_slab16_ calls: what holds raw pointers into weights (quant4.decode.DecodeStack) checks it
+_LAYOUT_EPOCH = [0]
+
+
+def layout_epoch() -> int:
+    """How many times a weight was permuted between layouts (permute_slab16_) in this process."""
+    return _LAYOUT_EPOCH[0]
 
 
 def rows_of_slab16(qweight, scales, zeros):

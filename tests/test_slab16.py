@@ -116,7 +116,9 @@ def test_int4linear_holds_slab16_and_shows_the_stored_format():
     assert all(torch.equal(got[k], state[k]) for k in state if isinstance(state[k], torch.Tensor))
     assert model[0].slab16
     for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-        assert other[0].slab16 and torch.equal(other(x8), ref8)
+        assert not other[0].slab16 and torch.equal(other[0]._buffers["qweight"], state["0.qweight"])
+        assert torch.equal(other(x8), ref8)
+    assert model[0].slab16
     # reading a buffer gives the stored format: the module goes back to rows first
     assert torch.equal(model[0].qweight, state["0.qweight"]) and not model[0].slab16
     # load_state_dict writes rows into rows
@@ -211,3 +213,32 @@ def test_compile_runs_the_slab16_layout_and_export_refuses_it():
         torch.export.export(m, (x,))
     m.set_slab16_(False)
     assert torch.allclose(torch.export.export(m, (x,)).module()(x), want, rtol=0, atol=2e-6)
+
+
+@needs_slab16
+def test_a_decode_stack_refuses_weights_permuted_after_it_was_built():
+    from quant4.models.llama import ModelArgs, Transformer
+
+    m = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=96,
+                              max_seq_len=32))
+    m.init_weights(seed=1)
+    quant4.quantize_model_(m.eval(), 32, activation="int8")
+    step = decode_step(m, m.new_cache(1, 32))
+    step(3, 0)
+    m.layers[0].attention.wq.qweight       # reading the stored format puts the layer back into rows
+    with pytest.raises(RuntimeError, match="build a new one"):
+        step(4, 1)
+    step = decode_step(m, m.new_cache(1, 32))
+    step(3, 0)
+
+
+@needs_slab16
+def test_weights_made_under_inference_mode_are_permuted_too():
+    with torch.inference_mode():
+        m = torch.nn.Sequential(_weight(32, 64))
+        x = torch.randn(2, 64)
+        ref = m(x)
+    set_activation_(m, "int8")
+    assert m[0].slab16
+    with torch.inference_mode():
+        assert float((m(x) - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
