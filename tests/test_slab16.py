@@ -68,7 +68,8 @@ def test_the_permutation_checks_its_input():
 @needs_slab16
 @pytest.mark.parametrize("N, K, group_size, symmetric", [(64, 576, 32, False), (70, 256, 64, True),
                                                          (37, 4096, 128, False), (16, 128, 32, True),
-                                                         (144, 1536, 32, True), (5, 64, 32, False)])
+                                                         (144, 1536, 32, True), (5, 64, 32, False),
+                                                         (48, 96, 32, False), (32, 224, 32, True)])
 def test_kernels_on_slab16_against_the_row_kernels(N, K, group_size, symmetric):
     lin = _weight(N, K, group_size, symmetric=symmetric)
     rows = ops.Prepared(lin.qweight, lin.scales, lin.zeros, group_size, K, lin.bias)
