@@ -29,6 +29,7 @@ from quant4.config import HF_NAMES, Int4Config
 from quant4.memory import page_out
 from quant4.nn import Int4Linear
 from quant4.scheme import FORMAT_VERSION
+from quant4.swap import arrange_layouts_
 
 QUANT_METHOD = "quant4"
 # transformers' own classes whose forward quant4 has been checked against (tests/test_hf_integration.py)
@@ -187,6 +188,7 @@ class Quant4HfQuantizer(HfQuantizer):
                 if buf.is_meta or (self.pre_quantized and not getattr(buf, "_is_hf_initialized", False)):
                     raise ValueError(f"quant4: the checkpoint has no {fqn}.{name}")
         cfg.group_sizes = dict(sorted(self.quantized.items()))
+        arrange_layouts_(model)         # activation "int8": the layers in the layout of its kernels (slab16)
         return model
 
     def is_serializable(self, safe_serialization=None):
