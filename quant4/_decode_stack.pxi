@@ -211,6 +211,7 @@ cdef class DecodeStack:
         else:
             g, outs[0] = &L.w2, self.o
         g.nw, g.threads, g.int8, g.multi_row = len(weights), threads, int8, multi_row
+        g.chunk = 1 if any(w[6] for w in weights) else 4      # a slab16 set is 16 rows already
         g.start[0] = 0
         for j in range(len(weights)):
             qw, sc, zr, gs, bias, zfull, slab = weights[j]
@@ -221,7 +222,6 @@ cdef class DecodeStack:
             g.w[j] = _rows(qw, sc, zr, gs, bias, slab)
             g.zfull[j] = _rows(qw, sc, zfull, gs, bias).zr
             g.out[j] = outs[j]
-            g.chunk = 1 if slab else 4
             if int8:
                 g.start[j + 1] = g.start[j] + g.w[j].nset + (g.w[j].N - 16 * g.w[j].nset + Q4_IR - 1) // Q4_IR
             else:

@@ -248,7 +248,7 @@ class Int4Linear(nn.Module):
         # changed (see ops.Prepared.matches); never copied or pickled (__getstate__)
         b = self._buffers        # not self.qweight: nn.Module's attribute lookup costs more than the check
         slab = self.__dict__.get("_slab16", False)
-        if slab and (self.activation != "int8" or not ops.slab16_available()):
+        if slab and not self._slab16_fits():
             self.set_slab16_(False)         # the other modes' kernels (and other CPUs' builds) read rows
             slab = False
         p = self.__dict__.get("_prep")
@@ -257,6 +257,10 @@ class Int4Linear(nn.Module):
                              slab16=slab)
             self.__dict__["_prep"] = p
         return p
+
+    def _slab16_fits(self) -> bool:
+        # the one rule for the layout: the int8 kernels of an AVX512-VNNI build read it
+        return self.activation == "int8" and ops.slab16_available()
 
     @property
     def slab16(self) -> bool:
@@ -272,7 +276,7 @@ class Int4Linear(nn.Module):
         on = bool(on)
         if on == self.slab16:
             return self
-        if on and not (ops.slab16_available() and self.activation == "int8"):
+        if on and not self._slab16_fits():
             raise ValueError("the slab16 layout is for activation='int8' on CPUs with AVX512-VNNI "
                              "(quant4.ops.slab16_available())")
         b = self._buffers

@@ -169,8 +169,6 @@ def arrange_layouts_(model: nn.Module) -> int:
     activation "int8" where ops.slab16_available() (16 rows in vector lanes: 1.2-1.6x the decode bandwidth of
     rows), else rows. A module whose buffers another module shares (a tied Int4Embedding) keeps rows. Exact,
     in place; saving still writes rows. Returns how many modules hold slab16. set_activation_ calls this."""
-    from quant4 import ops
-
     owners: dict = {}
     for mod in model.modules():
         for t in list(mod._buffers.values()) + list(mod._parameters.values()):
@@ -182,7 +180,7 @@ def arrange_layouts_(model: nn.Module) -> int:
         if isinstance(mod, Int4Linear):
             b = mod._buffers
             alone = all(owners.get(b[k].untyped_storage().data_ptr(), 0) <= 1 for k in ("qweight", "scales", "zeros"))
-            on = (alone and mod.activation == "int8" and ops.slab16_available() and mod.out_features >= 16)
+            on = alone and mod._slab16_fits() and mod.out_features >= 16     # (fewer rows: no whole set)
             mod.set_slab16_(on)
             n += on
     return n
